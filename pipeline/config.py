@@ -1,0 +1,231 @@
+"""Job configuration: one YAML file, validated by pydantic, overridable with ``--set``.
+
+Every key is documented by its ``Field(description=...)``; the README's config
+reference is generated from the same descriptions (``python -m jobs.run --describe``).
+Unknown keys are rejected with the key named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+Task = Literal["sequence-classification", "token-classification", "embedding"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(_Strict):
+    path: str = Field(description="File, directory or glob of input shards; local path or s3://bucket/prefix.")
+    format: Literal["parquet", "jsonl"] | None = Field(
+        None, description="Shard format; inferred from the extension (.parquet, .jsonl, .json, .jsonl.gz) when omitted."
+    )
+    text_column: str = Field("text", description="Column holding the text to encode (string, or binary holding UTF-8).")
+    text_pair_column: str | None = Field(None, description="Optional second text for pair inputs (e.g. NLI, reranking).")
+    id_columns: list[str] = Field(
+        default_factory=list,
+        description="Columns copied unchanged to the output. When empty, a deterministic `id` "
+        "('<file relative to input root>:<row>') is generated.",
+    )
+    max_text_bytes: int = Field(
+        1_000_000, gt=0, description="Rows whose text exceeds this many UTF-8 bytes are rejected (`text_too_large`)."
+    )
+
+
+class ModelConfig(_Strict):
+    path: str = Field(
+        description="Hub id (org/name), local save_pretrained directory, s3:// prefix, or pkg://<python package>/<dir> "
+        "for a checkpoint shipped inside an installed package."
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit to pin; resolved to a commit sha.")
+    task: Task = Field(description="Which head to run: sequence-classification, token-classification or embedding.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights/compute dtype. auto = float16 on GPU, float32 on CPU."
+    )
+    max_length: int | None = Field(
+        None,
+        gt=0,
+        description="Truncation length in tokens. Default: the model's limit (sentence-transformers' max_seq_length "
+        "when the checkpoint ships one, else the tokenizer/position-embedding limit).",
+    )
+    allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights. Off: only safetensors load.")
+    trust_remote_code: bool = Field(False, description="Allow checkpoints that execute their own modelling code.")
+
+
+class PoolConfig(_Strict):
+    size: int | None = Field(None, gt=0, description="Fixed pool size; overrides min_size/max_size.")
+    min_size: int = Field(1, gt=0, description="Autoscaling lower bound on actors.")
+    max_size: int | None = Field(None, gt=0, description="Autoscaling upper bound; default = min_size.")
+    num_cpus: float | None = Field(
+        None, gt=0, description="CPUs reserved per actor. Default: sized so reads always keep a CPU (see README)."
+    )
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        if self.size is not None:
+            return self.size, self.size
+        return self.min_size, max(self.min_size, self.max_size or self.min_size)
+
+
+class TokenizeConfig(_Strict):
+    path: str | None = Field(None, description="Tokenizer location when it differs from model.path.")
+    batch_size: int = Field(1024, gt=0, description="Rows per tokenizer call.")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="Tokenizer actor pool (CPU).")
+
+
+class InferenceConfig(_Strict):
+    batch_size: int = Field(
+        512, gt=0, description="Rows per model-actor call; rows are sorted by length within each call."
+    )
+    max_tokens_per_batch: int = Field(
+        16384, gt=0, description="Token budget per forward pass: rows x padded length of each micro-batch."
+    )
+    min_padding_efficiency: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="A micro-batch stops growing before its real/padded token ratio drops below this. "
+        "Lower it on GPUs, where bigger batches matter more than padding.",
+    )
+    num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per model actor. Default: 1 when the cluster has GPUs, else 0."
+    )
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="Model actor pool.")
+
+
+class EmbeddingOutputConfig(_Strict):
+    pooling: Literal["cls", "mean"] = Field("mean", description="cls = first token; mean = attention-masked mean.")
+    normalize: bool = Field(True, description="L2-normalise embeddings (cosine = dot product).")
+    dtype: Literal["float32", "float16"] = Field("float32", description="Stored precision of embedding vectors.")
+
+
+class OutputConfig(_Strict):
+    path: str = Field(description="Output directory, local or s3://. Parquet parts, _manifest.json, _SUCCESS.")
+    mode: Literal["error", "overwrite"] = Field(
+        "error", description="What to do when the output already holds a finished run."
+    )
+    cls_embedding: bool = Field(False, description="sequence-classification: also write the final layer's CLS vector.")
+    embedding: EmbeddingOutputConfig = Field(default_factory=EmbeddingOutputConfig, description="Embedding task output.")
+    rows_per_file: int = Field(
+        100_000, gt=0, description="Upper bound on rows per Parquet part (one part per write task otherwise)."
+    )
+
+
+class StorageConfig(_Strict):
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, R2). Default: $AWS_ENDPOINT_URL, else AWS."
+    )
+    region: str | None = Field(None, description="S3 region. Default: the AWS chain's.")
+    anon: bool = Field(False, description="Anonymous access to public buckets.")
+    key: SecretStr | None = Field(None, description="Access key id; prefer the AWS credential chain.")
+    secret: SecretStr | None = Field(None, description="Secret access key; prefer the AWS credential chain.")
+
+
+class EvalConfig(_Strict):
+    label_column: str | None = Field(
+        None, description="Gold label column; adds accuracy and a confusion matrix to the manifest."
+    )
+
+
+class JobConfig(_Strict):
+    input: InputConfig
+    model: ModelConfig
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    output: OutputConfig
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_task_inputs(self) -> JobConfig:
+        if self.model.task == "token-classification" and self.input.text_pair_column:
+            raise ValueError("token-classification takes a single text; remove input.text_pair_column")
+        if self.eval.label_column and self.model.task != "sequence-classification":
+            raise ValueError("eval.label_column needs model.task: sequence-classification")
+        return self
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved config as JSON-able data, secrets masked (what manifests and logs show)."""
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the output values (not pool sizes or paths of the output)."""
+        relevant = self.public_dict()
+        relevant.pop("output", None)
+        relevant.pop("tokenize", None)
+        relevant["inference"] = {}  # batching never changes values beyond float noise
+        relevant["output"] = self.output.model_dump(mode="json", exclude={"path", "mode", "rows_per_file"})
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the fix."""
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def interpolate(value: Any, variables: dict[str, str] | None = None) -> Any:
+    """Replace ``${NAME}`` in every string with ``variables[NAME]`` or ``$NAME`` from the environment."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, variables) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, variables) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if variables and name in variables:
+            return variables[name]
+        if name not in os.environ:
+            raise ConfigError(f"${{{name}}} is used in the config but the environment variable {name} is not set")
+        return os.environ[name]
+
+    return _ENV.sub(sub, value)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides; values are parsed as YAML scalars (``true``, ``3``, ``[a, b]``)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    variables: dict[str, str] | None = None,
+    raw: dict[str, Any] | None = None,
+) -> JobConfig:
+    """Read YAML (or take ``raw``), apply overrides, interpolate ``${VARS}``, validate."""
+    if raw is None:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    raw = apply_overrides(json.loads(json.dumps(raw)), list(overrides))
+    try:
+        return JobConfig.model_validate(interpolate(raw, variables))
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors(include_url=False)
+        )
+        raise ConfigError(f"invalid config{f' {path}' if path else ''}: {problems}") from None

@@ -1,0 +1,182 @@
+"""Stage 3, infer: actors that each hold exactly one ``AutoModelFor*``.
+
+Per call (``inference.batch_size`` rows) an actor sorts the valid rows by length, cuts
+them into micro-batches that fit ``inference.max_tokens_per_batch`` (rows x padded
+length) and waste little padding (``inference.min_padding_efficiency``), pads each
+only to its own longest row, runs the model under
+``torch.inference_mode()``, turns outputs into columns on the CPU and restores the
+original row order. Only output columns leave the actor, never hidden states. On CUDA
+OOM a micro-batch is split in two and retried.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipeline import schema as S
+from pipeline.checkpoint import ResolvedModel, load_model
+from pipeline.config import OutputConfig
+from pipeline.heads import make_head
+
+CONSUMED = (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS, S.TEXT)
+
+
+def micro_batches(sorted_lengths: np.ndarray, max_tokens: int, min_efficiency: float) -> Iterator[slice]:
+    """Slices of rows sorted by descending length, each padded only to its first (longest) row.
+
+    A micro-batch grows while its padded size (rows x longest) fits ``max_tokens`` and
+    its padding efficiency (real / padded tokens) stays >= ``min_efficiency``. A single
+    row longer than the budget still forms its own micro-batch.
+    """
+    start, n = 0, len(sorted_lengths)
+    while start < n:
+        width = max(1, int(sorted_lengths[start]))
+        limit = min(n, start + max(1, max_tokens // width))
+        stop, real = start + 1, width
+        while stop < limit and real + sorted_lengths[stop] >= min_efficiency * width * (stop - start + 1):
+            real += int(sorted_lengths[stop])
+            stop += 1
+        yield slice(start, stop)
+        start = stop
+
+
+def ragged_rows(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(flat values, offsets) of a list column, so row ``i`` is ``flat[offsets[i]:offsets[i + 1]]``."""
+    array = column.combine_chunks()
+    offsets = array.offsets.to_numpy()
+    return array.values.to_numpy(zero_copy_only=False), offsets
+
+
+def to_arrow(values, valid: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    """Column for all rows of a call from values for its valid rows (nulls elsewhere)."""
+    n, mask = len(valid), pa.array(~valid)
+    if isinstance(dtype, pa.FixedSizeListType):
+        full = np.zeros((n, dtype.list_size), dtype=dtype.value_type.to_pandas_dtype())
+        full[valid] = values
+        return pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), dtype.list_size, mask=mask)
+    if isinstance(values, np.ndarray):
+        full = np.zeros(n, dtype=values.dtype)
+        full[valid] = values
+        return pa.array(full, type=dtype, mask=~valid)
+    full = [None] * n
+    for i, v in zip(np.flatnonzero(valid), values):
+        full[i] = v
+    return pa.array(full, type=dtype)
+
+
+class InferWorker:
+    """``map_batches`` callable holding one model; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        model: ResolvedModel,
+        output: OutputConfig,
+        dtype: str,
+        max_tokens_per_batch: int,
+        min_padding_efficiency: float,
+        num_threads: int,
+    ):
+        import ray
+
+        torch.set_num_threads(num_threads)
+        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.model = load_model(model, self.device, dtype)
+        self.head = make_head(model, output)
+        self.max_tokens = max_tokens_per_batch
+        self.min_efficiency = min_padding_efficiency
+        self.node = ray.get_runtime_context().get_node_id()
+        self.types = S.output_schema(
+            model.task,
+            [],
+            num_labels=model.num_labels,
+            hidden_size=model.hidden_size,
+            cls_embedding=output.cls_embedding,
+            embedding_dtype=output.embedding.dtype,
+        )
+        self.pad_id = self.model.config.pad_token_id or 0
+        self.pid = os.getpid()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        valid = pc.is_null(batch[S.ERROR]).to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(valid)
+        columns = {c: ragged_rows(batch[c]) for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS) if c in batch.column_names}
+        offsets = columns[S.INPUT_IDS][1]
+        lengths = (offsets[1:] - offsets[:-1])[rows].astype(np.int64)
+        texts = batch[S.TEXT].to_pylist() if S.TEXT in batch.column_names else None
+        order = np.argsort(-lengths, kind="stable")  # positions into `rows`, longest first
+
+        results: dict[str, list] = {}
+        padded = np.zeros(len(rows), dtype=np.int32)
+        for part in micro_batches(lengths[order], self.max_tokens, self.min_efficiency):
+            picked = rows[order[part]]
+            for name, values in self._run(columns, texts, picked).items():
+                results.setdefault(name, []).append(values)
+            padded[order[part]] = lengths[order[part]].max()
+
+        # Restore call order: results are concatenated in sorted order.
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        batch = batch.drop_columns([c for c in CONSUMED if c in batch.column_names])
+        for field in self.types:
+            if field.name not in results:
+                continue
+            parts = results[field.name]
+            merged = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [v for p in parts for v in p]
+            ordered = merged[inverse] if isinstance(merged, np.ndarray) else [merged[i] for i in inverse]
+            batch = batch.append_column(field.name, to_arrow(ordered, valid, field.type))
+        batch = batch.append_column(S.PADDED_TOKENS, to_arrow(padded, valid, pa.int32()))
+        return batch.append_column(S.NODE, pa.array([self.node] * batch.num_rows, pa.string()))
+
+    def _run(self, columns: dict, texts: list | None, picked: np.ndarray) -> dict:
+        """Forward one micro-batch (rows ``picked``); split it in two on CUDA OOM."""
+        try:
+            inputs, context = self._inputs(columns, texts, picked)
+            with torch.inference_mode():
+                outputs = self.model(**inputs, output_hidden_states=self.head.needs_hidden_states)
+                return self.head(outputs, inputs["attention_mask"], context)
+        except torch.cuda.OutOfMemoryError:
+            if len(picked) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(picked) // 2
+            first, second = self._run(columns, texts, picked[:half]), self._run(columns, texts, picked[half:])
+            return {
+                k: np.concatenate([first[k], second[k]]) if isinstance(first[k], np.ndarray) else first[k] + second[k]
+                for k in first
+            }
+
+    def _inputs(self, columns: dict, texts: list | None, picked: np.ndarray) -> tuple[dict, dict]:
+        """Padded tensors for rows ``picked`` (to their own longest row) plus head context."""
+
+        def rows(name: str) -> list[np.ndarray]:
+            flat, offsets = columns[name]
+            return [flat[offsets[i] : offsets[i + 1]] for i in picked]
+
+        sequences = rows(S.INPUT_IDS)
+        width = max(len(s) for s in sequences)
+        inputs = {
+            "input_ids": np.full((len(picked), width), self.pad_id, dtype=np.int64),
+            "attention_mask": np.zeros((len(picked), width), dtype=np.int64),
+        }
+        for r, seq in enumerate(sequences):
+            inputs["input_ids"][r, : len(seq)] = seq
+            inputs["attention_mask"][r, : len(seq)] = 1
+        if S.TOKEN_TYPE_IDS in columns:
+            inputs["token_type_ids"] = np.zeros_like(inputs["input_ids"])
+            for r, seq in enumerate(rows(S.TOKEN_TYPE_IDS)):
+                inputs["token_type_ids"][r, : len(seq)] = seq
+        context = {}
+        if S.OFFSETS in columns:
+            context = {"offsets": rows(S.OFFSETS), "texts": [texts[i] for i in picked]}
+        pin = self.device == "cuda"
+        tensors = {
+            k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(self.device, non_blocking=pin)
+            for k, v in inputs.items()
+        }
+        return tensors, context

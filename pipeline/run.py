@@ -1,0 +1,251 @@
+"""Plan and run a job: source -> tokenize -> infer -> sink, on whichever Ray cluster is current.
+
+``plan`` does everything that can be checked before Ray starts (config, shards and their
+schema, checkpoint and head, output location, pool sizing) and is what ``--dry-run``
+prints. ``run_job`` executes the plan with Ray Data and returns the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from pipeline import __version__
+from pipeline import schema as S
+from pipeline.checkpoint import ResolvedModel, resolve
+from pipeline.config import ConfigError, JobConfig
+from pipeline.source import Shards, check_schema, count_rows, discover
+from pipeline.storage import filesystem, join
+
+READ_CPUS = 0.25  # read tasks are I/O bound; a small share keeps them schedulable beside the actors
+TOKENIZE_CPUS = 0.5
+
+
+class RowCountError(RuntimeError):
+    """Rows in != rows out + rows rejected: something was lost, so the run is not published."""
+
+
+@dataclass(frozen=True)
+class Pools:
+    """Actor pool sizing; each CPU figure is a Ray reservation per actor."""
+
+    tokenize: tuple[int, int]
+    tokenize_cpus: float
+    infer: tuple[int, int]
+    infer_cpus: float
+    infer_gpus: float
+    threads: int  # torch threads per model actor: its CPU share, rounded up
+
+    def describe(self) -> str:
+        return (
+            f"read tasks {READ_CPUS} CPU each; tokenize actors {self.tokenize[0]}..{self.tokenize[1]} x "
+            f"{self.tokenize_cpus} CPU; model actors {self.infer[0]}..{self.infer[1]} x {self.infer_cpus:g} CPU, "
+            f"{self.infer_gpus:g} GPU, {self.threads} torch threads"
+        )
+
+
+def size_pools(cfg: JobConfig, cpus: float, gpus: float) -> Pools:
+    """Size the pools for a cluster with ``cpus``/``gpus`` so reads always keep a CPU share.
+
+    Ray Data deadlocks when actors reserve every CPU, since read tasks need one too; a
+    configuration that would do so is refused here, before anything starts.
+    """
+    inference, tokenize = cfg.inference, cfg.tokenize
+    num_gpus = inference.num_gpus if inference.num_gpus is not None else (1.0 if gpus else 0.0)
+    auto_size = not ({"size", "max_size"} & inference.pool.model_fields_set)
+    infer = (1, max(1, int(gpus // num_gpus))) if num_gpus and auto_size else inference.pool.bounds
+    tok = tokenize.pool.bounds
+    tok_cpus = tokenize.pool.num_cpus or (1.0 if num_gpus else TOKENIZE_CPUS)
+    spare = cpus - READ_CPUS - tok[1] * tok_cpus
+    infer_cpus = inference.pool.num_cpus or (1.0 if num_gpus else round(spare / infer[1], 2))
+    needed = READ_CPUS + tok[1] * tok_cpus + infer[1] * infer_cpus
+    if infer_cpus <= 0 or needed > cpus + 1e-6:
+        raise ConfigError(
+            f"the actor pools reserve {needed - READ_CPUS:g} of {cpus:g} CPUs and leave less than {READ_CPUS} for "
+            "read tasks, so the pipeline would deadlock. Lower tokenize.pool / inference.pool sizes or num_cpus"
+        )
+    if num_gpus and num_gpus > gpus:
+        raise ConfigError(f"inference.num_gpus={num_gpus:g} but the cluster has {gpus:g} GPUs")
+    return Pools(tok, tok_cpus, infer, infer_cpus, num_gpus, max(1, math.ceil(infer_cpus - 1e-6)))
+
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: JobConfig
+    shards: Shards
+    passthrough_schema: pa.Schema | None  # None for JSONL: inferred from the rows
+    model: ResolvedModel
+    pools: Pools
+    output_root: str
+
+    def metadata(self) -> dict:
+        """File-level Parquet metadata: what produced these rows."""
+        cfg = self.cfg
+        return {
+            "model_path": self.model.source,
+            "model_revision": self.model.fingerprint,
+            "task": self.model.task,
+            "config_hash": cfg.fingerprint(),
+            "version": __version__,
+            "max_length": self.model.max_length,
+            "dtype": cfg.model.dtype,
+            "text_column": cfg.input.text_column,
+            **(
+                {
+                    "pooling": cfg.output.embedding.pooling,
+                    "normalize": cfg.output.embedding.normalize,
+                    "embedding_dtype": cfg.output.embedding.dtype,
+                }
+                if self.model.task == "embedding"
+                else {}
+            ),
+        }
+
+    def output_schema(self, passthrough: pa.Schema) -> pa.Schema:
+        schema = S.output_schema(
+            self.model.task,
+            list(passthrough),
+            num_labels=self.model.num_labels,
+            hidden_size=self.model.hidden_size,
+            cls_embedding=self.cfg.output.cls_embedding,
+            embedding_dtype=self.cfg.output.embedding.dtype,
+        )
+        return schema.with_metadata({S.METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
+
+    def describe(self) -> str:
+        files = self.shards.files
+        lines = [
+            f"input    {self.cfg.input.path}: {len(files)} {self.shards.format} file(s)"
+            + (f" ({files[0]} ... {files[-1]})" if len(files) > 1 else f" ({files[0]})"),
+            f"columns  text={self.cfg.input.text_column!r}"
+            + (f" pair={self.cfg.input.text_pair_column!r}" if self.cfg.input.text_pair_column else "")
+            + f" passthrough={self.shards.passthrough or [S.GENERATED_ID + ' (generated)']}"
+            + (f" schema={self.passthrough_schema}" if self.passthrough_schema else ""),
+            f"model    {self.model.source} @ {self.model.fingerprint} ({self.model.architecture}, "
+            f"task {self.model.task}, max_length {self.model.max_length}, dtype {self.cfg.model.dtype})",
+        ]
+        if self.model.id2label:
+            lines.append(f"labels   {self.model.id2label}")
+        lines += [
+            f"output   {self.cfg.output.path} (mode {self.cfg.output.mode}), columns {self.output_schema(self.passthrough_schema or pa.schema([])).names}",
+            f"pools    {self.pools.describe()}",
+        ]
+        return "\n".join(lines)
+
+
+def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None) -> Plan:
+    """Validate everything that can be checked without running inference; see the module docstring."""
+    if cpus is None:
+        import torch
+
+        cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
+    fs, in_path = filesystem(cfg.input.path, cfg.storage)
+    passthrough = list(dict.fromkeys([*cfg.input.id_columns, *filter(None, [cfg.eval.label_column])]))
+    shards = discover(cfg.input, fs, in_path, passthrough)
+    passthrough_schema = check_schema(shards, cfg.input) if shards.format == "parquet" else None
+    model = resolve(cfg.model, cfg.storage, cfg.tokenize.path)
+    out_fs, out_root = filesystem(cfg.output.path, cfg.storage)
+    if cfg.output.mode == "error" and out_fs.exists(join(out_root, S.SUCCESS)):
+        raise ConfigError(
+            f"output.path {cfg.output.path} already holds a finished run; choose a new path or set output.mode: overwrite"
+        )
+    return Plan(cfg, shards, passthrough_schema, model, size_pools(cfg, cpus, gpus or 0.0), out_root)
+
+
+def run_job(cfg: JobConfig) -> dict:
+    """Run the job on the current Ray cluster (started locally if none); return the manifest."""
+    import ray
+
+    from pipeline.infer import InferWorker
+    from pipeline.sink import ParquetSink, evaluation, publish
+    from pipeline.source import ShardDatasource
+    from pipeline.storage import arrow_filesystem
+    from pipeline.tokenize import TokenizeWorker
+
+    if not ray.is_initialized():
+        ray.init()
+    resources = ray.cluster_resources()
+    job = plan(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
+    started = time.time()
+    out_fs, out_root = filesystem(cfg.output.path, cfg.storage)
+    if cfg.output.mode == "overwrite" and out_fs.exists(out_root):
+        out_fs.rm(out_root, recursive=True)
+    out_fs.makedirs(out_root, exist_ok=True)
+    rows_in = count_rows(job.shards)
+
+    pools = job.pools
+    ds = ray.data.read_datasource(
+        ShardDatasource(job.shards, cfg.input, arrow_filesystem(job.shards.fs)), num_cpus=READ_CPUS
+    )
+    ds = ds.map_batches(
+        TokenizeWorker,
+        fn_constructor_kwargs={"model": job.model},
+        batch_size=cfg.tokenize.batch_size,
+        batch_format="pyarrow",
+        num_cpus=pools.tokenize_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=pools.tokenize[0], max_size=pools.tokenize[1]),
+    )
+    ds = ds.map_batches(
+        InferWorker,
+        fn_constructor_kwargs={
+            "model": job.model,
+            "output": cfg.output,
+            "dtype": cfg.model.dtype,
+            "max_tokens_per_batch": cfg.inference.max_tokens_per_batch,
+            "min_padding_efficiency": cfg.inference.min_padding_efficiency,
+            "num_threads": pools.threads,
+        },
+        batch_size=cfg.inference.batch_size,
+        batch_format="pyarrow",
+        num_cpus=pools.infer_cpus,
+        num_gpus=pools.infer_gpus,
+        compute=ray.data.ActorPoolStrategy(min_size=pools.infer[0], max_size=pools.infer[1]),
+    )
+    sink = ParquetSink(
+        cfg.output.path,
+        cfg.storage,
+        job.output_schema(pa.schema([])),
+        job.shards.passthrough,
+        job.passthrough_schema,
+        cfg.eval.label_column,
+        cfg.output.rows_per_file,
+    )
+    ds.write_datasink(sink)
+    wall = time.time() - started
+
+    stats = sink.stats
+    manifest = {
+        "version": __version__,
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "wall_s": round(wall, 3),
+        "rows_in": rows_in,
+        "rows_out": stats.rows_out,
+        "rows_rejected": stats.rows_rejected,
+        "rejected_by_reason": dict(stats.rejected_by_reason),
+        "rows_truncated": stats.rows_truncated,
+        "real_tokens": stats.real_tokens,
+        "padded_tokens": stats.padded_tokens,
+        "padding_efficiency": round(stats.real_tokens / stats.padded_tokens, 4) if stats.padded_tokens else None,
+        "rows_per_s": round(rows_in / wall, 2),
+        "tokens_per_s": round(stats.real_tokens / wall, 1),
+        "files": sorted(stats.files),
+        "rows_by_node": dict(stats.rows_by_node),
+        "model": job.metadata(),
+        "pools": pools.describe(),
+        "config": cfg.public_dict(),
+    }
+    if cfg.eval.label_column:
+        manifest["eval"] = evaluation(stats.confusion)
+    if rows_in != stats.rows_out + stats.rows_rejected:
+        raise RowCountError(
+            f"rows_in={rows_in} but rows_out={stats.rows_out} + rows_rejected={stats.rows_rejected}: "
+            f"the run is not published (no {S.SUCCESS})"
+        )
+    publish(cfg.output.path, cfg.storage, manifest)
+    return manifest

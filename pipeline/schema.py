@@ -1,0 +1,113 @@
+"""The one home of every column name, type and metadata key the pipeline writes.
+
+Stages exchange Arrow tables. Columns starting with ``_`` are internal: they travel
+between stages and are consumed by the sink, never written to the output files.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import pyarrow as pa
+
+# ---- internal columns (source -> tokenize -> infer -> sink) -------------------------
+SOURCE_FILE = "_source_file"  # input shard the row came from
+SOURCE_ROW = "_source_row"  # 0-based row index (Parquet) or line number (JSONL) in that shard
+ERROR = "_error"  # per-row rejection reason (a Reason value) or null
+ERROR_DETAIL = "_error_detail"  # human-readable detail for the rejection
+TEXT = "_text"  # validated text (null for rejected rows)
+TEXT_PAIR = "_text_pair"
+INPUT_IDS = "_input_ids"  # list<int32>, unpadded
+TOKEN_TYPE_IDS = "_token_type_ids"  # list<int8>, only for pair inputs
+OFFSETS = "_offsets"  # list<int32>: flattened (start, end) per token, (-1, -1) for special tokens
+PADDED_TOKENS = "_padded_tokens"  # padded length of the micro-batch the row ran in
+NODE = "_node"  # Ray node id of the model actor that scored the row
+INTERNAL_PREFIX = "_"
+
+# ---- output columns -------------------------------------------------------------------
+GENERATED_ID = "id"
+NUM_TOKENS = "num_tokens"  # int32: real tokens the model saw (after truncation)
+TRUNCATED = "truncated"  # bool: the text was longer than max_length
+LOGITS = "logits"
+LABEL = "label"
+LABEL_ID = "label_id"
+SCORE = "score"
+CLS_EMBEDDING = "cls_embedding"
+EMBEDDING = "embedding"
+TOKEN_LABELS = "token_labels"
+ENTITIES = "entities"
+
+ENTITY_TYPE = pa.struct(
+    [
+        ("text", pa.string()),
+        ("label", pa.string()),
+        ("start", pa.int32()),
+        ("end", pa.int32()),
+        ("score", pa.float32()),
+    ]
+)
+
+
+class Reason(StrEnum):
+    """Per-row rejection reason codes, written to ``_rejected/`` with the row's id and origin."""
+
+    NULL_TEXT = "null_text"
+    EMPTY_TEXT = "empty_text"
+    NOT_STRING = "not_string"
+    INVALID_UTF8 = "invalid_utf8"
+    MALFORMED_JSON = "malformed_json"
+    TEXT_TOO_LARGE = "text_too_large"
+    DUPLICATE_ID = "duplicate_id"
+
+
+def vector(dim: int, dtype: pa.DataType = pa.float32()) -> pa.DataType:
+    return pa.list_(dtype, dim)
+
+
+def output_schema(
+    task: str,
+    id_fields: list[pa.Field],
+    *,
+    num_labels: int = 0,
+    hidden_size: int = 0,
+    cls_embedding: bool = False,
+    embedding_dtype: str = "float32",
+) -> pa.Schema:
+    """Schema of the output Parquet files for ``task``; the sink casts every part to it."""
+    fields = [*id_fields, pa.field(NUM_TOKENS, pa.int32()), pa.field(TRUNCATED, pa.bool_())]
+    if task == "sequence-classification":
+        fields += [
+            pa.field(LOGITS, vector(num_labels)),
+            pa.field(LABEL, pa.string()),
+            pa.field(LABEL_ID, pa.int32()),
+            pa.field(SCORE, pa.float32()),
+        ]
+        if cls_embedding:
+            fields.append(pa.field(CLS_EMBEDDING, vector(hidden_size)))
+    elif task == "embedding":
+        fields.append(pa.field(EMBEDDING, vector(hidden_size, pa.from_numpy_dtype(embedding_dtype))))
+    elif task == "token-classification":
+        fields += [pa.field(TOKEN_LABELS, pa.list_(pa.string())), pa.field(ENTITIES, pa.list_(ENTITY_TYPE))]
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    return pa.schema(fields)
+
+
+def rejected_schema(id_fields: list[pa.Field]) -> pa.Schema:
+    """Schema of ``_rejected/`` files: enough to find and fix every rejected row."""
+    return pa.schema(
+        [
+            *id_fields,
+            pa.field("source_file", pa.string()),
+            pa.field("source_row", pa.int64()),
+            pa.field("reason", pa.string()),
+            pa.field("detail", pa.string()),
+        ]
+    )
+
+
+# ---- file-level metadata and run artifacts ----------------------------------------------
+METADATA_KEY = b"encoder_batch"  # JSON: model, revision, task, config hash, version, pooling...
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
+REJECTED_DIR = "_rejected"

@@ -1,0 +1,177 @@
+"""Stage 4, sink: Parquet parts, quarantined rows, per-task stats; the run's manifest.
+
+Each write task writes its good rows to ``part-<task>-<uuid>.parquet`` (zstd, with the
+run's file-level metadata) and its rejected rows to ``_rejected/``, and returns its
+stats. ``on_write_complete`` sums them on the driver. ``publish`` writes
+``_manifest.json`` and then ``_SUCCESS`` last, after checking that no row was lost.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource import Datasink, WriteResult
+
+from pipeline import schema as S
+from pipeline.config import StorageConfig
+from pipeline.storage import filesystem, join
+
+
+@dataclass
+class WriteStats:
+    """What one write task (or, summed, the whole run) wrote."""
+
+    rows_out: int = 0
+    rows_rejected: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    rows_truncated: int = 0
+    files: list[str] = field(default_factory=list)
+    rejected_by_reason: Counter = field(default_factory=Counter)
+    rows_by_node: Counter = field(default_factory=Counter)
+    confusion: Counter = field(default_factory=Counter)  # (gold, predicted) -> rows
+
+    def add(self, other: WriteStats) -> None:
+        for name in ("rows_out", "rows_rejected", "real_tokens", "padded_tokens", "rows_truncated"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.files += other.files
+        for name in ("rejected_by_reason", "rows_by_node", "confusion"):
+            getattr(self, name).update(getattr(other, name))
+
+
+class _PartWriter:
+    """Lazily opened Parquet writer for one output file."""
+
+    def __init__(self, fs, path: str, schema: pa.Schema):
+        self.fs, self.path, self.schema = fs, path, schema
+        self.writer: pq.ParquetWriter | None = None
+        self.handle = None
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.handle = self.fs.open(self.path, "wb")
+            self.writer = pq.ParquetWriter(self.handle, self.schema, compression="zstd")
+        self.writer.write_table(table)
+
+    def close(self) -> bool:
+        if self.writer is None:
+            return False
+        self.writer.close()
+        self.handle.close()
+        return True
+
+
+class ParquetSink(Datasink[WriteStats]):
+    """Writes inference results; see the module docstring."""
+
+    def __init__(
+        self,
+        output_path: str,
+        storage: StorageConfig,
+        results: pa.Schema,
+        passthrough: list[str],
+        passthrough_schema: pa.Schema | None,
+        label_column: str | None,
+        rows_per_file: int,
+    ):
+        """``results``: the task's output columns (with file metadata); passthrough columns go first.
+
+        ``passthrough_schema`` is None when the input has no schema (JSONL): then it is
+        taken from the data, with all-null columns written as strings.
+        """
+        self.output_path = output_path
+        self.storage = storage
+        self.results = results
+        self.passthrough = passthrough
+        self.passthrough_schema = passthrough_schema
+        self.label_column = label_column
+        self.rows_per_file = rows_per_file
+        self.stats = WriteStats()
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def _schemas(self, table: pa.Table) -> tuple[pa.Schema, pa.Schema]:
+        passthrough = self.passthrough_schema or pa.schema(
+            [pa.field(f.name, pa.string() if pa.types.is_null(f.type) else f.type) for f in table.schema]
+        )
+        fields = [passthrough.field(c) for c in self.passthrough] or [table.schema.field(S.GENERATED_ID)]
+        schema = pa.schema([*fields, *self.results], metadata=self.results.metadata)
+        return schema, S.rejected_schema(fields)
+
+    def write(self, blocks: Iterable[Block], ctx) -> WriteStats:
+        fs, root = filesystem(self.output_path, self.storage)
+        name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
+        data = rejected = None
+        stats = WriteStats()
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if data is None:
+                schema, rejected_schema = self._schemas(table)
+                data = _PartWriter(fs, join(root, name), schema)
+                rejected = _PartWriter(fs, join(root, S.REJECTED_DIR, name), rejected_schema)
+            ok = pc.is_null(table[S.ERROR])
+            good, bad = table.filter(ok), table.filter(pc.invert(ok))
+            if good.num_rows:
+                data.write(good.select(data.schema.names).cast(data.schema))
+                self._count(good, stats)
+            if bad.num_rows:
+                rejected.write(_rejected_rows(bad, rejected.schema))
+                stats.rows_rejected += bad.num_rows
+                stats.rejected_by_reason.update(bad[S.ERROR].to_pylist())
+        if data is not None:
+            stats.files = [name] if data.close() else []
+            rejected.close()
+        return stats
+
+    def _count(self, good: pa.Table, stats: WriteStats) -> None:
+        stats.rows_out += good.num_rows
+        stats.real_tokens += int(pc.sum(good[S.NUM_TOKENS]).as_py() or 0)
+        stats.padded_tokens += int(pc.sum(good[S.PADDED_TOKENS]).as_py() or 0)
+        stats.rows_truncated += int(pc.sum(good[S.TRUNCATED].cast(pa.int64())).as_py() or 0)
+        stats.rows_by_node.update(good[S.NODE].to_pylist())
+        if self.label_column:
+            stats.confusion.update(zip(good[self.label_column].to_pylist(), good[S.LABEL].to_pylist()))
+
+    def on_write_complete(self, write_result: WriteResult[WriteStats]) -> None:
+        for part in write_result.write_returns:
+            self.stats.add(part)
+
+
+def _rejected_rows(bad: pa.Table, schema: pa.Schema) -> pa.Table:
+    names = {S.SOURCE_FILE: "source_file", S.SOURCE_ROW: "source_row", S.ERROR: "reason", S.ERROR_DETAIL: "detail"}
+    return bad.rename_columns([names.get(c, c) for c in bad.column_names]).select(schema.names).cast(schema)
+
+
+def evaluation(confusion: Counter) -> dict:
+    """Accuracy and confusion matrix (rows: gold, columns: predicted) from (gold, pred) counts."""
+    labels = sorted({str(label) for pair in confusion for label in pair})
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = np.zeros((len(labels), len(labels)), dtype=int)
+    for (gold, pred), count in confusion.items():
+        matrix[index[str(gold)], index[str(pred)]] += count
+    total = int(matrix.sum())
+    return {
+        "accuracy": float(np.trace(matrix) / total) if total else None,
+        "labels": labels,
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def publish(output_path: str, storage: StorageConfig, manifest: dict) -> None:
+    """Write the manifest, then ``_SUCCESS`` last: readers trust a directory only once it exists."""
+    fs, root = filesystem(output_path, storage)
+    with fs.open(join(root, S.MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+    with fs.open(join(root, S.SUCCESS), "w") as f:
+        f.write("")

@@ -1,0 +1,266 @@
+"""Stage 1, source: find input shards, check their schema, stream validated rows.
+
+Contract of every block this stage yields (see ``pipeline.schema``):
+passthrough columns (id columns or a generated ``id``, plus the gold label column),
+``_source_file``, ``_source_row``, ``_text`` (null when rejected), optionally
+``_text_pair``, and ``_error``/``_error_detail`` (null for good rows).
+
+Bad rows are never dropped: they carry a ``Reason`` to the sink, which quarantines them.
+Problems that make a whole shard unusable (missing text column, wrong column type,
+unreadable file) raise ``InputError`` on the driver, before any actor starts.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import posixpath
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.datasource import FileBasedDatasource
+
+from pipeline import schema as S
+from pipeline.config import InputConfig
+from pipeline.schema import Reason
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
+TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
+READ_BATCH_ROWS = 2048
+
+
+# (row or line number, parsed record or None, (reason, detail) when the row is rejected)
+Record = tuple[int, "dict | None", "tuple[Reason, str | None] | None"]
+
+
+class InputError(ValueError):
+    """An input shard that cannot be read as configured; names the file, column and expectation."""
+
+
+@dataclass(frozen=True)
+class Shards:
+    """The input, resolved on the driver: files in a deterministic order and their format."""
+
+    root: str  # ids are file paths relative to this
+    files: list[str]
+    format: str
+    passthrough: list[str]  # columns copied to the output unchanged
+    fs: fsspec.AbstractFileSystem
+
+    def relative(self, path: str) -> str:
+        return posixpath.relpath(path, self.root) if self.root else posixpath.basename(path)
+
+
+def infer_format(path: str) -> str:
+    if path.endswith(".parquet") or path.endswith(".pq"):
+        return "parquet"
+    if path.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    raise InputError(f"cannot infer the format of {path}: set input.format to parquet or jsonl")
+
+
+def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthrough: list[str]) -> Shards:
+    """List the shards under ``path`` (file, directory or glob), skipping ``_``/``.`` names."""
+    if globlib.has_magic(path):
+        files = sorted(fs.glob(path))
+        root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+    elif fs.isdir(path):
+        files = sorted(fs.find(path))
+        root = path.rstrip("/")
+    elif fs.isfile(path):
+        files, root = [path], posixpath.dirname(path)
+    else:
+        raise InputError(f"input.path {cfg.path} does not exist")
+    files = [f for f in files if not any(part[:1] in "_." for part in posixpath.relpath(f, root).split("/"))]
+    if not files:
+        raise InputError(f"input.path {cfg.path} holds no input files")
+    fmt = cfg.format or infer_format(files[0])
+    wanted = (".parquet", ".pq") if fmt == "parquet" else JSONL_SUFFIXES
+    files = [f for f in files if f.endswith(wanted)]
+    if not files:
+        raise InputError(f"input.path {cfg.path} holds no {fmt} files")
+    return Shards(root=root, files=files, format=fmt, passthrough=passthrough, fs=fs)
+
+
+def check_schema(shards: Shards, cfg: InputConfig) -> pa.Schema:
+    """Read Parquet footers (in parallel) and check the configured columns exist with usable types.
+
+    Returns the schema of the passthrough columns. JSONL has no schema: its values are
+    checked row by row, and the passthrough columns are inferred from the data.
+    """
+    if shards.format != "parquet":
+        return pa.schema([])
+
+    def footer(path: str) -> pa.Schema:
+        try:
+            with shards.fs.open(path, "rb") as f:
+                return pq.read_schema(f)
+        except Exception as e:  # noqa: BLE001 - any failure here means the shard is unreadable
+            raise InputError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+    with ThreadPoolExecutor(16) as pool:
+        schemas = list(pool.map(footer, shards.files))
+    expected = None
+    for path, file_schema in zip(shards.files, schemas):
+        for column in [cfg.text_column, cfg.text_pair_column]:
+            if column is None:
+                continue
+            if column not in file_schema.names:
+                raise InputError(f"{path}: missing text column {column!r} (has {file_schema.names})")
+            if file_schema.field(column).type not in TEXT_TYPES:
+                raise InputError(
+                    f"{path}: column {column!r} is {file_schema.field(column).type}, expected string or binary"
+                )
+        missing = [c for c in shards.passthrough if c not in file_schema.names]
+        if missing:
+            raise InputError(f"{path}: missing id/label column(s) {missing} (has {file_schema.names})")
+        passthrough = pa.schema([file_schema.field(c) for c in shards.passthrough])
+        if expected is None:
+            expected = passthrough
+        elif not passthrough.equals(expected):
+            raise InputError(f"{path}: id/label column types {passthrough} differ from other shards' {expected}")
+    return expected
+
+
+def count_rows(shards: Shards) -> int:
+    """Rows in the input, counted independently of the pipeline (footers / non-blank lines)."""
+    import ray
+
+    @ray.remote(num_cpus=0.1)
+    def count(path: str) -> int:
+        if shards.format == "parquet":
+            with shards.fs.open(path, "rb") as f:
+                return pq.read_metadata(f).num_rows
+        with shards.fs.open(path, "rb", compression="infer") as f:
+            return sum(1 for line in f if line.strip())
+
+    return sum(ray.get([count.remote(p) for p in shards.files]))
+
+
+def check_text(value: Any, max_bytes: int) -> tuple[str | None, Reason | None, str | None]:
+    """Validate one text value: ``(text, None, None)`` or ``(None, reason, detail)``."""
+    if value is None:
+        return None, Reason.NULL_TEXT, None
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, Reason.INVALID_UTF8, str(e)
+    if not isinstance(value, str):
+        return None, Reason.NOT_STRING, f"got {type(value).__name__}"
+    if len(value) > max_bytes // 4 and len(value.encode("utf-8")) > max_bytes:
+        return None, Reason.TEXT_TOO_LARGE, f"{len(value.encode('utf-8'))} bytes > input.max_text_bytes={max_bytes}"
+    if not value.strip():
+        return None, Reason.EMPTY_TEXT, None
+    return value, None, None
+
+
+class ShardDatasource(FileBasedDatasource):
+    """Streams Parquet (projected row batches) or JSONL (line by line, tolerant) shards."""
+
+    def __init__(self, shards: Shards, cfg: InputConfig, filesystem):
+        super().__init__(shards.files, filesystem=filesystem)
+        self._shards_root = shards.root
+        self._format = shards.format
+        self._passthrough = shards.passthrough
+        self._cfg = cfg
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        if self._format == "parquet":  # Parquet needs random access for its footer.
+            return filesystem.open_input_file(path)
+        return super()._open_input_source(filesystem, path, **open_args)
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        relative = posixpath.relpath(path, self._shards_root) if self._shards_root else posixpath.basename(path)
+        records = self._parquet_records(f) if self._format == "parquet" else self._jsonl_records(f)
+        batch: list[Record] = []
+        for item in records:
+            batch.append(item)
+            if len(batch) == READ_BATCH_ROWS:
+                yield self._block(relative, batch)
+                batch = []
+        if batch:
+            yield self._block(relative, batch)
+
+    def _columns(self) -> list[str]:
+        cols = [self._cfg.text_column, self._cfg.text_pair_column, *self._passthrough]
+        return list(dict.fromkeys(c for c in cols if c))
+
+    def _parquet_records(self, f) -> Iterator[Record]:
+        row = 0
+        for record_batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH_ROWS, columns=self._columns()):
+            for record in record_batch.to_pylist():
+                yield row, record, None
+                row += 1
+
+    def _jsonl_records(self, f) -> Iterator[Record]:
+        line_no = 0
+        pending = b""
+        while chunk := f.read(1 << 22):
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                line_no += 1
+                if line.strip():
+                    yield self._parse_line(line_no, line)
+        if pending.strip():
+            yield self._parse_line(line_no + 1, pending)
+
+    @staticmethod
+    def _parse_line(line_no: int, line: bytes) -> Record:
+        try:
+            record = json.loads(line)
+        except UnicodeDecodeError as e:
+            return line_no, None, (Reason.INVALID_UTF8, str(e))
+        except ValueError as e:
+            return line_no, None, (Reason.MALFORMED_JSON, str(e))
+        if not isinstance(record, dict):
+            return line_no, None, (Reason.MALFORMED_JSON, f"a JSON {type(record).__name__}, not an object")
+        return line_no, record, None
+
+    def _block(self, relative: str, items: list[Record]) -> pa.Table:
+        cfg = self._cfg
+        columns: dict[str, list] = {c: [] for c in self._passthrough}
+        generated_ids, rows, texts, pairs, errors, details = [], [], [], [], [], []
+        for row, record, parse_error in items:
+            rows.append(row)
+            generated_ids.append(f"{relative}:{row}")
+            record = record or {}
+            for c in self._passthrough:
+                columns[c].append(record.get(c))
+            if parse_error:
+                text, pair, error = None, None, parse_error
+            else:
+                text, reason, detail = check_text(record.get(cfg.text_column), cfg.max_text_bytes)
+                error = (reason, detail) if reason else None
+                pair = None
+                if cfg.text_pair_column and not error:
+                    pair, reason, detail = check_text(record.get(cfg.text_pair_column), cfg.max_text_bytes)
+                    error = (reason, f"text pair: {detail or reason}") if reason else None
+                if error:
+                    text = pair = None
+            texts.append(text)
+            pairs.append(pair)
+            errors.append(str(error[0]) if error else None)
+            details.append(error[1][:500] if error and error[1] else None)
+        table: dict[str, Any] = {}
+        if not cfg.id_columns:
+            table[S.GENERATED_ID] = pa.array(generated_ids, pa.string())
+        for c, values in columns.items():
+            try:
+                table[c] = pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                raise InputError(f"{relative}: column {c!r} mixes value types ({e})") from None
+        table[S.SOURCE_FILE] = pa.array([relative] * len(items), pa.string())
+        table[S.SOURCE_ROW] = pa.array(rows, pa.int64())
+        table[S.TEXT] = pa.array(texts, pa.string())
+        if cfg.text_pair_column:
+            table[S.TEXT_PAIR] = pa.array(pairs, pa.string())
+        table[S.ERROR] = pa.array(errors, pa.string())
+        table[S.ERROR_DETAIL] = pa.array(details, pa.string())
+        return pa.table(table)

@@ -1,0 +1,100 @@
+"""Shared fixtures: one Ray session for the whole run, tiny random checkpoints per head.
+
+Tiny checkpoints follow the Hugging Face testing convention: a real architecture with
+random weights, built by ``save_pretrained`` so loading goes through the real code path.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+WORDS = (
+    "the of and to in is was he for it with as his on be at by had are but from or have an they which one you "
+    "were all we when there can been has more if no out do so what up who about into than them only some time "
+    "new first could over after also made many then any people like these two may way should game film market "
+    "company government minister election music band phone software growth shares win match player season "
+    "club cup goal team bank economy sales profit labour party tory vote album star award award net mobile"
+).split()
+
+
+def build_vocab() -> dict[str, int]:
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += list(string.ascii_lowercase) + list(string.digits) + list(".,;:!?'\"()-&%$£")
+    tokens += [f"##{c}" for c in string.ascii_lowercase + string.digits]
+    tokens += [w for w in dict.fromkeys(WORDS) if w not in tokens]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def make_tokenizer():
+    from transformers import BertTokenizerFast
+
+    # transformers 5 ignores vocab_file= silently (every token becomes [UNK]); pass vocab=.
+    return BertTokenizerFast(vocab=build_vocab(), do_lower_case=True, model_max_length=64)
+
+
+def tiny_bert_config(**kwargs):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=len(build_vocab()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        **kwargs,
+    )
+
+
+TOPICS = ["business", "entertainment", "politics", "sport", "tech"]
+NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
+
+
+def save_tiny(directory: Path, task: str, *, safe: bool = True, **config_kwargs) -> Path:
+    """Build a tiny random BERT for ``task`` and ``save_pretrained`` it with its tokenizer."""
+    import torch
+    from transformers import BertForSequenceClassification, BertForTokenClassification, BertModel
+
+    torch.manual_seed(0)
+    if task == "sequence-classification":
+        labels = TOPICS
+        config = tiny_bert_config(id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}, **config_kwargs)
+        model = BertForSequenceClassification(config)
+    elif task == "token-classification":
+        config = tiny_bert_config(
+            id2label=dict(enumerate(NER_LABELS)), label2id={l: i for i, l in enumerate(NER_LABELS)}, **config_kwargs
+        )
+        model = BertForTokenClassification(config)
+    else:
+        model = BertModel(tiny_bert_config(**config_kwargs))
+    model.eval()
+    model.save_pretrained(directory, safe_serialization=safe)
+    make_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny checkpoint per task: {'sequence-classification': dir, 'token-classification': dir, 'embedding': dir}."""
+    root = tmp_path_factory.mktemp("models")
+    return {task: save_tiny(root / task, task) for task in ("sequence-classification", "token-classification", "embedding")}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance shared by every test that needs it (2 CPUs, like CI)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
