@@ -172,11 +172,11 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the key and the fix."""
 
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def interpolate(value: Any, variables: dict[str, str] | None = None) -> Any:
-    """Replace ``${NAME}`` in every string with ``variables[NAME]`` or ``$NAME`` from the environment."""
+    """Replace ``${NAME}`` / ``${NAME:-default}`` in strings with ``variables[NAME]``, else ``$NAME``, else the default."""
     if isinstance(value, dict):
         return {k: interpolate(v, variables) for k, v in value.items()}
     if isinstance(value, list):
@@ -185,12 +185,14 @@ def interpolate(value: Any, variables: dict[str, str] | None = None) -> Any:
         return value
 
     def sub(m: re.Match) -> str:
-        name = m.group(1)
+        name, default = m.group(1), m.group(2)
         if variables and name in variables:
             return variables[name]
-        if name not in os.environ:
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
             raise ConfigError(f"${{{name}}} is used in the config but the environment variable {name} is not set")
-        return os.environ[name]
+        return default
 
     return _ENV.sub(sub, value)
 

@@ -8,8 +8,8 @@ travels with the pickled filesystem, so Ray workers need not share the driver's 
 
 Retries. Two layers, both bounded, no third of ours:
 
-* botocore retries every request that fails with throttling (``SlowDown``, ``Throttling``, 429), a 5xx
-  status or a dropped/refused connection, with jittered exponential backoff (``standard`` mode,
+* botocore retries every request that fails with throttling (``SlowDown``, ``Throttling``, ...), a 500,
+  502, 503 or 504 status, or a dropped/refused connection, with jittered exponential backoff (``standard`` mode,
   :data:`MAX_ATTEMPTS` attempts). ``$AWS_RETRY_MODE`` (e.g. ``adaptive``, which adds client-side rate
   limiting) and ``$AWS_MAX_ATTEMPTS`` override both.
 * s3fs re-runs a call whose response body broke off mid-read (``IncompleteRead``, payload errors) and one
@@ -42,12 +42,16 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import fsspec
 import pyarrow.fs
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import StorageConfig
+
+if TYPE_CHECKING:
+    import s3fs
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ class StorageError(ValueError):
 
 
 def is_remote(path: str) -> bool:
+    """Whether ``path`` is a URI with a scheme other than ``file://``."""
     return "://" in path and not path.startswith("file://")
 
 
@@ -72,7 +77,7 @@ def filesystem(path: str, storage: StorageConfig | None = None) -> tuple[fsspec.
     if path.startswith("s3://"):
         import s3fs
 
-        client_kwargs = {}
+        client_kwargs: dict[str, str] = {}
         endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             client_kwargs["endpoint_url"] = endpoint
@@ -105,6 +110,7 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
 
 
 def join(root: str, *parts: str) -> str:
+    """Join ``/``-separated path parts onto ``root`` (for local paths and bucket keys alike)."""
     return "/".join([root.rstrip("/"), *parts])
 
 
@@ -127,7 +133,7 @@ _EXPLANATIONS["403"] = _EXPLANATIONS["AccessDenied"]  # HEAD responses carry the
 
 
 @contextmanager
-def _explained(fs: fsspec.AbstractFileSystem, path: str, *, write: bool) -> Iterator[None]:
+def _explained(fs: s3fs.S3FileSystem, path: str, *, write: bool) -> Iterator[None]:
     """Re-raise s3fs/botocore failures on ``path`` (``bucket/key``) as :class:`StorageError` with the fix."""
     from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
@@ -154,7 +160,7 @@ def _explained(fs: fsspec.AbstractFileSystem, path: str, *, write: bool) -> Iter
                 "role to the machine, or set storage.anon: true for a public bucket"
             )
         elif isinstance(e, EndpointConnectionError):
-            reason = f"cannot reach {e.kwargs['endpoint_url']}; check storage.endpoint_url / AWS_ENDPOINT_URL"
+            reason = f"cannot reach {endpoint or 'AWS'}; check storage.endpoint_url / AWS_ENDPOINT_URL and the network"
         else:
             reason = str(e) or type(e).__name__
         raise StorageError(f"cannot {'write' if write else 'read'} s3://{path}: {reason}") from e
@@ -245,6 +251,8 @@ def fetch_checkpoint(uri: str, storage: StorageConfig | None = None, cache_root:
     with filelock.FileLock(cache_root / f"{digest}.lock"):
         if target.is_dir():  # another process finished while this one waited
             return target
+        for stale in cache_root.glob(f".{digest}.*"):  # left by a process killed mid-download
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=cache_root))
         try:
             with _explained(fs, root, write=False):
