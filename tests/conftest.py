@@ -80,7 +80,10 @@ def save_tiny(directory: Path, task: str, *, safe: bool = True, **config_kwargs)
     else:
         model = BertModel(tiny_bert_config(**config_kwargs))
     model.eval()
-    model.save_pretrained(directory, safe_serialization=safe)
+    model.save_pretrained(directory)
+    if not safe:  # transformers 5 always saves safetensors; write the legacy pickle layout by hand
+        (directory / "model.safetensors").unlink()
+        torch.save(model.state_dict(), directory / "pytorch_model.bin")
     make_tokenizer().save_pretrained(directory)
     return directory
 

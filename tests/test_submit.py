@@ -1,0 +1,140 @@
+"""jobs.submit: its builders (fast), and real submissions through the Jobs API of a 2-node cluster."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jobs.submit import build_entrypoint, build_runtime_env, parse_args
+from cluster import LocalCluster
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_entrypoint_runs_the_module_with_config_overrides_and_args_quoted() -> None:
+    entrypoint = build_entrypoint(
+        "configs/my job.yaml", ["model.dtype=bfloat16", "input.path=s3://b/x y/"], "jobs.nightly", ["--date", "2026-01-01"]
+    )
+    assert shlex.split(entrypoint) == [
+        "python", "-m", "jobs.nightly", "--config", "configs/my job.yaml",
+        "--set", "model.dtype=bfloat16", "--set", "input.path=s3://b/x y/", "--date", "2026-01-01",
+    ]  # fmt: skip
+
+
+def test_runtime_env_holds_only_the_fields_given() -> None:
+    assert build_runtime_env() == {}
+    env = build_runtime_env(working_dir=".", pip=["faiss-cpu>=1.8"], env_vars={"HF_HUB_OFFLINE": "1"})
+    assert env["working_dir"] == "."
+    assert env["pip"]["packages"] == ["faiss-cpu>=1.8"]
+    assert env["env_vars"] == {"HF_HUB_OFFLINE": "1"}
+    assert build_runtime_env(image="ghcr.io/encoder-batch/encoder-batch:0.1.0") == {
+        "image_uri": "ghcr.io/encoder-batch/encoder-batch:0.1.0"
+    }
+
+
+def test_runtime_env_rejects_what_ray_rejects() -> None:
+    with pytest.raises(ValueError, match="image_uri"):
+        build_runtime_env(pip=["x"], image="ghcr.io/encoder-batch/encoder-batch:0.1.0")
+
+
+def test_cli_parses_env_pairs_and_module_args() -> None:
+    args = parse_args(
+        ["--address", "http://h:8265", "--config", "c.yaml", "--env", "A=x=y", "--entrypoint-module", "jobs.nightly",
+         "--", "--date", "2026-01-01"]
+    )  # fmt: skip
+    assert args.env == [("A", "x=y")]
+    assert args.module_args == ["--date", "2026-01-01"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--address", "http://h:8265"],  # neither --config nor --entrypoint
+        ["--address", "http://h:8265", "--config", "c.yaml", "--entrypoint", "true"],
+        ["--address", "http://h:8265", "--entrypoint", "true", "--set", "a=1"],
+        ["--address", "http://h:8265", "--config", "c.yaml", "--env", "NOVALUE"],
+    ],
+)
+def test_cli_rejects_inconsistent_arguments(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+
+
+# ---- against a real cluster ---------------------------------------------------------------
+
+PROBE = textwrap.dedent(
+    """
+    import os, sys
+    import ray
+
+    ray.init()
+
+    @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+    def node_id() -> None:
+        return ray.get_runtime_context().get_node_id()
+
+    print("alive nodes:", sum(node["Alive"] for node in ray.nodes()))
+    print("nodes used:", len(set(ray.get([node_id.remote() for _ in range(4)]))))
+    print("greeting:", os.environ["GREETING"])
+    print("driver python:", sys.executable)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    with LocalCluster(num_workers=1) as c:
+        yield c
+
+
+def submit(cluster: LocalCluster, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.submit", "--address", cluster.dashboard_url, *args],
+        env=cluster.env if env is None else env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.cluster
+def test_job_succeeds_across_both_nodes_with_its_runtime_env(cluster: LocalCluster, tmp_path: Path) -> None:
+    (tmp_path / "probe.py").write_text(PROBE)
+    result = submit(cluster, "--entrypoint", "python probe.py", "--working-dir", str(tmp_path), "--env", "GREETING=hi")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = re.search(r"^submitted (raysubmit_\w+): python probe.py$", result.stdout, re.M).group(1)
+    assert "alive nodes: 2" in result.stdout  # logs are streamed back
+    assert "nodes used: 2" in result.stdout
+    assert "greeting: hi" in result.stdout
+    assert f"driver python: {Path(sys.executable).parent}" in result.stdout  # the head's PATH picks the venv
+    assert result.stdout.rstrip().endswith(f"job {job_id} SUCCEEDED")
+
+
+@pytest.mark.cluster
+def test_failing_job_exits_nonzero_with_its_logs_and_status(cluster: LocalCluster) -> None:
+    result = submit(cluster, "--entrypoint", "python -c 'import sys; print(\"about to fail\"); sys.exit(3)'")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"^submitted raysubmit_\w+", result.stdout, re.M)
+    assert "about to fail" in result.stdout
+    assert re.search(r"^job raysubmit_\w+ FAILED: .*exit code 3", result.stdout, re.M)
+
+
+@pytest.mark.cluster
+def test_submission_without_the_token_is_refused(cluster: LocalCluster) -> None:
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH_")}
+    result = submit(cluster, "--entrypoint", "true", env=env)
+
+    assert result.returncode == 2
+    assert "Authentication required" in result.stderr
+    assert "submitted" not in result.stdout
