@@ -16,8 +16,9 @@ from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, load_config
 from pipeline.run import plan, run_job
 from pipeline.source import InputError
+from pipeline.storage import StorageError
 
-USER_ERRORS = (ConfigError, CheckpointError, InputError)
+USER_ERRORS = (ConfigError, CheckpointError, InputError, StorageError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

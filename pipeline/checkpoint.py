@@ -3,7 +3,7 @@
 ``resolve`` runs once on the driver, before any actor starts, and fails with a message
 that names the problem and the fix: a missing path, pickle-only weights, remote code,
 or a checkpoint without the head the task needs. Actors then call ``load_model`` /
-``load_tokenizer`` on the resolved, pinned location so every actor loads the same bytes.
+``actor_tokenizer`` on the resolved, pinned location so every actor loads the same bytes.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class ResolvedModel:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     tokenizer_path: str | None = None  # tokenize.path override (same pinning rules)
+    storage: StorageConfig = field(default_factory=StorageConfig)  # for s3:// checkpoints
 
     @property
     def num_labels(self) -> int:
@@ -170,7 +171,7 @@ def resolve(model: ModelConfig, storage: StorageConfig, tokenizer_path: str | No
             f"{model.task} head, so one would be randomly initialised. {fix[0].upper() + fix[1:]}"
         )
 
-    tokenizer = load_tokenizer(str(local), None, model.trust_remote_code, local_tokenizer=tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path or str(local), None, model.trust_remote_code)
     return ResolvedModel(
         source=model.path,
         load_path=load_path,
@@ -185,6 +186,7 @@ def resolve(model: ModelConfig, storage: StorageConfig, tokenizer_path: str | No
         trust_remote_code=model.trust_remote_code,
         allow_pickle=model.allow_pickle,
         tokenizer_path=tokenizer_path,
+        storage=storage,
     )
 
 
@@ -193,21 +195,25 @@ def local_path(resolved: ResolvedModel) -> str:
     if resolved.load_path.startswith("s3://"):
         from pipeline.storage import fetch_checkpoint
 
-        return str(fetch_checkpoint(resolved.load_path, StorageConfig()))
+        return str(fetch_checkpoint(resolved.load_path, resolved.storage))
     return resolved.load_path
 
 
-def load_tokenizer(path: str, revision: str | None, trust_remote_code: bool, local_tokenizer: str | None = None):
+def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: bool = False):
     """A fast tokenizer (offsets and overflow information need the Rust implementation)."""
     from transformers import AutoTokenizer
 
-    source = local_tokenizer or path
-    tokenizer = AutoTokenizer.from_pretrained(
-        source, revision=None if local_tokenizer else revision, trust_remote_code=trust_remote_code, use_fast=True
-    )
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     if not tokenizer.is_fast:
         raise CheckpointError(f"{source} has no fast (Rust) tokenizer; tokenizer.json is required")
     return tokenizer
+
+
+def actor_tokenizer(resolved: ResolvedModel):
+    """The tokenizer an actor uses: ``tokenize.path`` if set, else the checkpoint's own."""
+    if resolved.tokenizer_path:
+        return load_tokenizer(resolved.tokenizer_path, None, resolved.trust_remote_code)
+    return load_tokenizer(local_path(resolved), resolved.revision, resolved.trust_remote_code)
 
 
 def load_model(resolved: ResolvedModel, device: str, dtype: str):

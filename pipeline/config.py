@@ -122,7 +122,9 @@ class OutputConfig(_Strict):
 
 class StorageConfig(_Strict):
     endpoint_url: str | None = Field(
-        None, description="S3-compatible endpoint (MinIO, Ceph, R2). Default: $AWS_ENDPOINT_URL, else AWS."
+        default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        description="S3-compatible endpoint (MinIO, Ceph, R2). Default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL "
+        "as seen by the driver (actors get the resolved value), else AWS.",
     )
     region: str | None = Field(None, description="S3 region. Default: the AWS chain's.")
     anon: bool = Field(False, description="Anonymous access to public buckets.")
@@ -158,12 +160,12 @@ class JobConfig(_Strict):
         return self.model_dump(mode="json")
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the output values (not pool sizes or paths of the output)."""
-        relevant = self.public_dict()
-        relevant.pop("output", None)
-        relevant.pop("tokenize", None)
-        relevant["inference"] = {}  # batching never changes values beyond float noise
-        relevant["output"] = self.output.model_dump(mode="json", exclude={"path", "mode", "rows_per_file"})
+        """Hash of everything that changes output values: not paths, pool sizes, batching or storage."""
+        relevant = self.model_dump(
+            mode="json",
+            include={"input", "model", "output", "eval"},
+            exclude={"input": {"path"}, "output": {"path", "mode", "rows_per_file"}},
+        )
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

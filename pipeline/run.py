@@ -21,7 +21,7 @@ from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, resolve
 from pipeline.config import ConfigError, JobConfig
 from pipeline.source import Shards, check_schema, count_rows, discover
-from pipeline.storage import filesystem, join
+from pipeline.storage import check_access, filesystem, join
 
 READ_CPUS = 0.25  # read tasks are I/O bound; a small share keeps them schedulable beside the actors
 TOKENIZE_CPUS = 0.5
@@ -145,6 +145,8 @@ def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None) -
         import torch
 
         cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
+    check_access(cfg.input.path, cfg.storage)
+    check_access(cfg.output.path, cfg.storage, write=True)
     fs, in_path = filesystem(cfg.input.path, cfg.storage)
     passthrough = list(dict.fromkeys([*cfg.input.id_columns, *filter(None, [cfg.eval.label_column])]))
     shards = discover(cfg.input, fs, in_path, passthrough)

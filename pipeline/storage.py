@@ -6,7 +6,7 @@ for public buckets. The endpoint is ``storage.endpoint_url``, else ``$AWS_ENDPOI
 ``$AWS_ENDPOINT_URL`` (S3-compatible stores), else AWS. It is resolved when :func:`filesystem` runs and
 travels with the pickled filesystem, so Ray workers need not share the driver's environment.
 
-Retries. Two layers, both bounded, no third of ours:
+Retries. Two layers, both bounded; this module adds none of its own:
 
 * botocore retries every request that fails with throttling (``SlowDown``, ``Throttling``, ...), a 500,
   502, 503 or 504 status, or a dropped/refused connection, with jittered exponential backoff (``standard`` mode,
@@ -23,7 +23,7 @@ Streaming. :func:`arrow_filesystem` hands S3 to pyarrow and Ray Data through ``F
 ``open_input_file``/``open_input_stream`` return an s3fs file object that issues ranged GETs of
 ``default_block_size`` (50 MiB) on demand: Parquet reads its footer and then only the column chunks
 asked for, JSONL is read front to back, and no object is ever copied whole to local disk or memory
-first. Writes (``open_output_stream``) buffer one block and upload it as a multipart part.
+first. Writes (``open_output_stream``) upload each full block as a multipart part, small files in one PUT.
 
 Checkpoints on S3 are the one thing copied to local disk, since ``from_pretrained`` wants a directory:
 :func:`fetch_checkpoint` downloads them once per node into a cache keyed by the objects' ETags.

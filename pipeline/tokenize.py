@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schema as S
-from pipeline.checkpoint import ResolvedModel, load_tokenizer
+from pipeline.checkpoint import ResolvedModel, actor_tokenizer
 
 
 def ragged(sequences: list[list[int]], valid: np.ndarray, n: int, dtype=np.int32) -> pa.ListArray:
@@ -30,9 +30,7 @@ class TokenizeWorker:
     """``map_batches`` callable: tokenizes valid rows without padding."""
 
     def __init__(self, model: ResolvedModel):
-        self.tokenizer = load_tokenizer(
-            model.load_path, model.revision, model.trust_remote_code, local_tokenizer=model.tokenizer_path
-        )
+        self.tokenizer = actor_tokenizer(model)
         self.max_length = model.max_length
         self.offsets = model.task == "token-classification"
 

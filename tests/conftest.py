@@ -12,10 +12,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from s3_server import DUMMY_AWS_ENV, s3_bucket, s3_proxy, s3_server  # noqa: F401
 
 # Set before Ray starts so every worker inherits them: no network, a Hub cache tests control.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="hf-hub-cache-")
+os.environ.update(DUMMY_AWS_ENV)  # Ray workers read S3 through the standard AWS chain
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 

@@ -55,7 +55,7 @@ def test_dry_run_prints_the_plan(tmp_path, tiny_models, shard, capsys):
         ("input.text_column=body", "missing text column 'body'"),
         ("input.text_column=n", "column 'n' is int64, expected string or binary"),
         ("input.id_columns=[nope]", "missing id/label column(s) ['nope']"),
-        ("input.path=/does/not/exist", "does not exist"),
+        ("input.path=/does/not/exist", "cannot read /does/not/exist: nothing exists there"),
         ("model.path=/no/such/model", "does not exist"),
         ("model.path=some-org/not-cached", "HF_HUB_OFFLINE=1"),
         ("inference.pool.num_cpus=512", "would deadlock"),
