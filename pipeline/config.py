@@ -132,6 +132,28 @@ class StorageConfig(_Strict):
     secret: SecretStr | None = Field(None, description="Secret access key; prefer the AWS credential chain.")
 
 
+class ExecutionConfig(_Strict):
+    stall_timeout_s: float = Field(
+        900, gt=0, description="Fail with a diagnosis when no stage makes progress for this long (instead of hanging)."
+    )
+    max_actor_restarts: int = Field(3, ge=0, description="Restarts of a crashed actor (Ray max_restarts).")
+    max_task_retries: int = Field(
+        3, ge=0, description="Retries of a batch whose actor crashed (Ray max_task_retries); results are not duplicated."
+    )
+
+
+class FaultConfig(_Strict):
+    """Fault injection, for tests only: proves restarts, retries and the stall watchdog work."""
+
+    exit_after_calls: int | None = Field(
+        None, gt=0, description="A model actor's first incarnation calls os._exit after this many batches."
+    )
+    delay_s: float = Field(0, ge=0, description="Sleep this long in every model-actor call.")
+    crash_after_commit: bool = Field(
+        False, description="jobs.nightly: the driver exits right after committing its ledger, before publishing."
+    )
+
+
 class EvalConfig(_Strict):
     label_column: str | None = Field(
         None, description="Gold label column; adds accuracy and a confusion matrix to the manifest."
@@ -146,6 +168,8 @@ class JobConfig(_Strict):
     output: OutputConfig
     storage: StorageConfig = Field(default_factory=StorageConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    faults: FaultConfig = Field(default_factory=FaultConfig)
 
     @model_validator(mode="after")
     def _check_task_inputs(self) -> JobConfig:

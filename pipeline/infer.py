@@ -12,6 +12,7 @@ OOM a micro-batch is split in two and retried.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 
 from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, load_model
-from pipeline.config import OutputConfig
+from pipeline.config import FaultConfig, OutputConfig
 from pipeline.heads import make_head
 
 CONSUMED = (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS, S.TEXT)
@@ -81,16 +82,22 @@ class InferWorker:
         max_tokens_per_batch: int,
         min_padding_efficiency: float,
         num_threads: int,
+        progress,
+        faults: FaultConfig,
     ):
         import ray
 
         torch.set_num_threads(num_threads)
+        context = ray.get_runtime_context()
+        self.node = context.get_node_id()
+        self.process = f"{context.get_actor_id()}:{os.getpid()}"
+        self.progress, self.faults, self.calls = progress, faults, 0
+        self.first_incarnation = not context.was_current_actor_reconstructed
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.model = load_model(model, self.device, dtype)
         self.head = make_head(model, output)
         self.max_tokens = max_tokens_per_batch
         self.min_efficiency = min_padding_efficiency
-        self.node = ray.get_runtime_context().get_node_id()
         self.types = S.output_schema(
             model.task,
             [],
@@ -100,9 +107,15 @@ class InferWorker:
             embedding_dtype=output.embedding.dtype,
         )
         self.pad_id = self.model.config.pad_token_id or 0
-        self.pid = os.getpid()
+
+    def _inject_faults(self) -> None:
+        self.calls += 1
+        if self.faults.exit_after_calls and self.first_incarnation and self.calls > self.faults.exit_after_calls:
+            os._exit(1)  # a crash mid-call: Ray restarts the actor and retries this batch
+        time.sleep(self.faults.delay_s)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self._inject_faults()
         valid = pc.is_null(batch[S.ERROR]).to_numpy(zero_copy_only=False)
         rows = np.flatnonzero(valid)
         columns = {c: ragged_rows(batch[c]) for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS) if c in batch.column_names}
@@ -131,7 +144,9 @@ class InferWorker:
             ordered = merged[inverse] if isinstance(merged, np.ndarray) else [merged[i] for i in inverse]
             batch = batch.append_column(field.name, to_arrow(ordered, valid, field.type))
         batch = batch.append_column(S.PADDED_TOKENS, to_arrow(padded, valid, pa.int32()))
-        return batch.append_column(S.NODE, pa.array([self.node] * batch.num_rows, pa.string()))
+        batch = batch.append_column(S.NODE, pa.array([self.node] * batch.num_rows, pa.string()))
+        self.progress.beat.remote("infer", batch.num_rows)
+        return batch.append_column(S.ACTOR, pa.array([self.process] * batch.num_rows, pa.string()))
 
     def _run(self, columns: dict, texts: list | None, picked: np.ndarray) -> dict:
         """Forward one micro-batch (rows ``picked``); split it in two on CUDA OOM."""

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -160,11 +160,16 @@ def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None) -
     return Plan(cfg, shards, passthrough_schema, model, size_pools(cfg, cpus, gpus or 0.0), out_root)
 
 
-def run_job(cfg: JobConfig) -> dict:
-    """Run the job on the current Ray cluster (started locally if none); return the manifest."""
+def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
+    """Run the job on the current Ray cluster (started locally if none); return the manifest.
+
+    ``files`` restricts the input to these shards (as listed by ``plan``), e.g. the ones
+    a nightly run has not scored yet.
+    """
     import ray
 
     from pipeline.infer import InferWorker
+    from pipeline.progress import Progress, StallError, Watchdog
     from pipeline.sink import ParquetSink, evaluation, publish
     from pipeline.source import ShardDatasource
     from pipeline.storage import arrow_filesystem
@@ -174,24 +179,26 @@ def run_job(cfg: JobConfig) -> dict:
         ray.init()
     resources = ray.cluster_resources()
     job = plan(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
+    shards = replace(job.shards, files=files) if files is not None else job.shards
     started = time.time()
     out_fs, out_root = filesystem(cfg.output.path, cfg.storage)
     if cfg.output.mode == "overwrite" and out_fs.exists(out_root):
         out_fs.rm(out_root, recursive=True)
     out_fs.makedirs(out_root, exist_ok=True)
-    rows_in = count_rows(job.shards)
+    rows_in = count_rows(shards)
 
-    pools = job.pools
-    ds = ray.data.read_datasource(
-        ShardDatasource(job.shards, cfg.input, arrow_filesystem(job.shards.fs)), num_cpus=READ_CPUS
-    )
+    pools, execution = job.pools, cfg.execution
+    progress = Progress.remote()
+    retries = {"max_restarts": execution.max_actor_restarts, "max_task_retries": execution.max_task_retries}
+    ds = ray.data.read_datasource(ShardDatasource(shards, cfg.input, arrow_filesystem(shards.fs)), num_cpus=READ_CPUS)
     ds = ds.map_batches(
         TokenizeWorker,
-        fn_constructor_kwargs={"model": job.model},
+        fn_constructor_kwargs={"model": job.model, "progress": progress},
         batch_size=cfg.tokenize.batch_size,
         batch_format="pyarrow",
         num_cpus=pools.tokenize_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=pools.tokenize[0], max_size=pools.tokenize[1]),
+        **retries,
     )
     ds = ds.map_batches(
         InferWorker,
@@ -202,23 +209,36 @@ def run_job(cfg: JobConfig) -> dict:
             "max_tokens_per_batch": cfg.inference.max_tokens_per_batch,
             "min_padding_efficiency": cfg.inference.min_padding_efficiency,
             "num_threads": pools.threads,
+            "progress": progress,
+            "faults": cfg.faults,
         },
         batch_size=cfg.inference.batch_size,
         batch_format="pyarrow",
         num_cpus=pools.infer_cpus,
         num_gpus=pools.infer_gpus,
         compute=ray.data.ActorPoolStrategy(min_size=pools.infer[0], max_size=pools.infer[1]),
+        **retries,
     )
     sink = ParquetSink(
         cfg.output.path,
         cfg.storage,
         job.output_schema(pa.schema([])),
-        job.shards.passthrough,
+        shards.passthrough,
         job.passthrough_schema,
         cfg.eval.label_column,
         cfg.output.rows_per_file,
+        progress,
     )
-    ds.write_datasink(sink)
+    watchdog = Watchdog(progress, execution.stall_timeout_s, pools.describe())
+    try:
+        with watchdog:
+            ds.write_datasink(sink)
+    except KeyboardInterrupt:
+        if watchdog.diagnosis is None:
+            raise
+        raise StallError(watchdog.diagnosis) from None
+    finally:
+        ray.kill(progress)
     wall = time.time() - started
 
     stats = sink.stats
@@ -226,6 +246,7 @@ def run_job(cfg: JobConfig) -> dict:
         "version": __version__,
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "wall_s": round(wall, 3),
+        "input_files": len(shards.files),
         "rows_in": rows_in,
         "rows_out": stats.rows_out,
         "rows_rejected": stats.rows_rejected,
@@ -238,6 +259,7 @@ def run_job(cfg: JobConfig) -> dict:
         "tokens_per_s": round(stats.real_tokens / wall, 1),
         "files": sorted(stats.files),
         "rows_by_node": dict(stats.rows_by_node),
+        "rows_by_actor_process": dict(stats.rows_by_actor),
         "model": job.metadata(),
         "pools": pools.describe(),
         "config": cfg.public_dict(),

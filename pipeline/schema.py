@@ -22,6 +22,7 @@ TOKEN_TYPE_IDS = "_token_type_ids"  # list<int8>, only for pair inputs
 OFFSETS = "_offsets"  # list<int32>: flattened (start, end) per token, (-1, -1) for special tokens
 PADDED_TOKENS = "_padded_tokens"  # padded length of the micro-batch the row ran in
 NODE = "_node"  # Ray node id of the model actor that scored the row
+ACTOR = "_actor"  # "<actor id>:<pid>" of that model actor; a restarted actor shows a new pid
 INTERNAL_PREFIX = "_"
 
 # ---- output columns -------------------------------------------------------------------

@@ -38,13 +38,14 @@ class WriteStats:
     files: list[str] = field(default_factory=list)
     rejected_by_reason: Counter = field(default_factory=Counter)
     rows_by_node: Counter = field(default_factory=Counter)
+    rows_by_actor: Counter = field(default_factory=Counter)  # "<actor id>:<pid>" -> rows
     confusion: Counter = field(default_factory=Counter)  # (gold, predicted) -> rows
 
     def add(self, other: WriteStats) -> None:
         for name in ("rows_out", "rows_rejected", "real_tokens", "padded_tokens", "rows_truncated"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.files += other.files
-        for name in ("rejected_by_reason", "rows_by_node", "confusion"):
+        for name in ("rejected_by_reason", "rows_by_node", "rows_by_actor", "confusion"):
             getattr(self, name).update(getattr(other, name))
 
 
@@ -82,6 +83,7 @@ class ParquetSink(Datasink[WriteStats]):
         passthrough_schema: pa.Schema | None,
         label_column: str | None,
         rows_per_file: int,
+        progress,
     ):
         """``results``: the task's output columns (with file metadata); passthrough columns go first.
 
@@ -95,6 +97,7 @@ class ParquetSink(Datasink[WriteStats]):
         self.passthrough_schema = passthrough_schema
         self.label_column = label_column
         self.rows_per_file = rows_per_file
+        self.progress = progress
         self.stats = WriteStats()
 
     @property
@@ -129,6 +132,7 @@ class ParquetSink(Datasink[WriteStats]):
                 rejected.write(_rejected_rows(bad, rejected.schema))
                 stats.rows_rejected += bad.num_rows
                 stats.rejected_by_reason.update(bad[S.ERROR].to_pylist())
+            self.progress.beat.remote("write", table.num_rows)
         if data is not None:
             stats.files = [name] if data.close() else []
             rejected.close()
@@ -140,6 +144,7 @@ class ParquetSink(Datasink[WriteStats]):
         stats.padded_tokens += int(pc.sum(good[S.PADDED_TOKENS]).as_py() or 0)
         stats.rows_truncated += int(pc.sum(good[S.TRUNCATED].cast(pa.int64())).as_py() or 0)
         stats.rows_by_node.update(good[S.NODE].to_pylist())
+        stats.rows_by_actor.update(good[S.ACTOR].to_pylist())
         if self.label_column:
             stats.confusion.update(zip(good[self.label_column].to_pylist(), good[S.LABEL].to_pylist()))
 

@@ -29,8 +29,9 @@ def ragged(sequences: list[list[int]], valid: np.ndarray, n: int, dtype=np.int32
 class TokenizeWorker:
     """``map_batches`` callable: tokenizes valid rows without padding."""
 
-    def __init__(self, model: ResolvedModel):
+    def __init__(self, model: ResolvedModel, progress):
         self.tokenizer = actor_tokenizer(model)
+        self.progress = progress
         self.max_length = model.max_length
         self.offsets = model.task == "token-classification"
 
@@ -68,4 +69,5 @@ class TokenizeWorker:
             ]
             batch = batch.append_column(S.OFFSETS, ragged(flat, valid, n))
         batch = batch.append_column(S.NUM_TOKENS, pa.array(num_tokens))
+        self.progress.beat.remote("tokenize", n)
         return batch.append_column(S.TRUNCATED, pa.array(truncated))

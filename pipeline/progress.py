@@ -1,0 +1,69 @@
+"""Progress heartbeats and the stall watchdog: a job that stops moving fails with a diagnosis.
+
+Stage workers report rows done to one tiny ``Progress`` actor (0 CPUs, fire-and-forget
+calls). A driver thread watches it; when no stage has moved for
+``execution.stall_timeout_s`` it interrupts the run, which then raises ``StallError``
+naming the last progress of each stage and the resources the cluster has left.
+"""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+
+import ray
+
+
+class StallError(RuntimeError):
+    """No stage made progress for ``execution.stall_timeout_s``."""
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class Progress:
+    def __init__(self):
+        self.stages: dict[str, tuple[int, float]] = {}
+
+    def beat(self, stage: str, rows: int) -> None:
+        done, _ = self.stages.get(stage, (0, 0.0))
+        self.stages[stage] = (done + rows, time.time())
+
+    def snapshot(self) -> dict[str, tuple[int, float]]:
+        return dict(self.stages)
+
+
+class Watchdog:
+    """Context manager: interrupts the main thread when no stage beats for ``timeout_s``."""
+
+    def __init__(self, progress, timeout_s: float, expected: str, poll_s: float = 1.0):
+        self.progress, self.timeout_s, self.expected, self.poll_s = progress, timeout_s, expected, poll_s
+        self.diagnosis: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="stall-watchdog")
+
+    def __enter__(self) -> Watchdog:
+        self._started = time.time()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            stages = ray.get(self.progress.snapshot.remote())
+            last = max([t for _, t in stages.values()] + [self._started])
+            if time.time() - last > self.timeout_s:
+                self.diagnosis = self._diagnose(stages)
+                _thread.interrupt_main()
+                return
+
+    def _diagnose(self, stages: dict[str, tuple[int, float]]) -> str:
+        now = time.time()
+        seen = ", ".join(f"{s}: {rows} rows, last {now - t:.0f}s ago" for s, (rows, t) in sorted(stages.items()))
+        return (
+            f"no stage made progress for {self.timeout_s:g}s (execution.stall_timeout_s). "
+            f"Progress so far: {seen or 'none'}. Cluster resources free: {ray.available_resources()}. "
+            f"Pools need: {self.expected}. Check that every pool can be scheduled and that actors are not stuck"
+        )

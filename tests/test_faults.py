@@ -1,0 +1,80 @@
+"""Faults: a crashing model actor, a corrupt checkpoint, a stalled stage. Real Ray, real processes."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import WORDS
+
+from pipeline.config import load_config
+from pipeline.progress import StallError
+from pipeline.run import run_job
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fault-input")
+    for k in range(4):
+        texts = [" ".join(WORDS[i % 50 : i % 50 + 1 + i % 30]) for i in range(100)]
+        pq.write_table(pa.table({"doc_id": [f"{k}-{i}" for i in range(100)], "text": texts}), root / f"{k}.parquet")
+    return root
+
+
+def config(shards, model, out, **sections):
+    raw = {
+        "input": {"path": str(shards), "id_columns": ["doc_id"]},
+        "model": {"path": str(model), "task": "sequence-classification"},
+        "tokenize": {"batch_size": 50},  # many small blocks: many model-actor tasks
+        "inference": {"batch_size": 50},
+        "output": {"path": str(out)},
+        **sections,
+    }
+    return load_config(raw=raw)
+
+
+def test_a_crashed_model_actor_is_restarted_and_its_batch_retried(ray_session, tiny_models, shards, tmp_path):
+    model = tiny_models["sequence-classification"]
+    manifest = run_job(config(shards, model, tmp_path / "out", faults={"exit_after_calls": 2}))
+    table = pq.read_table(tmp_path / "out")
+    assert manifest["rows_in"] == manifest["rows_out"] == table.num_rows == 400
+    assert len(table["doc_id"].unique()) == 400  # complete, no duplicates
+    processes = manifest["rows_by_actor_process"]
+    actors = {p.split(":")[0] for p in processes}
+    assert len(actors) == 1 and len(processes) == 2, processes  # one actor, two incarnations (pids)
+
+    with pytest.raises(Exception, match="(?i)actor.*(died|dead|unexpectedly)"):
+        run_job(
+            config(
+                shards, model, tmp_path / "out2", faults={"exit_after_calls": 2}, execution={"max_actor_restarts": 0}
+            )
+        )
+
+
+def test_a_corrupt_checkpoint_fails_fast_with_the_actors_error(ray_session, tiny_models, shards, tmp_path):
+    model = tmp_path / "corrupt"
+    shutil.copytree(tiny_models["sequence-classification"], model)
+    (model / "model.safetensors").write_bytes(b"\x00" * 64)
+    started = time.time()
+    with pytest.raises(Exception, match="(?i)safetensors|header|deserializ"):
+        run_job(config(shards, model, tmp_path / "out"))
+    assert time.time() - started < 120
+
+
+def test_a_stalled_stage_fails_with_a_diagnosis(ray_session, tiny_models, shards, tmp_path):
+    started = time.time()
+    with pytest.raises(StallError, match=r"no stage made progress for 20s.*tokenize: \d+ rows.*model actors"):
+        run_job(
+            config(
+                shards,
+                tiny_models["sequence-classification"],
+                tmp_path / "out",
+                faults={"delay_s": 3600},
+                execution={"stall_timeout_s": 20},
+            )
+        )
+    assert time.time() - started < 120
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
