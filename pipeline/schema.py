@@ -112,3 +112,4 @@ METADATA_KEY = b"encoder_batch"  # JSON: model, revision, task, config hash, ver
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 REJECTED_DIR = "_rejected"
+MANIFEST_DIR = "_manifests"  # jobs.nightly: one manifest per published run

@@ -110,7 +110,14 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
 
 
 def join(root: str, *parts: str) -> str:
-    """Join ``/``-separated path parts onto ``root`` (for local paths and bucket keys alike)."""
+    """Join relative ``/``-separated parts onto ``root`` (a local path, bucket key or URI).
+
+    Every write location is built here, so nothing the pipeline writes can escape the
+    root: absolute parts and ``..`` segments are refused.
+    """
+    for part in parts:
+        if part.startswith("/") or ".." in part.split("/"):
+            raise ValueError(f"refusing to write outside {root!r}: path part {part!r}")
     return "/".join([root.rstrip("/"), *parts])
 
 
