@@ -36,6 +36,11 @@ class InputConfig(_Strict):
         description="Columns copied unchanged to the output. When empty, a deterministic `id` "
         "('<file relative to input root>:<row>') is generated.",
     )
+    reject_duplicate_ids: bool = Field(
+        True,
+        description="With id_columns: a pre-pass over the ids rejects every repeat of an id (`duplicate_id`), "
+        "keeping the first in (shard, row) order.",
+    )
     max_text_bytes: int = Field(
         1_000_000, gt=0, description="Rows whose text exceeds this many UTF-8 bytes are rejected (`text_too_large`)."
     )

@@ -20,7 +20,7 @@ from pipeline import __version__
 from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, resolve
 from pipeline.config import ConfigError, JobConfig
-from pipeline.source import Shards, check_schema, count_rows, discover
+from pipeline.source import Shards, check_schema, discover, scan_input
 from pipeline.storage import check_access, filesystem, join
 
 READ_CPUS = 0.25  # read tasks are I/O bound; a small share keeps them schedulable beside the actors
@@ -150,7 +150,7 @@ def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None) -
     fs, in_path = filesystem(cfg.input.path, cfg.storage)
     passthrough = list(dict.fromkeys([*cfg.input.id_columns, *filter(None, [cfg.eval.label_column])]))
     shards = discover(cfg.input, fs, in_path, passthrough)
-    passthrough_schema = check_schema(shards, cfg.input) if shards.format == "parquet" else None
+    passthrough_schema = check_schema(shards, cfg.input)
     model = resolve(cfg.model, cfg.storage, cfg.tokenize.path)
     out_fs, out_root = filesystem(cfg.output.path, cfg.storage)
     if cfg.output.mode == "error" and out_fs.exists(join(out_root, S.SUCCESS)):
@@ -185,12 +185,13 @@ def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
     if cfg.output.mode == "overwrite" and out_fs.exists(out_root):
         out_fs.rm(out_root, recursive=True)
     out_fs.makedirs(out_root, exist_ok=True)
-    rows_in = count_rows(shards)
+    id_columns = cfg.input.id_columns if cfg.input.reject_duplicate_ids else []
+    scan = scan_input(shards, id_columns, READ_CPUS)
 
     pools, execution = job.pools, cfg.execution
     progress = Progress.remote()
     retries = {"max_restarts": execution.max_actor_restarts, "max_task_retries": execution.max_task_retries}
-    ds = ray.data.read_datasource(ShardDatasource(shards, cfg.input, arrow_filesystem(shards.fs)), num_cpus=READ_CPUS)
+    ds = ray.data.read_datasource(ShardDatasource(shards, cfg.input, arrow_filesystem(shards.fs), scan.duplicates), num_cpus=READ_CPUS)
     ds = ds.map_batches(
         TokenizeWorker,
         fn_constructor_kwargs={"model": job.model, "progress": progress},
@@ -240,6 +241,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
     finally:
         ray.kill(progress)
     wall = time.time() - started
+    rows_in = scan.rows
 
     stats = sink.stats
     manifest = {

@@ -13,6 +13,7 @@ unreadable file) raise ``InputError`` on the driver, before any actor starts.
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
 import json
 import posixpath
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
@@ -87,14 +89,16 @@ def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthr
     return Shards(root=root, files=files, format=fmt, passthrough=passthrough, fs=fs)
 
 
-def check_schema(shards: Shards, cfg: InputConfig) -> pa.Schema:
-    """Read Parquet footers (in parallel) and check the configured columns exist with usable types.
+def check_schema(shards: Shards, cfg: InputConfig) -> pa.Schema | None:
+    """Check every shard opens and has the configured columns with usable types (in parallel).
 
-    Returns the schema of the passthrough columns. JSONL has no schema: its values are
-    checked row by row, and the passthrough columns are inferred from the data.
+    Returns the schema of the passthrough columns; None for JSONL, which has no schema:
+    its values are checked row by row and the passthrough types inferred from the data.
     """
     if shards.format != "parquet":
-        return pa.schema([])
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda path: _probe_jsonl(shards, path), shards.files))
+        return None
 
     def footer(path: str) -> pa.Schema:
         try:
@@ -127,19 +131,102 @@ def check_schema(shards: Shards, cfg: InputConfig) -> pa.Schema:
     return expected
 
 
-def count_rows(shards: Shards) -> int:
-    """Rows in the input, counted independently of the pipeline (footers / non-blank lines)."""
+def _probe_jsonl(shards: Shards, path: str) -> None:
+    """Fail early on a JSONL shard that cannot be opened or decompressed at all."""
+    try:
+        with open_shard(shards, path) as f:
+            f.read(1024)
+    except Exception as e:  # noqa: BLE001 - any failure here means the shard is unreadable
+        raise InputError(f"{path}: not a readable JSONL file ({type(e).__name__}: {e})") from None
+
+
+def open_shard(shards: Shards, path: str):
+    """A binary file object for one shard (JSONL decompressed by extension)."""
+    return shards.fs.open(path, "rb", compression=None if shards.format == "parquet" else "infer")
+
+
+@dataclass(frozen=True)
+class InputScan:
+    """What a pass over the input found, independently of the pipeline run."""
+
+    rows: int
+    duplicates: dict[str, dict[int, str]]  # relative shard -> row -> where that id was seen first
+
+
+def scan_input(shards: Shards, id_columns: list[str], cpus: float) -> InputScan:
+    """Count input rows (footers / non-blank lines) and, with ``id_columns``, find duplicate ids.
+
+    One Ray task per shard reads only the id columns and returns a 16-byte hash per row; the
+    driver keeps the first occurrence in (shard, row) order and marks later ones. Its memory
+    is ~24 bytes per input row, only when ``input.reject_duplicate_ids`` is on.
+    """
     import ray
 
-    @ray.remote(num_cpus=0.1)
-    def count(path: str) -> int:
-        if shards.format == "parquet":
-            with shards.fs.open(path, "rb") as f:
-                return pq.read_metadata(f).num_rows
-        with shards.fs.open(path, "rb", compression="infer") as f:
-            return sum(1 for line in f if line.strip())
+    @ray.remote(num_cpus=cpus)
+    def scan(path: str) -> tuple[int, np.ndarray, np.ndarray]:
+        with open_shard(shards, path) as f:
+            if not id_columns:
+                if shards.format == "parquet":
+                    return pq.ParquetFile(f).metadata.num_rows, np.empty(0, np.int64), np.empty(0, "V16")
+                return sum(1 for line in f if line.strip()), np.empty(0, np.int64), np.empty(0, "V16")
+            count, rows, digests = 0, [], []
+            for row, record, _ in read_records(f, shards.format, id_columns):
+                count += 1
+                ids = tuple(record.get(c) for c in id_columns) if record else (None,)
+                if any(v is not None for v in ids):
+                    rows.append(row)
+                    digests.append(hashlib.blake2b(repr(ids).encode(), digest_size=16).digest())
+        return count, np.array(rows, np.int64), np.frombuffer(b"".join(digests), "V16")
 
-    return sum(ray.get([count.remote(p) for p in shards.files]))
+    results = ray.get([scan.remote(p) for p in shards.files])
+    total = sum(count for count, _, _ in results)
+    digests = np.concatenate([d for _, _, d in results])
+    if not len(digests):
+        return InputScan(total, {})
+    rows = np.concatenate([r for _, r, _ in results])
+    shard = np.concatenate([np.full(len(r), i) for i, (_, r, _) in enumerate(results)])
+    _, first, inverse, counts = np.unique(digests, return_index=True, return_inverse=True, return_counts=True)
+    later = counts[inverse] > 1
+    later[first] = False
+    duplicates: dict[str, dict[int, str]] = {}
+    for k in np.flatnonzero(later):
+        origin = first[inverse[k]]
+        where = f"{shards.relative(shards.files[shard[origin]])}:{rows[origin]}"
+        duplicates.setdefault(shards.relative(shards.files[shard[k]]), {})[int(rows[k])] = where
+    return InputScan(total, duplicates)
+
+
+def read_records(f, fmt: str, columns: list[str]) -> Iterator[Record]:
+    """Every row of one shard: Parquet projected to ``columns``; JSONL line by line, tolerant."""
+    if fmt == "parquet":
+        row = 0
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+            for record in batch.to_pylist():
+                yield row, record, None
+                row += 1
+        return
+    line_no, pending = 0, b""
+    while chunk := f.read(1 << 22):
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            line_no += 1
+            if line.strip():
+                yield _parse_line(line_no, line)
+    if pending.strip():
+        yield _parse_line(line_no + 1, pending)
+
+
+def _parse_line(line_no: int, line: bytes) -> Record:
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError as e:
+        return line_no, None, (Reason.INVALID_UTF8, str(e))
+    except ValueError as e:
+        return line_no, None, (Reason.MALFORMED_JSON, str(e))
+    if not isinstance(record, dict):
+        return line_no, None, (Reason.MALFORMED_JSON, f"a JSON {type(record).__name__}, not an object")
+    return line_no, record, None
 
 
 def check_text(value: Any, max_bytes: int) -> tuple[str | None, Reason | None, str | None]:
@@ -163,12 +250,13 @@ def check_text(value: Any, max_bytes: int) -> tuple[str | None, Reason | None, s
 class ShardDatasource(FileBasedDatasource):
     """Streams Parquet (projected row batches) or JSONL (line by line, tolerant) shards."""
 
-    def __init__(self, shards: Shards, cfg: InputConfig, filesystem):
+    def __init__(self, shards: Shards, cfg: InputConfig, filesystem, duplicates: dict[str, dict[int, str]]):
         super().__init__(shards.files, filesystem=filesystem)
         self._shards_root = shards.root
         self._format = shards.format
         self._passthrough = shards.passthrough
         self._cfg = cfg
+        self._duplicates = duplicates
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         if self._format == "parquet":  # Parquet needs random access for its footer.
@@ -177,9 +265,8 @@ class ShardDatasource(FileBasedDatasource):
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         relative = posixpath.relpath(path, self._shards_root) if self._shards_root else posixpath.basename(path)
-        records = self._parquet_records(f) if self._format == "parquet" else self._jsonl_records(f)
         batch: list[Record] = []
-        for item in records:
+        for item in read_records(f, self._format, self._columns()):
             batch.append(item)
             if len(batch) == READ_BATCH_ROWS:
                 yield self._block(relative, batch)
@@ -191,43 +278,14 @@ class ShardDatasource(FileBasedDatasource):
         cols = [self._cfg.text_column, self._cfg.text_pair_column, *self._passthrough]
         return list(dict.fromkeys(c for c in cols if c))
 
-    def _parquet_records(self, f) -> Iterator[Record]:
-        row = 0
-        for record_batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH_ROWS, columns=self._columns()):
-            for record in record_batch.to_pylist():
-                yield row, record, None
-                row += 1
-
-    def _jsonl_records(self, f) -> Iterator[Record]:
-        line_no = 0
-        pending = b""
-        while chunk := f.read(1 << 22):
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()
-            for line in lines:
-                line_no += 1
-                if line.strip():
-                    yield self._parse_line(line_no, line)
-        if pending.strip():
-            yield self._parse_line(line_no + 1, pending)
-
-    @staticmethod
-    def _parse_line(line_no: int, line: bytes) -> Record:
-        try:
-            record = json.loads(line)
-        except UnicodeDecodeError as e:
-            return line_no, None, (Reason.INVALID_UTF8, str(e))
-        except ValueError as e:
-            return line_no, None, (Reason.MALFORMED_JSON, str(e))
-        if not isinstance(record, dict):
-            return line_no, None, (Reason.MALFORMED_JSON, f"a JSON {type(record).__name__}, not an object")
-        return line_no, record, None
-
     def _block(self, relative: str, items: list[Record]) -> pa.Table:
         cfg = self._cfg
         columns: dict[str, list] = {c: [] for c in self._passthrough}
         generated_ids, rows, texts, pairs, errors, details = [], [], [], [], [], []
+        duplicates = self._duplicates.get(relative, {})
         for row, record, parse_error in items:
+            if row in duplicates:
+                parse_error = (Reason.DUPLICATE_ID, f"id already at {duplicates[row]}")
             rows.append(row)
             generated_ids.append(f"{relative}:{row}")
             record = record or {}
