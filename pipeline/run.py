@@ -50,9 +50,11 @@ class Pools:
         )
 
 
-def size_pools(cfg: JobConfig, cpus: float, gpus: float) -> Pools:
+def size_pools(cfg: JobConfig, cpus: float, gpus: float, node_cpus: float | None = None) -> Pools:
     """Size the pools for a cluster with ``cpus``/``gpus`` so reads always keep a CPU share.
 
+    ``node_cpus`` (the largest node's CPUs, default ``cpus``) caps what one actor may
+    reserve, since an actor lives on one node.
     Ray Data deadlocks when actors reserve every CPU, since read tasks need one too; a
     configuration that would do so is refused here, before anything starts.
     """
@@ -63,9 +65,11 @@ def size_pools(cfg: JobConfig, cpus: float, gpus: float) -> Pools:
     tok = tokenize.pool.bounds
     tok_cpus = tokenize.pool.num_cpus or (1.0 if num_gpus else TOKENIZE_CPUS)
     spare = cpus - READ_CPUS - tok[1] * tok_cpus
-    infer_cpus = inference.pool.num_cpus or (1.0 if num_gpus else round(spare / infer[1], 2))
+    node_cpus = node_cpus or cpus
+    per_node = node_cpus - READ_CPUS - (tok_cpus if node_cpus == cpus else 0)
+    infer_cpus = inference.pool.num_cpus or (1.0 if num_gpus else round(min(spare / infer[1], per_node), 2))
     needed = READ_CPUS + tok[1] * tok_cpus + infer[1] * infer_cpus
-    if infer_cpus <= 0 or needed > cpus + 1e-6:
+    if infer_cpus <= 0 or needed > cpus + 1e-6 or max(infer_cpus, tok_cpus) > node_cpus:
         raise ConfigError(
             f"the actor pools reserve {needed - READ_CPUS:g} of {cpus:g} CPUs and leave less than {READ_CPUS} for "
             "read tasks, so the pipeline would deadlock. Lower tokenize.pool / inference.pool sizes or num_cpus"
@@ -139,8 +143,11 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None) -> Plan:
-    """Validate everything that can be checked without running inference; see the module docstring."""
+def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None, node_cpus: float | None = None) -> Plan:
+    """Validate everything that can be checked without running inference; see the module docstring.
+
+    Pools are sized for the given cluster, or for this machine when none is given.
+    """
     if cpus is None:
         import torch
 
@@ -157,7 +164,7 @@ def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None) -
         raise ConfigError(
             f"output.path {cfg.output.path} already holds a finished run; choose a new path or set output.mode: overwrite"
         )
-    return Plan(cfg, shards, passthrough_schema, model, size_pools(cfg, cpus, gpus or 0.0), out_root)
+    return Plan(cfg, shards, passthrough_schema, model, size_pools(cfg, cpus, gpus or 0.0, node_cpus), out_root)
 
 
 def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
@@ -178,7 +185,8 @@ def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
     if not ray.is_initialized():
         ray.init()
     resources = ray.cluster_resources()
-    job = plan(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
+    node_cpus = max(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"])
+    job = plan(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0), node_cpus)
     shards = replace(job.shards, files=files) if files is not None else job.shards
     started = time.time()
     out_fs, out_root = filesystem(cfg.output.path, cfg.storage)

@@ -25,7 +25,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.data.datasource import FileBasedDatasource
+from ray.data.datasource import DefaultFileMetadataProvider, FileBasedDatasource
 
 from pipeline import schema as S
 from pipeline.config import InputConfig
@@ -50,6 +50,7 @@ class Shards:
 
     root: str  # ids are file paths relative to this
     files: list[str]
+    sizes: dict[str, int]  # from the one listing; read tasks reuse it instead of listing again
     format: str
     passthrough: list[str]  # columns copied to the output unchanged
     fs: fsspec.AbstractFileSystem
@@ -69,15 +70,17 @@ def infer_format(path: str) -> str:
 def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthrough: list[str]) -> Shards:
     """List the shards under ``path`` (file, directory or glob), skipping ``_``/``.`` names."""
     if globlib.has_magic(path):
-        files = sorted(fs.glob(path))
+        listing = fs.glob(path, detail=True)
         root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
     elif fs.isdir(path):
-        files = sorted(fs.find(path))
+        listing = fs.find(path, detail=True)
         root = path.rstrip("/")
     elif fs.isfile(path):
-        files, root = [path], posixpath.dirname(path)
+        listing, root = {path: fs.info(path)}, posixpath.dirname(path)
     else:
         raise InputError(f"input.path {cfg.path} does not exist")
+    sizes = {name: info["size"] for name, info in listing.items() if info["type"] == "file"}
+    files = sorted(sizes)
     files = [f for f in files if not any(part[:1] in "_." for part in posixpath.relpath(f, root).split("/"))]
     if not files:
         raise InputError(f"input.path {cfg.path} holds no input files")
@@ -86,7 +89,7 @@ def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthr
     files = [f for f in files if f.endswith(wanted)]
     if not files:
         raise InputError(f"input.path {cfg.path} holds no {fmt} files")
-    return Shards(root=root, files=files, format=fmt, passthrough=passthrough, fs=fs)
+    return Shards(root=root, files=files, sizes={f: sizes[f] for f in files}, format=fmt, passthrough=passthrough, fs=fs)
 
 
 def check_schema(shards: Shards, cfg: InputConfig) -> pa.Schema | None:
@@ -247,11 +250,22 @@ def check_text(value: Any, max_bytes: int) -> tuple[str | None, Reason | None, s
     return value, None, None
 
 
+class ListedFiles(DefaultFileMetadataProvider):
+    """Hands Ray Data the driver's one listing of the shards instead of listing them again."""
+
+    def __init__(self, sizes: dict[str, int]):
+        self.sizes = sizes
+
+    def expand_paths(self, paths: list[str], filesystem, partitioning=None, ignore_missing_paths=False):
+        for path in paths:
+            yield path, self.sizes.get(path)
+
+
 class ShardDatasource(FileBasedDatasource):
     """Streams Parquet (projected row batches) or JSONL (line by line, tolerant) shards."""
 
     def __init__(self, shards: Shards, cfg: InputConfig, filesystem, duplicates: dict[str, dict[int, str]]):
-        super().__init__(shards.files, filesystem=filesystem)
+        super().__init__(shards.files, filesystem=filesystem, meta_provider=ListedFiles(shards.sizes))
         self._shards_root = shards.root
         self._format = shards.format
         self._passthrough = shards.passthrough
