@@ -218,7 +218,6 @@ def actor_tokenizer(resolved: ResolvedModel):
 
 def load_model(resolved: ResolvedModel, device: str, dtype: str):
     """Load the task's AutoModelFor* in eval mode; refuse checkpoints with missing weights."""
-    import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     auto = {
@@ -226,15 +225,19 @@ def load_model(resolved: ResolvedModel, device: str, dtype: str):
         "token-classification": AutoModelForTokenClassification,
         "embedding": AutoModel,
     }[resolved.task]
-    model, info = auto.from_pretrained(
-        local_path(resolved),
+    kwargs = dict(
         revision=resolved.revision,
         dtype=torch_dtype(dtype, device),
         use_safetensors=None if resolved.allow_pickle else True,
         trust_remote_code=resolved.trust_remote_code,
         output_loading_info=True,
     )
-    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+    try:  # fused scaled-dot-product attention where the architecture supports it
+        model, info = auto.from_pretrained(local_path(resolved), attn_implementation="sdpa", **kwargs)
+    except (ValueError, ImportError):
+        model, info = auto.from_pretrained(local_path(resolved), **kwargs)
+    unused = ("position_ids", "pooler") if resolved.task == "embedding" else ("position_ids",)
+    missing = [k for k in info.get("missing_keys", []) if not any(u in k for u in unused)]
     if missing:
         raise CheckpointError(f"{resolved.source} lacks weights for {missing[:5]}: they would be random")
     return model.to(device).eval()

@@ -91,8 +91,10 @@ class InferenceConfig(_Strict):
     batch_size: int = Field(
         512, gt=0, description="Rows per model-actor call; rows are sorted by length within each call."
     )
-    max_tokens_per_batch: int = Field(
-        16384, gt=0, description="Token budget per forward pass: rows x padded length of each micro-batch."
+    max_tokens_per_batch: int | Literal["auto"] = Field(
+        "auto",
+        description="Token budget per forward pass (rows x padded length of each micro-batch). auto: sized from "
+        "free GPU memory on CUDA, 16384 on CPU.",
     )
     min_padding_efficiency: float = Field(
         0.9,
@@ -154,6 +156,9 @@ class FaultConfig(_Strict):
         None, gt=0, description="A model actor's first incarnation calls os._exit after this many batches."
     )
     delay_s: float = Field(0, ge=0, description="Sleep this long in every model-actor call.")
+    oom_above_rows: int | None = Field(
+        None, gt=0, description="Raise CUDA OOM for micro-batches of more rows (exercises split-and-retry on CPU)."
+    )
     crash_after_commit: bool = Field(
         False, description="jobs.nightly: the driver exits right after committing its ledger, before publishing."
     )

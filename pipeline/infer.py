@@ -47,6 +47,22 @@ def micro_batches(sorted_lengths: np.ndarray, max_tokens: int, min_efficiency: f
         start = stop
 
 
+CPU_TOKEN_BUDGET = 16384  # on CPU, bigger micro-batches stop paying off long before memory matters
+
+
+def token_budget(config, max_length: int, free_bytes: int | None, element_bytes: int) -> int:
+    """Tokens per forward pass that fit in ``free_bytes`` (None: CPU default).
+
+    Peak activation memory per token in one encoder layer, inference only: hidden states,
+    Q/K/V/output projections and the FFN intermediate, plus one attention-score row per
+    head; half the free memory is used, the rest is headroom for the allocator.
+    """
+    if free_bytes is None:
+        return CPU_TOKEN_BUDGET
+    per_token = (6 * config.hidden_size + config.intermediate_size + config.num_attention_heads * max_length) * element_bytes
+    return int(min(1 << 20, max(max_length, free_bytes // 2 // per_token)))
+
+
 def ragged_rows(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """(flat values, offsets) of a list column, so row ``i`` is ``flat[offsets[i]:offsets[i + 1]]``."""
     array = column.combine_chunks()
@@ -79,7 +95,7 @@ class InferWorker:
         model: ResolvedModel,
         output: OutputConfig,
         dtype: str,
-        max_tokens_per_batch: int,
+        max_tokens_per_batch: int | str,
         min_padding_efficiency: float,
         num_threads: int,
         progress,
@@ -96,7 +112,12 @@ class InferWorker:
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.model = load_model(model, self.device, dtype)
         self.head = make_head(model, output)
-        self.max_tokens = max_tokens_per_batch
+        free = torch.cuda.mem_get_info()[0] if self.device == "cuda" else None
+        self.max_tokens = (
+            max_tokens_per_batch
+            if max_tokens_per_batch != "auto"
+            else token_budget(self.model.config, model.max_length, free, self.model.dtype.itemsize)
+        )
         self.min_efficiency = min_padding_efficiency
         self.types = S.output_schema(
             model.task,
@@ -126,9 +147,9 @@ class InferWorker:
 
         results: dict[str, list] = {}
         padded = np.zeros(len(rows), dtype=np.int32)
-        for part in micro_batches(lengths[order], self.max_tokens, self.min_efficiency):
-            picked = rows[order[part]]
-            for name, values in self._run(columns, texts, picked).items():
+        parts = list(micro_batches(lengths[order], self.max_tokens, self.min_efficiency))
+        for part, columns_out in zip(parts, self._forward_all(columns, texts, [rows[order[p]] for p in parts])):
+            for name, values in columns_out.items():
                 results.setdefault(name, []).append(values)
             padded[order[part]] = lengths[order[part]].max()
 
@@ -148,23 +169,37 @@ class InferWorker:
         self.progress.beat.remote("infer", batch.num_rows)
         return batch.append_column(S.ACTOR, pa.array([self.process] * batch.num_rows, pa.string()))
 
-    def _run(self, columns: dict, texts: list | None, picked: np.ndarray) -> dict:
-        """Forward one micro-batch (rows ``picked``); split it in two on CUDA OOM."""
-        try:
-            inputs, context = self._inputs(columns, texts, picked)
-            with torch.inference_mode():
-                outputs = self.model(**inputs, output_hidden_states=self.head.needs_hidden_states)
-                return self.head(outputs, inputs["attention_mask"], context)
-        except torch.cuda.OutOfMemoryError:
-            if len(picked) == 1:
-                raise
-            torch.cuda.empty_cache()
-            half = len(picked) // 2
-            first, second = self._run(columns, texts, picked[:half]), self._run(columns, texts, picked[half:])
-            return {
-                k: np.concatenate([first[k], second[k]]) if isinstance(first[k], np.ndarray) else first[k] + second[k]
-                for k in first
-            }
+    def _forward_all(self, columns: dict, texts: list | None, parts: list[np.ndarray]) -> Iterator[dict]:
+        """Head outputs per micro-batch. While the device runs one micro-batch (CUDA kernels are
+        asynchronous), the CPU pads and pins the next; the head's copy to the CPU syncs."""
+        upcoming = self._inputs(columns, texts, parts[0]) if parts else None
+        for i, picked in enumerate(parts):
+            inputs, context = upcoming
+            following = parts[i + 1] if i + 1 < len(parts) else None
+            try:
+                with torch.inference_mode():
+                    if self.faults.oom_above_rows and len(picked) > self.faults.oom_above_rows:
+                        raise torch.cuda.OutOfMemoryError("injected by faults.oom_above_rows")
+                    outputs = self.model(**inputs, output_hidden_states=self.head.needs_hidden_states)
+                    upcoming = self._inputs(columns, texts, following) if following is not None else None
+                    result = self.head(outputs, inputs["attention_mask"], context)
+            except torch.cuda.OutOfMemoryError:
+                del inputs, context
+                torch.cuda.empty_cache()
+                result = self._split(columns, texts, picked)
+                upcoming = self._inputs(columns, texts, following) if following is not None else None
+            yield result
+
+    def _split(self, columns: dict, texts: list | None, picked: np.ndarray) -> dict:
+        """Forward ``picked`` in two halves (recursively) after a CUDA OOM."""
+        if len(picked) == 1:
+            raise torch.cuda.OutOfMemoryError("a single row does not fit in GPU memory; lower model.max_length")
+        halves = [picked[: len(picked) // 2], picked[len(picked) // 2 :]]
+        first, second = (next(self._forward_all(columns, texts, [half])) for half in halves)
+        return {
+            k: np.concatenate([first[k], second[k]]) if isinstance(first[k], np.ndarray) else first[k] + second[k]
+            for k in first
+        }
 
     def _inputs(self, columns: dict, texts: list | None, picked: np.ndarray) -> tuple[dict, dict]:
         """Padded tensors for rows ``picked`` (to their own longest row) plus head context."""
