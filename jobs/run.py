@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from pipeline.checkpoint import CheckpointError
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, config_reference, load_config
 from pipeline.run import plan, run_job
 from pipeline.source import InputError
 from pipeline.storage import StorageError
@@ -23,11 +23,22 @@ USER_ERRORS = (ConfigError, CheckpointError, InputError, StorageError)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML job config (see README: Config reference)")
+    parser.add_argument("--config", help="YAML job config (see README: Config reference)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set model.dtype=bfloat16 (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
-    return parser.parse_args(argv)
+    parser.add_argument("--config-reference", action="store_true", help="print every config key as Markdown")
+    args = parser.parse_args(argv)
+    if not args.config and not args.config_reference:
+        parser.error("--config is required")
+    return args
+
+
+def reference_table() -> str:
+    """The README's config reference, from the pydantic field descriptions."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{key}` | `{default}` | {text} |" for key, default, text in config_reference()]
+    return "\n".join(lines)
 
 
 def summary(manifest: dict) -> str:
@@ -50,6 +61,9 @@ def summary(manifest: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.config_reference:
+        print(reference_table())
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:

@@ -1,8 +1,8 @@
 """Job configuration: one YAML file, validated by pydantic, overridable with ``--set``.
 
 Every key is documented by its ``Field(description=...)``; the README's config
-reference is generated from the same descriptions (``python -m jobs.run --describe``).
-Unknown keys are rejected with the key named.
+reference is generated from the same descriptions (``config_reference``, printed by
+``python -m jobs.run --config-reference``). Unknown keys are rejected with the key named.
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ class StorageConfig(_Strict):
         default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
         description="S3-compatible endpoint (MinIO, Ceph, R2). Default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL "
         "as seen by the driver (actors get the resolved value), else AWS.",
+        json_schema_extra={"documented_default": "$AWS_ENDPOINT_URL"},
     )
     region: str | None = Field(None, description="S3 region. Default: the AWS chain's.")
     anon: bool = Field(False, description="Anonymous access to public buckets.")
@@ -202,6 +203,24 @@ class JobConfig(_Strict):
         )
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def config_reference(model: type[BaseModel] = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) for every config key, sections flattened to dotted keys."""
+    rows = []
+    for name, field in (model or JobConfig).model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += config_reference(annotation, f"{key}.")
+            continue
+        documented = (field.json_schema_extra or {}).get("documented_default")
+        if field.is_required():
+            default = "required"
+        else:
+            default = documented or json.dumps(field.get_default(call_default_factory=True), default=str)
+        rows.append((key, default, field.description or ""))
+    return rows
 
 
 class ConfigError(ValueError):
