@@ -198,6 +198,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
 
     pools, execution = job.pools, cfg.execution
     progress = Progress.remote()
+    # Ray 2.60 has no named parameter for these yet (it warns that ray_remote_args are deprecated).
     retries = {"max_restarts": execution.max_actor_restarts, "max_task_retries": execution.max_task_retries}
     ds = ray.data.read_datasource(ShardDatasource(shards, cfg.input, arrow_filesystem(shards.fs), scan.duplicates), num_cpus=READ_CPUS)
     ds = ds.map_batches(

