@@ -137,6 +137,7 @@ class InferWorker:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self._inject_faults()
+        started = time.perf_counter()
         valid = pc.is_null(batch[S.ERROR]).to_numpy(zero_copy_only=False)
         rows = np.flatnonzero(valid)
         columns = {c: ragged_rows(batch[c]) for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS) if c in batch.column_names}
@@ -166,7 +167,7 @@ class InferWorker:
             batch = batch.append_column(field.name, to_arrow(ordered, valid, field.type))
         batch = batch.append_column(S.PADDED_TOKENS, to_arrow(padded, valid, pa.int32()))
         batch = batch.append_column(S.NODE, pa.array([self.node] * batch.num_rows, pa.string()))
-        self.progress.beat.remote("infer", batch.num_rows)
+        self.progress.beat.remote("infer", batch.num_rows, time.perf_counter() - started)
         return batch.append_column(S.ACTOR, pa.array([self.process] * batch.num_rows, pa.string()))
 
     def _forward_all(self, columns: dict, texts: list | None, parts: list[np.ndarray]) -> Iterator[dict]:

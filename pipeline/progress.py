@@ -21,15 +21,25 @@ class StallError(RuntimeError):
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class Progress:
+    """Per stage: rows done, time of the last beat, and seconds workers spent busy."""
+
     def __init__(self):
-        self.stages: dict[str, tuple[int, float]] = {}
+        self.stages: dict[str, tuple[int, float, float]] = {}
 
-    def beat(self, stage: str, rows: int) -> None:
-        done, _ = self.stages.get(stage, (0, 0.0))
-        self.stages[stage] = (done + rows, time.time())
+    def beat(self, stage: str, rows: int, busy_s: float = 0.0) -> None:
+        done, _, busy = self.stages.get(stage, (0, 0.0, 0.0))
+        self.stages[stage] = (done + rows, time.time(), busy + busy_s)
 
-    def snapshot(self) -> dict[str, tuple[int, float]]:
+    def snapshot(self) -> dict[str, tuple[int, float, float]]:
         return dict(self.stages)
+
+
+def stage_throughput(snapshot: dict[str, tuple[int, float, float]]) -> dict[str, dict]:
+    """Rows per busy second of one worker, per stage: what sizing a cluster needs (README: cluster shape)."""
+    return {
+        stage: {"rows": rows, "busy_s": round(busy, 3), "rows_per_worker_s": round(rows / busy, 1) if busy else None}
+        for stage, (rows, _, busy) in sorted(snapshot.items())
+    }
 
 
 class Watchdog:
@@ -53,15 +63,15 @@ class Watchdog:
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             stages = ray.get(self.progress.snapshot.remote())
-            last = max([t for _, t in stages.values()] + [self._started])
+            last = max([t for _, t, _ in stages.values()] + [self._started])
             if time.time() - last > self.timeout_s:
                 self.diagnosis = self._diagnose(stages)
                 _thread.interrupt_main()
                 return
 
-    def _diagnose(self, stages: dict[str, tuple[int, float]]) -> str:
+    def _diagnose(self, stages: dict[str, tuple[int, float, float]]) -> str:
         now = time.time()
-        seen = ", ".join(f"{s}: {rows} rows, last {now - t:.0f}s ago" for s, (rows, t) in sorted(stages.items()))
+        seen = ", ".join(f"{s}: {rows} rows, last {now - t:.0f}s ago" for s, (rows, t, _) in sorted(stages.items()))
         return (
             f"no stage made progress for {self.timeout_s:g}s (execution.stall_timeout_s). "
             f"Progress so far: {seen or 'none'}. Cluster resources free: {ray.available_resources()}. "

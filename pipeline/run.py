@@ -176,7 +176,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
     import ray
 
     from pipeline.infer import InferWorker
-    from pipeline.progress import Progress, StallError, Watchdog
+    from pipeline.progress import Progress, StallError, Watchdog, stage_throughput
     from pipeline.sink import ParquetSink, evaluation, publish
     from pipeline.source import ShardDatasource
     from pipeline.storage import arrow_filesystem
@@ -243,6 +243,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
     try:
         with watchdog:
             ds.write_datasink(sink)
+        stages = stage_throughput(ray.get(progress.snapshot.remote()))
     except KeyboardInterrupt:
         if watchdog.diagnosis is None:
             raise
@@ -271,6 +272,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
         "files": sorted(stats.files),
         "rows_by_node": dict(stats.rows_by_node),
         "rows_by_actor_process": dict(stats.rows_by_actor),
+        "stages": stages,
         "model": job.metadata(),
         "pools": pools.describe(),
         "config": cfg.public_dict(),

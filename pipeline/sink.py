@@ -9,6 +9,7 @@ stats. ``on_write_complete`` sums them on the driver. ``publish`` writes
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -118,6 +119,7 @@ class ParquetSink(Datasink[WriteStats]):
         data = rejected = None
         stats = WriteStats()
         for block in blocks:
+            started = time.perf_counter()
             table = BlockAccessor.for_block(block).to_arrow()
             if data is None:
                 schema, rejected_schema = self._schemas(table)
@@ -132,7 +134,7 @@ class ParquetSink(Datasink[WriteStats]):
                 rejected.write(_rejected_rows(bad, rejected.schema))
                 stats.rows_rejected += bad.num_rows
                 stats.rejected_by_reason.update(bad[S.ERROR].to_pylist())
-            self.progress.beat.remote("write", table.num_rows)
+            self.progress.beat.remote("write", table.num_rows, time.perf_counter() - started)
         if data is not None:
             stats.files = [name] if data.close() else []
             rejected.close()

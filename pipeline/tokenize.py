@@ -8,6 +8,8 @@ Text is dropped here unless the token-classification head needs it for entity sp
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,6 +38,7 @@ class TokenizeWorker:
         self.offsets = model.task == "token-classification"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         n = batch.num_rows
         valid = pc.is_null(batch[S.ERROR]).to_numpy(zero_copy_only=False)
         texts = batch[S.TEXT].filter(valid).to_pylist()
@@ -69,5 +72,5 @@ class TokenizeWorker:
             ]
             batch = batch.append_column(S.OFFSETS, ragged(flat, valid, n))
         batch = batch.append_column(S.NUM_TOKENS, pa.array(num_tokens))
-        self.progress.beat.remote("tokenize", n)
+        self.progress.beat.remote("tokenize", n, time.perf_counter() - started)
         return batch.append_column(S.TRUNCATED, pa.array(truncated))

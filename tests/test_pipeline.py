@@ -119,6 +119,7 @@ def test_sequence_classification_matches_forward_pass(ray_session, tiny_models, 
     metadata = json.loads(pq.read_schema(next((tmp_path / "out").glob("part-*.parquet"))).metadata[S.METADATA_KEY])
     assert metadata["task"] == "sequence-classification" and len(metadata["config_hash"]) == 16
     assert (tmp_path / "out" / S.SUCCESS).exists() and manifest["padding_efficiency"] >= 0.85
+    assert manifest["stages"]["tokenize"]["rows"] == 600 and manifest["stages"]["infer"]["rows_per_worker_s"] > 0
 
     source = read_rows(parquet_shards, "text")
     id2label = AutoModelForSequenceClassification.from_pretrained(model_dir).config.id2label

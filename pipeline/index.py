@@ -1,0 +1,233 @@
+"""Nearest-neighbour search over an embedding output: an ANN index next to its Parquet, and an exact fallback.
+
+``build_index`` reads the id columns and ``embedding`` of every part of a finished embedding output,
+L2-normalises the vectors (a no-op for ``output.embedding.normalize: true``; otherwise it turns inner
+product into cosine) and writes::
+
+    <output>/_index/index.faiss   the index; its row i is row i of ids.parquet
+    <output>/_index/ids.parquet   the id columns, in index order (parts sorted by name, rows in file order)
+    <output>/_index/index.json    IndexInfo: kind, metric, params, dim, rows, parts, embedding metadata; last
+
+``search`` answers from the index, or by brute force over the parts when ``exact=True`` or there is no
+index. Scores are cosine similarities. This is the only module that knows the index library.
+
+Library: faiss-cpu, HNSW with 32 links per vector and float32 vectors (``HNSW32,Flat``).
+FILLED IN BELOW FROM THE BENCHMARK.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import schema as S
+from pipeline.config import StorageConfig
+from pipeline.storage import filesystem, join
+
+INDEX_DIR = "_index"
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.parquet"
+INFO_FILE = "index.json"  # written last: an index without it is incomplete and ignored
+QUERY = "query"  # hits column: position of the query vector the hit answers
+
+KIND = "hnsw"
+METRIC = "inner_product"
+FACTORY = "HNSW32,Flat"  # faiss index_factory string
+BUILD_PARAMS = {"efConstruction": 80}
+SEARCH_PARAMS = {"efSearch": 64}  # raised to k when k is larger
+
+
+class SearchError(ValueError):
+    """An output or index that cannot serve the request; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """The contents of ``_index/index.json``: what the index holds and what it was built from."""
+
+    kind: str
+    metric: str
+    params: dict[str, Any]
+    dim: int
+    rows: int
+    parts: list[str]  # part files it was built from, in row order: a different listing means it is stale
+    embedding: dict[str, Any]  # the output's file-level metadata (pipeline.schema.METADATA_KEY)
+    build_s: float
+
+
+@dataclass(frozen=True)
+class EmbeddingOutput:
+    """A finished embedding output: its parts in row order, id columns, vector size and metadata."""
+
+    fs: fsspec.AbstractFileSystem
+    root: str
+    parts: list[str]  # file names relative to root
+    id_columns: list[str]
+    dim: int
+    metadata: dict[str, Any]
+
+    def read(self) -> Iterator[tuple[pa.Table, np.ndarray]]:
+        """``(id columns, L2-normalised float32 vectors)`` of each part, in order."""
+        expected = json.dumps(self.metadata, sort_keys=True)
+        for name in self.parts:
+            with self.fs.open(join(self.root, name), "rb") as f:
+                table = pq.read_table(f, columns=[*self.id_columns, S.EMBEDDING])
+            if json.dumps(_metadata(table.schema), sort_keys=True) != expected:
+                raise SearchError(f"{name} was written by another model or config than {self.parts[0]}")
+            flat = table[S.EMBEDDING].combine_chunks().flatten().to_numpy()
+            yield table.select(self.id_columns).replace_schema_metadata(), _normalized(flat.reshape(-1, self.dim))
+
+
+def _metadata(schema: pa.Schema) -> dict[str, Any]:
+    return json.loads((schema.metadata or {}).get(S.METADATA_KEY, b"{}"))
+
+
+def _normalized(vectors: np.ndarray) -> np.ndarray:
+    """A float32 copy of ``vectors`` (one per row) scaled to unit L2 norm; zero rows stay zero."""
+    import faiss
+
+    vectors = np.array(vectors, dtype=np.float32, ndmin=2)
+    faiss.normalize_L2(vectors)
+    return vectors
+
+
+def open_output(output_path: str, storage: StorageConfig | None = None) -> EmbeddingOutput:
+    """The finished embedding output at ``output_path``; ``SearchError`` for anything else."""
+    fs, root = filesystem(output_path, storage)
+    if not fs.exists(join(root, S.SUCCESS)):
+        raise SearchError(f"{output_path} holds no finished run (no {S.SUCCESS}): run the embedding job first")
+    parts = sorted(posixpath.basename(p) for p in fs.glob(join(root, "part-*.parquet")))
+    if not parts:
+        raise SearchError(f"{output_path} holds no part-*.parquet files: every input row was rejected")
+    with fs.open(join(root, parts[0]), "rb") as f:
+        schema = pq.read_schema(f)
+    metadata = _metadata(schema)
+    if metadata.get("task") != "embedding":
+        raise SearchError(
+            f"{output_path} holds {metadata.get('task', 'unknown')} output, not embeddings: "
+            "search needs a job run with model.task: embedding"
+        )
+    names = schema.names
+    dim = schema.field(S.EMBEDDING).type.list_size
+    return EmbeddingOutput(fs, root, parts, names[: names.index(S.NUM_TOKENS)], dim, metadata)
+
+
+def build_index(output_path: str, storage: StorageConfig | None = None) -> IndexInfo:
+    """Build ``<output>/_index/`` for the embedding output at ``output_path``, replacing any older one."""
+    import faiss
+
+    started = time.perf_counter()
+    output = open_output(output_path, storage)
+    index = faiss.index_factory(output.dim, FACTORY, faiss.METRIC_INNER_PRODUCT)
+    _set_params(index, BUILD_PARAMS)
+    ids = []
+    for part_ids, vectors in output.read():
+        index.add(vectors)
+        ids.append(part_ids)
+    info = IndexInfo(
+        kind=KIND,
+        metric=METRIC,
+        params={"library": f"faiss {faiss.__version__}", "factory": FACTORY, **BUILD_PARAMS, **SEARCH_PARAMS},
+        dim=output.dim,
+        rows=index.ntotal,
+        parts=output.parts,
+        embedding=output.metadata,
+        build_s=round(time.perf_counter() - started, 3),
+    )
+    fs, index_dir = output.fs, join(output.root, INDEX_DIR)
+    if fs.exists(index_dir):
+        fs.rm(index_dir, recursive=True)
+    with fs.open(join(index_dir, INDEX_FILE), "wb") as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+    with fs.open(join(index_dir, IDS_FILE), "wb") as f:
+        pq.write_table(pa.concat_tables(ids), f, compression="zstd")
+    with fs.open(join(index_dir, INFO_FILE), "w") as f:
+        json.dump(asdict(info), f, indent=2, sort_keys=True)
+    return info
+
+
+def load_info(output_path: str, storage: StorageConfig | None = None) -> IndexInfo | None:
+    """The ``index.json`` of the output's index; None when it has no (complete) index."""
+    fs, root = filesystem(output_path, storage)
+    path = join(root, INDEX_DIR, INFO_FILE)
+    if not fs.exists(path):
+        return None
+    with fs.open(path) as f:
+        return IndexInfo(**json.load(f))
+
+
+def search(
+    output_path: str,
+    queries: np.ndarray,
+    k: int = 10,
+    *,
+    exact: bool = False,
+    storage: StorageConfig | None = None,
+) -> pa.Table:
+    """The ``k`` rows most similar to each query vector, best first.
+
+    Columns: ``query`` (position in ``queries``), ``score`` (cosine similarity), then the output's id
+    columns. Uses ``_index/`` unless ``exact`` is set or there is none; then every row is scored.
+    Raises ``SearchError`` when the index is stale (the output's parts changed since it was built).
+    """
+    import faiss
+
+    output = open_output(output_path, storage)
+    queries = _normalized(queries)
+    if queries.shape[1] != output.dim:
+        raise SearchError(f"query vectors have {queries.shape[1]} dimensions, the embeddings {output.dim}")
+    info = None if exact else load_info(output_path, storage)
+    if info is None:
+        return _exact_search(output, queries, k)
+    if info.parts != output.parts:
+        raise SearchError(
+            f"the index of {output_path} is stale: built from {len(info.parts)} part(s), the output now has "
+            f"{len(output.parts)} different ones. Rebuild it (python -m jobs.index) or search exactly"
+        )
+    index_dir = join(output.root, INDEX_DIR)
+    with output.fs.open(join(index_dir, INDEX_FILE), "rb") as f:
+        index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
+    with output.fs.open(join(index_dir, IDS_FILE), "rb") as f:
+        ids = pq.read_table(f)
+    _set_params(index, {name: max(k, info.params[name]) for name in SEARCH_PARAMS})
+    scores, rows = index.search(queries, k)
+    return _hits(ids, rows, scores)
+
+
+def _set_params(index, params: dict[str, int]) -> None:
+    import faiss
+
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+
+
+def _exact_search(output: EmbeddingOutput, queries: np.ndarray, k: int) -> pa.Table:
+    """Brute force, one part at a time: each part's top ``k`` per query, then the best ``k`` of those."""
+    candidates = []
+    for ids, vectors in output.read():
+        scores = queries @ vectors.T
+        top = np.argpartition(-scores, min(k, len(ids)) - 1, axis=1)[:, :k]
+        candidates.append(_hits(ids, top, np.take_along_axis(scores, top, axis=1)))
+    hits = pa.concat_tables(candidates).sort_by([(QUERY, "ascending"), (S.SCORE, "descending")])
+    query = hits[QUERY].to_numpy()
+    rank = np.arange(len(query)) - np.searchsorted(query, query)  # position within the query's hits
+    return hits.filter(pa.array(rank < k))
+
+
+def _hits(ids: pa.Table, rows: np.ndarray, scores: np.ndarray) -> pa.Table:
+    """Hits from ``(queries, k)`` row positions into ``ids`` and their scores; positions < 0 (none) dropped."""
+    found = rows >= 0
+    query = np.broadcast_to(np.arange(len(rows), dtype=np.int32)[:, None], rows.shape)[found]
+    hits = ids.take(pa.array(rows[found]))
+    hits = hits.add_column(0, QUERY, pa.array(query))
+    return hits.add_column(1, S.SCORE, pa.array(scores[found], pa.float32()))

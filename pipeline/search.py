@@ -1,0 +1,129 @@
+"""The query side of search over an embedding output: embed queries as the job embedded its rows, and
+fetch the texts of hits from the job's input (output files hold ids and vectors, not texts).
+
+Both read what an output records about itself: its file-level Parquet metadata (checkpoint, revision,
+``max_length``, dtype, pooling, normalisation) and ``_manifest.json`` (the job config: input path, text
+and id columns, tokenizer path, trust flags). The index itself lives in ``pipeline.index``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import operator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset
+
+from pipeline import schema as S
+from pipeline.checkpoint import actor_tokenizer, load_model, resolve
+from pipeline.config import InputConfig, JobConfig, StorageConfig
+from pipeline.heads import pool
+from pipeline.index import SearchError, open_output
+from pipeline.source import Shards, discover, open_shard, read_records
+from pipeline.storage import arrow_filesystem, filesystem, join
+
+
+def job_config(output_path: str, storage: StorageConfig | None = None) -> JobConfig:
+    """The config of the job that wrote ``output_path``, from its ``_manifest.json``."""
+    fs, root = filesystem(output_path, storage)
+    path = join(root, S.MANIFEST)
+    if not fs.exists(path):
+        raise SearchError(f"{output_path} has no {S.MANIFEST}: point at the output.path of a finished jobs.run job")
+    with fs.open(path) as f:
+        return JobConfig.model_validate(json.load(f)["config"])
+
+
+class QueryEmbedder:
+    """Embeds texts exactly as the job behind an embedding output did: the same checkpoint bytes,
+    tokenizer, ``max_length``, dtype, pooling and normalisation."""
+
+    def __init__(self, output_path: str, storage: StorageConfig | None = None, device: str = "cpu"):
+        storage = storage or StorageConfig()
+        metadata = open_output(output_path, storage).metadata
+        job = job_config(output_path, storage)
+        # A Hub commit sha pins the download; local, s3:// and pkg:// checkpoints ignore the revision and
+        # are checked by content hash below.
+        model = job.model.model_copy(
+            update={
+                "path": metadata["model_path"],
+                "revision": metadata["model_revision"],
+                "dtype": metadata["dtype"],
+                "max_length": metadata["max_length"],
+            }
+        )
+        resolved = resolve(model, storage, job.tokenize.path)
+        if resolved.fingerprint != metadata["model_revision"]:
+            raise SearchError(
+                f"{model.path} now holds checkpoint {resolved.fingerprint}, but {output_path} was embedded with "
+                f"{metadata['model_revision']}: queries would land in another vector space. Restore that "
+                "checkpoint or re-run the embedding job"
+            )
+        self.tokenizer = actor_tokenizer(resolved)
+        self.model = load_model(resolved, device, model.dtype)
+        self.max_length = resolved.max_length
+        self.pooling: str = metadata["pooling"]
+        self.normalize: bool = metadata["normalize"]
+        self.device = device
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """One float32 vector per text."""
+        import torch
+
+        # As the pipeline: truncate to max_length, no token type ids for single texts, pads masked out.
+        encoded = self.tokenizer(
+            texts,
+            truncation=True,
+            max_length=self.max_length,
+            padding=True,
+            return_token_type_ids=False,
+            return_tensors="pt",
+        ).to(self.device)
+        with torch.inference_mode():
+            hidden = self.model(**encoded).last_hidden_state
+        return pool(hidden, encoded["attention_mask"], self.pooling, self.normalize).cpu().numpy()
+
+
+def fetch_texts(job: JobConfig, ids: pa.Table, storage: StorageConfig | None = None) -> list[str | None]:
+    """The input text of each row of ``ids`` (output id columns); None where the input no longer has it.
+
+    Binary texts are decoded as UTF-8 with ``errors="replace"``. Parquet input with ``input.id_columns`` is
+    read through a ``pyarrow.dataset`` filter on those columns; JSONL input, or generated ``<file>:<row>``
+    ids, by one pass over the shards that hold the rows.
+    """
+    cfg = job.input
+    fs, path = filesystem(cfg.path, storage)
+    shards = discover(cfg, fs, path, [])
+    key_columns = cfg.id_columns or [S.GENERATED_ID]
+    keys = [tuple(row.values()) for row in ids.select(key_columns).to_pylist()]
+    if cfg.id_columns and shards.format == "parquet":
+        dataset = pyarrow.dataset.dataset(shards.files, filesystem=arrow_filesystem(fs), format="parquet")
+        matches = functools.reduce(
+            operator.and_, (pc.field(c).isin(ids[c].combine_chunks()) for c in cfg.id_columns)
+        )
+        rows = dataset.to_table(columns=[*cfg.id_columns, cfg.text_column], filter=matches).to_pylist()
+        found = {tuple(row[c] for c in cfg.id_columns): row[cfg.text_column] for row in rows}
+    else:
+        found = _scan(shards, cfg, set(keys))
+    return [text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text for text in map(found.get, keys)]
+
+
+def _scan(shards: Shards, cfg: InputConfig, keys: set[tuple]) -> dict[tuple, Any]:
+    """Texts of the rows whose id (columns, or generated ``<file>:<row>``) is in ``keys``, by reading shards."""
+    wanted_files = None if cfg.id_columns else {key[0].rsplit(":", 1)[0] for key in keys}
+    found = {}
+    for path in shards.files:
+        relative = shards.relative(path)
+        if wanted_files is not None and relative not in wanted_files:
+            continue
+        with open_shard(shards, path) as f:
+            for row, record, _ in read_records(f, shards.format, [*cfg.id_columns, cfg.text_column]):
+                if record is None:
+                    continue
+                key = tuple(record.get(c) for c in cfg.id_columns) if cfg.id_columns else (f"{relative}:{row}",)
+                if key in keys:
+                    found[key] = record.get(cfg.text_column)
+    return found
