@@ -164,7 +164,14 @@ def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None, n
         raise ConfigError(
             f"output.path {cfg.output.path} already holds a finished run; choose a new path or set output.mode: overwrite"
         )
-    return Plan(cfg, shards, passthrough_schema, model, size_pools(cfg, cpus, gpus or 0.0, node_cpus), out_root)
+    job = Plan(cfg, shards, passthrough_schema, model, size_pools(cfg, cpus, gpus or 0.0, node_cpus), out_root)
+    clashes = set(passthrough) & set(job.output_schema(pa.schema([])).names)
+    if clashes:
+        raise ConfigError(
+            f"input column(s) {sorted(clashes)} would collide with output columns of the same name; "
+            "rename them in the input (e.g. a gold `label` column to `topic`)"
+        )
+    return job
 
 
 def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:

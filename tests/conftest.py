@@ -106,3 +106,11 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def bbc_classifier(tmp_path_factory) -> Path:
+    """The real topic classifier (MiniLM + a head trained on BBC News), built once per session."""
+    from jobs import make_classifier
+
+    return make_classifier.build_classifier(tmp_path_factory.mktemp("bbc") / "bbc-topic-minilm")

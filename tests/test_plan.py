@@ -17,7 +17,7 @@ from pipeline.run import READ_CPUS, size_pools
 def shard(tmp_path):
     path = tmp_path / "in" / "a.parquet"
     path.parent.mkdir()
-    pq.write_table(pa.table({"doc_id": ["a", "b"], "text": ["hello world", "the match"], "n": [1, 2]}), path)
+    pq.write_table(pa.table({"doc_id": ["a", "b"], "text": ["hello world", "the match"], "n": [1, 2], "label": ["x", "y"]}), path)
     return path
 
 
@@ -55,6 +55,7 @@ def test_dry_run_prints_the_plan(tmp_path, tiny_models, shard, capsys):
         ("input.text_column=body", "missing text column 'body'"),
         ("input.text_column=n", "column 'n' is int64, expected string or binary"),
         ("input.id_columns=[nope]", "missing id/label column(s) ['nope']"),
+        ("input.id_columns=[doc_id, label]", "['label'] would collide with output columns"),
         ("input.path=/does/not/exist", "cannot read /does/not/exist: nothing exists there"),
         ("model.path=/no/such/model", "does not exist"),
         ("model.path=some-org/not-cached", "HF_HUB_OFFLINE=1"),

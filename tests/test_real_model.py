@@ -40,7 +40,7 @@ def articles():
 def shard(articles, tmp_path_factory):
     path = tmp_path_factory.mktemp("bbc") / "bbc.parquet"
     pq.write_table(
-        pa.table({"doc_id": [a.doc_id for a in articles], "label": [a.label for a in articles],
+        pa.table({"doc_id": [a.doc_id for a in articles], "topic": [a.label for a in articles],
                   "text": pa.array([a.raw for a in articles], pa.binary())}),
         path,
     )
@@ -83,3 +83,32 @@ def test_bfloat16_agrees_with_float32(shard, fp32, tmp_path):
     bf16 = embed(shard, tmp_path / "bf16", "bfloat16")
     cosine = np.array([float(fp32[k] @ bf16[k]) for k in fp32])
     assert cosine.min() >= 0.999, cosine.min()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_scores_equal_the_hf_text_classification_pipeline(articles, shard, bbc_classifier, ray_session, tmp_path):
+    from transformers import pipeline
+
+    manifest = run_job(
+        load_config(
+            raw={
+                "input": {"path": str(shard), "id_columns": ["doc_id"]},
+                "model": {"path": str(bbc_classifier), "task": "sequence-classification", "dtype": "float32"},
+                "output": {"path": str(tmp_path / "out")},
+                "eval": {"label_column": "topic"},
+            }
+        )
+    )
+    assert manifest["rows_truncated"] > 0 and manifest["eval"]["accuracy"] >= 0.9
+    matrix = np.array(manifest["eval"]["confusion_matrix"])
+    assert matrix.sum() == len(articles) and np.trace(matrix) / matrix.sum() == manifest["eval"]["accuracy"]
+
+    rows = {r["doc_id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    classify = pipeline("text-classification", model=str(bbc_classifier))
+    expected = classify([a.raw.decode("utf-8") for a in articles], truncation=True, batch_size=16)
+    for article, want in zip(articles, expected):
+        got = rows[article.doc_id]
+        assert got[S.LABEL] == want["label"], article.doc_id
+        assert got[S.SCORE] == pytest.approx(want["score"], abs=1e-4)
+        assert got["topic"] == article.label  # the gold column passes through
