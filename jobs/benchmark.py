@@ -459,15 +459,15 @@ class RayJob:
 
 def actor_cpus(threads: int, pool_size: int, cpus: int | None = None) -> float:
     """CPUs each model actor reserves so that it runs ``threads`` torch threads (the pipeline rounds the
-    reservation up) while read tasks and the tokenizer actor keep their shares of the ``cpus``.
+    reservation up) while read/write tasks and the tokenizer actor keep their shares of the ``cpus``.
 
-    On 2 CPUs, 2 - 0.25 (reads) - 0.5 (tokenizer) = 1.25 are left: 1 actor x 2 threads reserves 1.25,
-    1 actor x 1 thread 1.0, and 2 actors x 1 thread 0.62 each.
+    On 2 CPUs, 2 - 0.25 (reads) - 0.25 (writes) - 0.25 (tokenizer) = 1.25 are left: 1 actor x 2 threads
+    reserves 1.25, 1 actor x 1 thread 1.0, and 2 actors x 1 thread 0.62 each.
     """
-    from pipeline.run import READ_CPUS, TOKENIZE_CPUS
+    from pipeline.run import READ_CPUS, TOKENIZE_CPUS, WRITE_CPUS
 
     cpus = cpus or os.cpu_count() or 1
-    share = round((cpus - READ_CPUS - TOKENIZE_CPUS) / pool_size, 2)
+    share = round((cpus - READ_CPUS - WRITE_CPUS - TOKENIZE_CPUS) / pool_size, 2)
     if share <= threads - 1:
         raise ValueError(f"{pool_size} model actor(s) x {threads} threads do not fit in {cpus} CPUs beside the rest")
     return min(float(threads), share)

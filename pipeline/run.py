@@ -23,8 +23,9 @@ from pipeline.config import ConfigError, JobConfig
 from pipeline.source import Shards, check_schema, discover, scan_input
 from pipeline.storage import check_access, filesystem, join
 
-READ_CPUS = 0.25  # read tasks are I/O bound; a small share keeps them schedulable beside the actors
-TOKENIZE_CPUS = 0.5
+READ_CPUS = 0.25  # read and write tasks are I/O bound; a small share keeps them schedulable beside the actors
+WRITE_CPUS = 0.25
+TOKENIZE_CPUS = 0.25  # a fast (Rust) tokenizer keeps up with a model actor on a fraction of a core
 
 
 class RowCountError(RuntimeError):
@@ -44,7 +45,7 @@ class Pools:
 
     def describe(self) -> str:
         return (
-            f"read tasks {READ_CPUS} CPU each; tokenize actors {self.tokenize[0]}..{self.tokenize[1]} x "
+            f"read/write tasks {READ_CPUS}/{WRITE_CPUS} CPU each; tokenize actors {self.tokenize[0]}..{self.tokenize[1]} x "
             f"{self.tokenize_cpus} CPU; model actors {self.infer[0]}..{self.infer[1]} x {self.infer_cpus:g} CPU, "
             f"{self.infer_gpus:g} GPU, {self.threads} torch threads"
         )
@@ -64,15 +65,15 @@ def size_pools(cfg: JobConfig, cpus: float, gpus: float, node_cpus: float | None
     infer = (1, max(1, int(gpus // num_gpus))) if num_gpus and auto_size else inference.pool.bounds
     tok = tokenize.pool.bounds
     tok_cpus = tokenize.pool.num_cpus or (1.0 if num_gpus else TOKENIZE_CPUS)
-    spare = cpus - READ_CPUS - tok[1] * tok_cpus
-    node_cpus = node_cpus or cpus
-    per_node = node_cpus - READ_CPUS - (tok_cpus if node_cpus == cpus else 0)
+    io = READ_CPUS + WRITE_CPUS
+    spare = cpus - io - tok[1] * tok_cpus
+    per_node = (node_cpus or cpus) - io - tok_cpus  # an actor must fit beside a tokenizer and I/O on any node
     infer_cpus = inference.pool.num_cpus or (1.0 if num_gpus else round(min(spare / infer[1], per_node), 2))
-    needed = READ_CPUS + tok[1] * tok_cpus + infer[1] * infer_cpus
-    if infer_cpus <= 0 or needed > cpus + 1e-6 or max(infer_cpus, tok_cpus) > node_cpus:
+    needed = io + tok[1] * tok_cpus + infer[1] * infer_cpus
+    if infer_cpus <= 0 or needed > cpus + 1e-6 or max(infer_cpus, tok_cpus) > (node_cpus or cpus):
         raise ConfigError(
-            f"the actor pools reserve {needed - READ_CPUS:g} of {cpus:g} CPUs and leave less than {READ_CPUS} for "
-            "read tasks, so the pipeline would deadlock. Lower tokenize.pool / inference.pool sizes or num_cpus"
+            f"the actor pools reserve {needed - io:g} of {cpus:g} CPUs and leave less than {io:g} for read and "
+            "write tasks, so the pipeline would deadlock. Lower tokenize.pool / inference.pool sizes or num_cpus"
         )
     if num_gpus and num_gpus > gpus:
         raise ConfigError(f"inference.num_gpus={num_gpus:g} but the cluster has {gpus:g} GPUs")
@@ -249,7 +250,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
     watchdog = Watchdog(progress, execution.stall_timeout_s, pools.describe())
     try:
         with watchdog:
-            ds.write_datasink(sink)
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
         stages = stage_throughput(ray.get(progress.snapshot.remote()))
     except KeyboardInterrupt:
         if watchdog.diagnosis is None:

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from types import TracebackType
 
@@ -64,20 +64,18 @@ class LocalCluster:
         self.cpus_per_node = cpus_per_node
         self.timeout_s = timeout_s
         self._procs: list[subprocess.Popen] = []
-        # Short path: Ray puts AF_UNIX sockets (107-byte limit) under the temp dir.
+        # Private (0700) and short: Ray puts AF_UNIX sockets (107-byte paths at most) under it.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rayc-", dir="/tmp"))
+        token = secrets.token_hex(32)
         token_path = self.temp_dir / "auth_token"
-        token_path.write_text(secrets.token_hex(32))
-        token_path.chmod(0o600)
-        self._auth_header = {"Authorization": f"Bearer {token_path.read_text()}"}
-
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-        env.update(
-            RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN_PATH=str(token_path),
-            PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        )
-        self.env = env
+        token_path.write_text(token)
+        self._auth_header = {"Authorization": f"Bearer {token}"}
+        self.env = {
+            **{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")},
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_path),
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        }
         gcs_port, dashboard_port, client_port = free_ports(3)
         self.address = f"{HOST}:{gcs_port}"
         self.dashboard_url = f"http://{HOST}:{dashboard_port}"
@@ -106,7 +104,7 @@ class LocalCluster:
     def start(self) -> None:
         """Start the head, wait for the Jobs API, start the workers, wait until every node is alive."""
         self._start_node("head", self._head_args)
-        self._wait("the Jobs API to answer", lambda: self._get("/api/version") is not None)
+        self._wait("the Jobs API to answer", lambda: self.get("/api/version") is not None)
         for i in range(self.num_workers):
             self._start_node(f"worker{i}", [f"--address={self.address}"])
         expected = 1 + self.num_workers
@@ -114,7 +112,7 @@ class LocalCluster:
 
     def alive_nodes(self) -> int:
         """Number of nodes the GCS reports ALIVE (0 while the dashboard cannot tell)."""
-        body = self._get("/api/v0/nodes")
+        body = self.get("/api/v0/nodes")
         if body is None:
             return 0
         return sum(node["state"] == "ALIVE" for node in body["data"]["result"]["result"])
@@ -122,39 +120,38 @@ class LocalCluster:
     def stop(self, grace_s: float = 15) -> None:
         """Shut every node down (idempotent) and delete the temp dir.
 
-        SIGTERM goes to each ``ray start --block`` process, which stops its node's processes
-        itself; a node still running after ``grace_s`` has its whole process group killed.
+        SIGTERM goes to each ``ray start --block`` process, which stops its node's processes itself;
+        then whatever is left of the node's process group (or all of it, after ``grace_s``) is killed.
         """
         for proc in reversed(self._procs):  # workers first, the head last
             if proc.poll() is None:
                 proc.terminate()
         deadline = time.monotonic() + grace_s
         for proc in reversed(self._procs):
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            proc.wait()
         self._procs.clear()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _start_node(self, name: str, args: list[str]) -> None:
-        log = open(self.temp_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        """Start ``ray start --block ARGS`` in its own process group, logging to ``<temp_dir>/<name>.log``."""
         cmd = [
             RAY,
             "start",
             "--block",
-            f"--node-ip-address={HOST}",
             f"--num-cpus={self.cpus_per_node}",
             "--num-gpus=0",
-            f"--temp-dir={self.temp_dir}",
+            f"--temp-dir={self.temp_dir / name}",  # one per node, as on separate machines
             # Ports every node on this host would otherwise share: let each pick free ones.
             f"--dashboard-agent-listen-port={free_ports(1)[0]}",
             "--min-worker-port=0",
             "--max-worker-port=0",
             *args,
         ]
-        with log:
+        with open(self.temp_dir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(
                 cmd,
                 env={**self.env, **NODE_ENV},
@@ -165,7 +162,7 @@ class LocalCluster:
             )
         self._procs.append(proc)
 
-    def _get(self, path: str) -> dict | None:
+    def get(self, path: str) -> dict | None:
         """GET a dashboard endpoint with this cluster's token; None while it does not answer 200."""
         try:
             response = requests.get(self.dashboard_url + path, headers=self._auth_header, timeout=5)

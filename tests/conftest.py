@@ -6,7 +6,9 @@ random weights, built by ``save_pretrained`` so loading goes through the real co
 
 from __future__ import annotations
 
+import functools
 import os
+import random
 import string
 import tempfile
 from pathlib import Path
@@ -58,6 +60,31 @@ def tiny_bert_config(**kwargs):
         type_vocab_size=2,
         **kwargs,
     )
+
+
+MAX_LENGTH = 64  # the tiny checkpoints' limit; many test rows are longer and get truncated
+
+
+def sentence(rng: random.Random) -> str:
+    """Mixed lengths: 1 to 120 words, so some rows exceed MAX_LENGTH tokens."""
+    return " ".join(rng.choices(WORDS, k=rng.choice([rng.randint(1, 12), rng.randint(10, 40), rng.randint(60, 120)])))
+
+
+@functools.cache
+def _load(model_dir: Path, auto):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir), auto.from_pretrained(model_dir).eval()
+
+
+def forward(model_dir: Path, auto, text: str, pair: str | None = None):
+    """Reference output: the model on one row at a time, no padding, no batching."""
+    import torch
+
+    tokenizer, model = _load(model_dir, auto)
+    inputs = tokenizer(text, pair, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    with torch.inference_mode():
+        return model(**inputs, output_hidden_states=True), inputs
 
 
 TOPICS = ["business", "entertainment", "politics", "sport", "tech"]

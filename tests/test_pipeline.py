@@ -5,7 +5,6 @@ Real Ray (one shared session), real transformers, tiny random checkpoints.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import random
@@ -17,20 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import WORDS, save_tiny
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+from conftest import MAX_LENGTH, forward, sentence
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from pipeline import schema as S
 from pipeline.config import load_config
 from pipeline.heads import pool
 from pipeline.run import run_job
-
-MAX_LENGTH = 64  # the tiny checkpoints' limit; many rows below are longer and get truncated
-
-
-def sentence(rng: random.Random) -> str:
-    # Mixed lengths: 1 to 120 words, so some rows exceed MAX_LENGTH tokens.
-    return " ".join(rng.choices(WORDS, k=rng.choice([rng.randint(1, 12), rng.randint(10, 40), rng.randint(60, 120)])))
 
 
 @pytest.fixture(scope="module")
@@ -82,19 +74,6 @@ def read_rows(path: Path, column: str, pair: str | None = None) -> dict[str, tup
         row["doc_id"]: (row[column], row[pair] if pair else None)
         for row in table.to_pylist()
     }
-
-
-@functools.cache
-def load(model_dir: Path, auto):
-    return AutoTokenizer.from_pretrained(model_dir), auto.from_pretrained(model_dir).eval()
-
-
-def forward(model_dir: Path, auto, text: str, pair: str | None = None):
-    """Reference: one row at a time, no padding, no batching."""
-    tokenizer, model = load(model_dir, auto)
-    inputs = tokenizer(text, pair, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-    with torch.inference_mode():
-        return model(**inputs, output_hidden_states=True), inputs
 
 
 def check_conservation(manifest: dict, table: pa.Table, rejected: int) -> None:

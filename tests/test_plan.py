@@ -10,7 +10,7 @@ from conftest import save_tiny
 
 from jobs.run import main
 from pipeline.config import ConfigError, load_config
-from pipeline.run import READ_CPUS, size_pools
+from pipeline.run import READ_CPUS, WRITE_CPUS, size_pools
 
 
 @pytest.fixture
@@ -118,9 +118,9 @@ def test_pools_always_leave_a_cpu_share_for_reads():
     raw = {"input": {"path": "i"}, "model": {"path": "m", "task": "embedding"}, "output": {"path": "o"}}
     pools = size_pools(load_config(raw=raw), cpus=2, gpus=0)
     reserved = pools.tokenize[1] * pools.tokenize_cpus + pools.infer[1] * pools.infer_cpus
-    assert reserved <= 2 - READ_CPUS and pools.threads == 2 and pools.infer_gpus == 0
+    assert reserved <= 2 - READ_CPUS - WRITE_CPUS and pools.threads == 2 and pools.infer_gpus == 0
     two = size_pools(load_config(raw=raw, overrides=["inference.pool.size=2"]), cpus=2, gpus=0)
-    assert two.infer == (2, 2) and two.tokenize[1] * two.tokenize_cpus + 2 * two.infer_cpus <= 2 - READ_CPUS
+    assert two.infer == (2, 2) and two.tokenize[1] * two.tokenize_cpus + 2 * two.infer_cpus <= 2 - READ_CPUS - WRITE_CPUS
     gpu = size_pools(load_config(raw=raw), cpus=16, gpus=4)
     assert gpu.infer == (1, 4) and gpu.infer_gpus == 1 and gpu.infer_cpus == 1
     with pytest.raises(ConfigError, match="would deadlock"):

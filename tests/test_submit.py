@@ -11,17 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from jobs.submit import build_entrypoint, build_runtime_env, parse_args
 from cluster import LocalCluster
+from ray.job_submission import JobInfo, JobStatus
+
+from jobs.submit import build_entrypoint, build_runtime_env, outcome, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_entrypoint_runs_the_module_with_config_overrides_and_args_quoted() -> None:
-    entrypoint = build_entrypoint(
-        "configs/my job.yaml", ["model.dtype=bfloat16", "input.path=s3://b/x y/"], "jobs.nightly", ["--date", "2026-01-01"]
-    )
+    overrides = ["model.dtype=bfloat16", "input.path=s3://b/x y/"]
+    entrypoint = build_entrypoint("configs/my job.yaml", overrides, "jobs.nightly", ["--date", "2026-01-01"])
     assert shlex.split(entrypoint) == [
         "python", "-m", "jobs.nightly", "--config", "configs/my job.yaml",
         "--set", "model.dtype=bfloat16", "--set", "input.path=s3://b/x y/", "--date", "2026-01-01",
@@ -68,21 +68,39 @@ def test_cli_rejects_inconsistent_arguments(argv: list[str]) -> None:
     assert exc.value.code == 2
 
 
+@pytest.mark.parametrize(
+    ("info", "line"),
+    [
+        (JobInfo(JobStatus.SUCCEEDED, "e", driver_exit_code=0), "job j SUCCEEDED"),
+        (JobInfo(JobStatus.FAILED, "e", message="...logs...", driver_exit_code=3),
+         "job j FAILED: the driver exited with code 3"),
+        (JobInfo(JobStatus.FAILED, "e", message="runtime env setup failed"), "job j FAILED: runtime env setup failed"),
+        (JobInfo(JobStatus.STOPPED, "e", message="Job was intentionally stopped."),
+         "job j STOPPED: Job was intentionally stopped."),
+    ],
+)  # fmt: skip
+def test_outcome_names_the_status_and_why(info: JobInfo, line: str) -> None:
+    assert outcome("j", info) == line
+
+
 # ---- against a real cluster ---------------------------------------------------------------
 
 PROBE = textwrap.dedent(
     """
     import os, sys
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ray.init()
 
-    @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
-    def node_id() -> None:
+    @ray.remote(num_cpus=1)
+    def node_id():
         return ray.get_runtime_context().get_node_id()
 
-    print("alive nodes:", sum(node["Alive"] for node in ray.nodes()))
-    print("nodes used:", len(set(ray.get([node_id.remote() for _ in range(4)]))))
+    alive = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    pinned = [node_id.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote()
+              for n in alive]
+    print("nodes that ran a task:", len(set(ray.get(pinned))))
     print("greeting:", os.environ["GREETING"])
     print("driver python:", sys.executable)
     """
@@ -90,7 +108,7 @@ PROBE = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def cluster() -> None:
+def cluster() -> Iterator[LocalCluster]:
     with LocalCluster(num_workers=1) as c:
         yield c
 
@@ -113,8 +131,7 @@ def test_job_succeeds_across_both_nodes_with_its_runtime_env(cluster: LocalClust
 
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = re.search(r"^submitted (raysubmit_\w+): python probe.py$", result.stdout, re.M).group(1)
-    assert "alive nodes: 2" in result.stdout  # logs are streamed back
-    assert "nodes used: 2" in result.stdout
+    assert "nodes that ran a task: 2" in result.stdout  # logs are streamed back
     assert "greeting: hi" in result.stdout
     assert f"driver python: {Path(sys.executable).parent}" in result.stdout  # the head's PATH picks the venv
     assert result.stdout.rstrip().endswith(f"job {job_id} SUCCEEDED")
@@ -127,7 +144,7 @@ def test_failing_job_exits_nonzero_with_its_logs_and_status(cluster: LocalCluste
     assert result.returncode == 1, result.stdout + result.stderr
     assert re.search(r"^submitted raysubmit_\w+", result.stdout, re.M)
     assert "about to fail" in result.stdout
-    assert re.search(r"^job raysubmit_\w+ FAILED: .*exit code 3", result.stdout, re.M)
+    assert re.search(r"^job raysubmit_\w+ FAILED: the driver exited with code 3$", result.stdout, re.M)
 
 
 @pytest.mark.cluster
