@@ -52,12 +52,11 @@ class Pools:
 
 
 def size_pools(cfg: JobConfig, cpus: float, gpus: float, node_cpus: float | None = None) -> Pools:
-    """Size the pools for a cluster with ``cpus``/``gpus`` so reads always keep a CPU share.
+    """Size the pools for a cluster with ``cpus``/``gpus`` so read and write tasks keep a CPU share.
 
-    ``node_cpus`` (the largest node's CPUs, default ``cpus``) caps what one actor may
-    reserve, since an actor lives on one node.
     Ray Data deadlocks when actors reserve every CPU, since read tasks need one too; a
-    configuration that would do so is refused here, before anything starts.
+    configuration that would do so is refused here, before anything starts. ``node_cpus``
+    (the largest node's CPUs, default ``cpus``) caps what one actor may reserve.
     """
     inference, tokenize = cfg.inference, cfg.tokenize
     num_gpus = inference.num_gpus if inference.num_gpus is not None else (1.0 if gpus else 0.0)
@@ -87,7 +86,6 @@ class Plan:
     passthrough_schema: pa.Schema | None  # None for JSONL: inferred from the rows
     model: ResolvedModel
     pools: Pools
-    output_root: str
 
     def metadata(self) -> dict:
         """File-level Parquet metadata: what produced these rows."""
@@ -165,7 +163,7 @@ def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None, n
         raise ConfigError(
             f"output.path {cfg.output.path} already holds a finished run; choose a new path or set output.mode: overwrite"
         )
-    job = Plan(cfg, shards, passthrough_schema, model, size_pools(cfg, cpus, gpus or 0.0, node_cpus), out_root)
+    job = Plan(cfg, shards, passthrough_schema, model, size_pools(cfg, cpus, gpus or 0.0, node_cpus))
     clashes = set(passthrough) & set(job.output_schema(pa.schema([])).names)
     if clashes:
         raise ConfigError(

@@ -125,3 +125,12 @@ def test_pools_always_leave_a_cpu_share_for_reads():
     assert gpu.infer == (1, 4) and gpu.infer_gpus == 1 and gpu.infer_cpus == 1
     with pytest.raises(ConfigError, match="would deadlock"):
         size_pools(load_config(raw=raw, overrides=["inference.pool.num_cpus=2"]), cpus=2, gpus=0)
+
+
+def test_writes_never_leave_the_output_root():
+    from pipeline.storage import join
+
+    assert join("s3://bucket/out/", "dt=2026-01-01", "part-1.parquet") == "s3://bucket/out/dt=2026-01-01/part-1.parquet"
+    for part in ("../escape", "a/../../b", "/etc/passwd"):
+        with pytest.raises(ValueError, match="refusing to write outside"):
+            join("/data/out", part)
