@@ -44,7 +44,7 @@ loading, reading, tokenizing, inference and writing Parquet (the input shards ar
 of two actors shares the work, as on a large input.
 
 Scaling (--scaling): (a) with one model actor x 1 torch thread, then two. Ray must keep CPU for
-read tasks (0.25) and the tokenizer actor (0.5), so on 2 CPUs the model actors reserve fractions
+read and write tasks (0.25 each) and the tokenizer actor (0.25), so on 2 CPUs the model actors reserve fractions
 of the 1.25 left: 1.0 for one actor, 0.62 each for two (``actor_cpus``); the pipeline rounds a
 reservation up to its thread count, so each actor runs 1 thread either way.
 

@@ -22,7 +22,7 @@ import torch
 
 from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, load_model
-from pipeline.config import FaultConfig, OutputConfig
+from pipeline.config import FaultConfig, InferenceConfig, OutputConfig
 from pipeline.heads import make_head
 
 CONSUMED = (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS, S.TEXT)
@@ -93,10 +93,9 @@ class InferWorker:
     def __init__(
         self,
         model: ResolvedModel,
+        inference: InferenceConfig,
         output: OutputConfig,
         dtype: str,
-        max_tokens_per_batch: int | str,
-        min_padding_efficiency: float,
         num_threads: int,
         progress,
         faults: FaultConfig,
@@ -114,11 +113,11 @@ class InferWorker:
         self.head = make_head(model, output)
         free = torch.cuda.mem_get_info()[0] if self.device == "cuda" else None
         self.max_tokens = (
-            max_tokens_per_batch
-            if max_tokens_per_batch != "auto"
+            inference.max_tokens_per_batch
+            if inference.max_tokens_per_batch != "auto"
             else token_budget(self.model.config, model.max_length, free, self.model.dtype.itemsize)
         )
-        self.min_efficiency = min_padding_efficiency
+        self.min_efficiency = inference.min_padding_efficiency
         self.types = S.output_schema(
             model.task,
             [],

@@ -220,10 +220,9 @@ def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
         InferWorker,
         fn_constructor_kwargs={
             "model": job.model,
+            "inference": cfg.inference,
             "output": cfg.output,
             "dtype": cfg.model.dtype,
-            "max_tokens_per_batch": cfg.inference.max_tokens_per_batch,
-            "min_padding_efficiency": cfg.inference.min_padding_efficiency,
             "num_threads": pools.threads,
             "progress": progress,
             "faults": cfg.faults,

@@ -113,3 +113,4 @@ MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 REJECTED_DIR = "_rejected"
 MANIFEST_DIR = "_manifests"  # jobs.nightly: one manifest per published run
+INDEX_DIR = "_index"  # jobs.index: the ANN index over an embedding output (pipeline.index)

@@ -1,9 +1,11 @@
-"""The query side of search over an embedding output: embed queries as the job embedded its rows, and
-fetch the texts of hits from the job's input (output files hold ids and vectors, not texts).
+"""Text search over an embedding output: embed queries as the job embedded its rows, search, and fetch
+the texts of the hits from the job's input (output files hold ids and vectors, not texts).
 
-Both read what an output records about itself: its file-level Parquet metadata (checkpoint, revision,
-``max_length``, dtype, pooling, normalisation) and ``_manifest.json`` (the job config: input path, text
-and id columns, tokenizer path, trust flags). The index itself lives in ``pipeline.index``.
+Everything comes from what an output records about itself: its file-level Parquet metadata (checkpoint,
+revision, ``max_length``, dtype, pooling, normalisation) and ``_manifest.json`` (the job config: input path,
+text and id columns, tokenizer path, trust flags). The index itself lives in ``pipeline.index``.
+
+    hits = Searcher("out/bbc_embed").search("football match goal striker", k=5)
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset
+import pyarrow.dataset as ds
 
 from pipeline import schema as S
 from pipeline.checkpoint import actor_tokenizer, load_model, resolve
 from pipeline.config import InputConfig, JobConfig, StorageConfig
 from pipeline.heads import pool
-from pipeline.index import SearchError, open_output
+from pipeline.index import QUERY, IndexInfo, SearchError, load_info, open_output, search
 from pipeline.source import Shards, discover, open_shard, read_records
 from pipeline.storage import arrow_filesystem, filesystem, join
 
@@ -87,6 +89,22 @@ class QueryEmbedder:
         return pool(hidden, encoded["attention_mask"], self.pooling, self.normalize).cpu().numpy()
 
 
+class Searcher:
+    """Text search over one embedding output: its query embedder, its index (if built) and its input."""
+
+    def __init__(self, output_path: str, storage: StorageConfig | None = None):
+        self.output_path, self.storage = output_path, storage
+        self.job = job_config(output_path, storage)
+        self.embed = QueryEmbedder(output_path, storage)
+        self.index_info: IndexInfo | None = load_info(output_path, storage)  # None: every search is exact
+
+    def search(self, query: str, k: int = 10, exact: bool = False) -> pa.Table:
+        """The ``k`` rows most similar to ``query``, best first: ``score``, the id columns and the input text."""
+        hits = search(self.output_path, self.embed([query]), k, exact=exact, storage=self.storage)
+        texts = fetch_texts(self.job, hits, self.storage)
+        return hits.drop_columns([QUERY]).append_column(self.job.input.text_column, pa.array(texts, pa.string()))
+
+
 def fetch_texts(job: JobConfig, ids: pa.Table, storage: StorageConfig | None = None) -> list[str | None]:
     """The input text of each row of ``ids`` (output id columns); None where the input no longer has it.
 
@@ -100,15 +118,14 @@ def fetch_texts(job: JobConfig, ids: pa.Table, storage: StorageConfig | None = N
     key_columns = cfg.id_columns or [S.GENERATED_ID]
     keys = [tuple(row.values()) for row in ids.select(key_columns).to_pylist()]
     if cfg.id_columns and shards.format == "parquet":
-        dataset = pyarrow.dataset.dataset(shards.files, filesystem=arrow_filesystem(fs), format="parquet")
-        matches = functools.reduce(
-            operator.and_, (pc.field(c).isin(ids[c].combine_chunks()) for c in cfg.id_columns)
-        )
+        dataset = ds.dataset(shards.files, filesystem=arrow_filesystem(fs), format="parquet")
+        matches = functools.reduce(operator.and_, (pc.field(c).isin(ids[c].combine_chunks()) for c in cfg.id_columns))
         rows = dataset.to_table(columns=[*cfg.id_columns, cfg.text_column], filter=matches).to_pylist()
         found = {tuple(row[c] for c in cfg.id_columns): row[cfg.text_column] for row in rows}
     else:
         found = _scan(shards, cfg, set(keys))
-    return [text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text for text in map(found.get, keys)]
+    texts = [found.get(key) for key in keys]
+    return [text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text for text in texts]
 
 
 def _scan(shards: Shards, cfg: InputConfig, keys: set[tuple]) -> dict[tuple, Any]:

@@ -60,7 +60,7 @@ class Shards:
 
 
 def infer_format(path: str) -> str:
-    if path.endswith(".parquet") or path.endswith(".pq"):
+    if path.endswith((".parquet", ".pq")):
         return "parquet"
     if path.endswith(JSONL_SUFFIXES):
         return "jsonl"
@@ -266,21 +266,19 @@ class ShardDatasource(FileBasedDatasource):
 
     def __init__(self, shards: Shards, cfg: InputConfig, filesystem, duplicates: dict[str, dict[int, str]]):
         super().__init__(shards.files, filesystem=filesystem, meta_provider=ListedFiles(shards.sizes))
-        self._shards_root = shards.root
-        self._format = shards.format
-        self._passthrough = shards.passthrough
+        self._shards = shards
         self._cfg = cfg
         self._duplicates = duplicates
 
     def _open_input_source(self, filesystem, path: str, **open_args):
-        if self._format == "parquet":  # Parquet needs random access for its footer.
+        if self._shards.format == "parquet":  # Parquet needs random access for its footer.
             return filesystem.open_input_file(path)
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        relative = posixpath.relpath(path, self._shards_root) if self._shards_root else posixpath.basename(path)
+        relative = self._shards.relative(path)
         batch: list[Record] = []
-        for item in read_records(f, self._format, self._columns()):
+        for item in read_records(f, self._shards.format, self._columns()):
             batch.append(item)
             if len(batch) == READ_BATCH_ROWS:
                 yield self._block(relative, batch)
@@ -289,12 +287,12 @@ class ShardDatasource(FileBasedDatasource):
             yield self._block(relative, batch)
 
     def _columns(self) -> list[str]:
-        cols = [self._cfg.text_column, self._cfg.text_pair_column, *self._passthrough]
+        cols = [self._cfg.text_column, self._cfg.text_pair_column, *self._shards.passthrough]
         return list(dict.fromkeys(c for c in cols if c))
 
     def _block(self, relative: str, items: list[Record]) -> pa.Table:
         cfg = self._cfg
-        columns: dict[str, list] = {c: [] for c in self._passthrough}
+        columns: dict[str, list] = {c: [] for c in self._shards.passthrough}
         generated_ids, rows, texts, pairs, errors, details = [], [], [], [], [], []
         duplicates = self._duplicates.get(relative, {})
         for row, record, parse_error in items:
@@ -303,7 +301,7 @@ class ShardDatasource(FileBasedDatasource):
             rows.append(row)
             generated_ids.append(f"{relative}:{row}")
             record = record or {}
-            for c in self._passthrough:
+            for c in self._shards.passthrough:
                 columns[c].append(record.get(c))
             if parse_error:
                 text, pair, error = None, None, parse_error

@@ -1,0 +1,69 @@
+"""Search an embedding output: ``python -m jobs.search --embeddings out/bbc_embed --query "..." [-k 10] [--exact]``.
+
+Embeds the query with the checkpoint and settings recorded in the output's metadata, searches its
+``_index/`` (``python -m jobs.index``), or every row when there is none or with ``--exact``, and prints
+the top k rows: rank, cosine score, id columns and a snippet of the text from the job's input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pyarrow as pa
+
+from jobs.run import USER_ERRORS
+from pipeline import schema as S
+from pipeline.index import SearchError
+from pipeline.search import Searcher
+
+SNIPPET_CHARS = 100
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.search", description=__doc__.split("\n")[0])
+    parser.add_argument("--embeddings", required=True, help="output.path of a finished embedding job")
+    parser.add_argument("--query", required=True, help="text to search for")
+    parser.add_argument("-k", type=int, default=10, help="number of hits (default: 10)")
+    parser.add_argument("--exact", action="store_true", help="score every row instead of using the index")
+    args = parser.parse_args(argv)
+    if args.k < 1:
+        parser.error("-k must be at least 1")
+    return args
+
+
+def snippet(text: str | None) -> str:
+    if text is None:
+        return "(not found in the input)"
+    text = " ".join(text.split())
+    return text if len(text) <= SNIPPET_CHARS else text[: SNIPPET_CHARS - 1] + "…"
+
+
+def render(hits: pa.Table, text_column: str) -> str:
+    """One aligned line per hit: rank, score, id columns, a snippet of the text."""
+    ids = [c for c in hits.column_names if c not in (S.SCORE, text_column)]
+    header = ["#", S.SCORE, *ids, text_column]
+    rows = [
+        [str(rank), f"{hit[S.SCORE]:.4f}", *(str(hit[c]) for c in ids), snippet(hit[text_column])]
+        for rank, hit in enumerate(hits.to_pylist(), start=1)
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    return "\n".join("  ".join([*(v.ljust(w) for v, w in zip(row, widths)), row[-1]]) for row in [header, *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        searcher = Searcher(args.embeddings)
+        hits = searcher.search(args.query, args.k, exact=args.exact)
+    except (*USER_ERRORS, SearchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    index = None if args.exact else searcher.index_info
+    how = f"{index.kind} index ({index.rows} rows)" if index else "exact search" + ("" if args.exact else " (no index)")
+    print(f"top {hits.num_rows} for {args.query!r}, {how}:\n{render(hits, searcher.job.input.text_column)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
