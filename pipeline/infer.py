@@ -107,6 +107,7 @@ class InferWorker:
         self.node = context.get_node_id()
         self.process = f"{context.get_actor_id()}:{os.getpid()}"
         self.progress, self.faults, self.calls = progress, faults, 0
+        progress.register.remote(ray.get_runtime_context().current_actor)
         self.first_incarnation = not context.was_current_actor_reconstructed
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.model = load_model(model, self.device, dtype)

@@ -2,8 +2,9 @@
 
 Stage workers report rows done to one tiny ``Progress`` actor (0 CPUs, fire-and-forget
 calls). A driver thread watches it; when no stage has moved for
-``execution.stall_timeout_s`` it interrupts the run, which then raises ``StallError``
-naming the last progress of each stage and the resources the cluster has left.
+``execution.stall_timeout_s`` it interrupts the run, which kills the stage actors (a stuck
+call would otherwise keep its actor, and its CPUs, alive) and raises ``StallError`` naming
+the last progress of each stage and the resources the cluster has left.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ class Progress:
 
     def __init__(self):
         self.stages: dict[str, tuple[int, float, float]] = {}
+        self.workers: list = []
+
+    def register(self, worker) -> None:
+        """Stage actors announce themselves, so a stalled run can kill them instead of leaking them."""
+        self.workers.append(worker)
+
+    def registered(self) -> list:
+        return list(self.workers)
 
     def beat(self, stage: str, rows: int, busy_s: float = 0.0) -> None:
         done, _, busy = self.stages.get(stage, (0, 0.0, 0.0))

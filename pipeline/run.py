@@ -252,6 +252,8 @@ def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
     except KeyboardInterrupt:
         if watchdog.diagnosis is None:
             raise
+        for worker in ray.get(progress.registered.remote()):
+            ray.kill(worker, no_restart=True)
         raise StallError(watchdog.diagnosis) from None
     finally:
         ray.kill(progress)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import ray
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -34,6 +35,7 @@ class TokenizeWorker:
     def __init__(self, model: ResolvedModel, progress):
         self.tokenizer = actor_tokenizer(model)
         self.progress = progress
+        progress.register.remote(ray.get_runtime_context().current_actor)
         self.max_length = model.max_length
         self.offsets = model.task == "token-classification"
 

@@ -78,3 +78,7 @@ def test_a_stalled_stage_fails_with_a_diagnosis(ray_session, tiny_models, shards
         )
     assert time.time() - started < 120
     assert not (tmp_path / "out" / "_SUCCESS").exists()
+    deadline = time.time() + 30  # the stuck model actor was killed: its CPUs are free again
+    while ray_session.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray_session.available_resources().get("CPU", 0) == 2
