@@ -123,7 +123,10 @@ class OutputConfig(_Strict):
     cls_embedding: bool = Field(False, description="sequence-classification: also write the final layer's CLS vector.")
     embedding: EmbeddingOutputConfig = Field(default_factory=EmbeddingOutputConfig, description="Embedding task output.")
     rows_per_file: int = Field(
-        100_000, gt=0, description="Upper bound on rows per Parquet part (one part per write task otherwise)."
+        100_000,
+        gt=0,
+        description="Rows per Parquet part: each write task gathers this many rows before writing "
+        "(the last part takes the rest). Smaller values publish parts sooner and hold less in the object store.",
     )
 
 

@@ -186,7 +186,8 @@ class InferWorker:
                     result = self.head(outputs, inputs["attention_mask"], context)
             except torch.cuda.OutOfMemoryError:
                 del inputs, context
-                torch.cuda.empty_cache()
+                if self.device == "cuda":
+                    torch.cuda.empty_cache()
                 result = self._split(columns, texts, picked)
                 upcoming = self._inputs(columns, texts, following) if following is not None else None
             yield result
