@@ -35,6 +35,10 @@ Figures per contender and set:
                   ``--threads``, measured in the same run.
   vs a            rows/s over (a)'s on the same set (with --scaling: over one actor's)
   fidelity        against (d) in float32: cosine min/mean of embeddings, or top-label agreement
+  cores busy      (a) only, printed under the table: the average number of cores each group of
+                  processes kept busy during the run (model actors, tokenizer actors, this driver,
+                  where Ray Data's executor runs, and all other processes: Ray's daemons and
+                  internal actors, read/write task workers), from /proc, sampled every second
 
 Timing: b-e load their model before the clock starts (``setup_s``) and warm up on 8 rows; the
 clock covers tokenizing, forward passes and post-processing. (a)'s ``setup_s`` is ``ray.init`` and
@@ -69,6 +73,7 @@ import os
 import platform
 import random
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -175,6 +180,7 @@ class Result:
     flops: float  # model FLOPs of the real tokens
     outputs: np.ndarray = field(repr=False)  # (rows, dim) float32 in input order: embeddings or logits
     fidelity: dict[str, float] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # (a): CPU seconds per process group (CpuByProcess)
 
     @property
     def rows_per_s(self) -> float:
@@ -196,6 +202,7 @@ class Result:
             "padding_efficiency": self.real_tokens / self.padded_tokens,
             "mfu": self.flops / self.wall_s / peak_flops,
             **self.fidelity,
+            **({"cpu_s_by_process": self.cpu_s} if self.cpu_s else {}),
         }
 
 
@@ -401,6 +408,62 @@ def sentence_transformers(spec: Spec) -> tuple[torch.nn.Module, Encode]:
 IN_PROCESS: dict[str, Loader] = {"b": hf_pipeline, "c": naive_loop, "d": sorted_budget, "e": sentence_transformers}
 
 
+class CpuByProcess:
+    """Context manager: CPU seconds each process group spent while it was open (Linux ``/proc``).
+
+    Groups: the model actor(s), the tokenizer actor(s), this driver (Ray Data's executor runs
+    here) and every other process (Ray's daemons, its internal actors, read/write task workers).
+    Processes are sampled every ``interval_s``; one that exits loses at most its last interval.
+    """
+
+    GROUPS = {"InferWorker": "model actors", "TokenizeWorker": "tokenizer actors"}
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s, self.seen = interval_s, {}
+        self.baseline = self.sample()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def sample(self) -> dict[int, tuple[str, float]]:
+        """pid -> (group, CPU seconds so far) for every process this user can read."""
+        ticks, found = os.sysconf("SC_CLK_TCK"), {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue  # exited meanwhile
+            pid = int(entry.name)
+            group = next((g for key, g in self.GROUPS.items() if key in cmdline), None)
+            group = group or ("driver" if pid == os.getpid() else "other processes")
+            found[pid] = (group, (int(stat[11]) + int(stat[12])) / ticks)  # utime + stime
+        return found
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.seen.update(self.sample())
+
+    def __enter__(self) -> CpuByProcess:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.seen.update(self.sample())
+
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds per group since this object was made."""
+        totals: dict[str, float] = {}
+        for pid, (group, cpu) in self.seen.items():
+            before = self.baseline.get(pid)
+            spent = cpu - before[1] if before and before[0] == group else cpu
+            totals[group] = totals.get(group, 0.0) + spent
+        return totals
+
+
 class RayJob:
     """(a) the pipeline as a user runs it: Parquet shards in, ``run_job``, Parquet shards out.
 
@@ -423,11 +486,12 @@ class RayJob:
         self.setup_s = time.perf_counter() - start
 
     def __call__(self, workload: Workload) -> Result:
-        manifest, out, wall = self.run(workload)
+        with CpuByProcess() as cpu:
+            manifest, out, wall = self.run(workload)
         return Result(
             self.key, workload.name, self.spec.dtype, len(workload.texts), wall, self.setup_s,
             manifest["real_tokens"], manifest["padded_tokens"], model_flops(self.config, workload.lengths),
-            read_outputs(out, self.spec.task),
+            read_outputs(out, self.spec.task), cpu_s=cpu.seconds(),
         )  # fmt: skip
 
     def run(self, workload: Workload) -> tuple[dict, Path, float]:
@@ -539,6 +603,17 @@ def format_table(rows: list[dict], baseline: str) -> str:
         return cell.ljust(widths[i]) if i < 3 else cell.rjust(widths[i])
 
     return "\n".join("  ".join(align(i, cell) for i, cell in enumerate(line)) for line in lines)
+
+
+def format_cpu(rows: list[dict]) -> str:
+    """Where (a)'s CPU went: average cores busy per process group over each run's wall time."""
+    lines = []
+    for r in rows:
+        if "cpu_s_by_process" in r:
+            groups = sorted(r["cpu_s_by_process"].items(), key=lambda kv: -kv[1])
+            busy = ", ".join(f"{group} {seconds / r['wall_s']:.2f}" for group, seconds in groups)
+            lines.append(f"{r['contender']} {r['set']}: cores busy on average: {busy} (of {os.cpu_count()})")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -690,6 +765,7 @@ def main() -> None:
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, args.out / f"{name}.png", f"{spec.task}, {spec.dtype}, {args.threads} threads, {args.rows} rows per set")
     print(format_table(rows, baseline))
+    print(format_cpu(rows))
     if bf16_speedup:
         print("bf16 / fp32 rows/s of (d): " + ", ".join(f"{s} {v:.2f}x" for s, v in bf16_speedup.items()))
     print(f"peak matmul at {args.threads} threads: {peaks_text}. Written: {args.out}/{name}.json, {name}.png")

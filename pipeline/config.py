@@ -94,7 +94,7 @@ class InferenceConfig(_Strict):
     max_tokens_per_batch: int | Literal["auto"] = Field(
         "auto",
         description="Token budget per forward pass (rows x padded length of each micro-batch). auto: sized from "
-        "free GPU memory on CUDA, 16384 on CPU.",
+        "free GPU memory on CUDA, 4096 on CPU (larger ones spend CPU time on page faults).",
     )
     min_padding_efficiency: float = Field(
         0.9,

@@ -34,6 +34,7 @@ import uuid
 from dataclasses import dataclass
 
 import fsspec
+import ray
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import schema as S
@@ -155,6 +156,8 @@ def shard_signature(fs: fsspec.AbstractFileSystem, path: str) -> dict:
 
 def score_date(cfg: JobConfig, date: str, log=print) -> dict:
     """Score the shards of ``date`` that its ledger does not list yet; see the module docstring."""
+    if not ray.is_initialized():
+        ray.init()  # the plan sizes pools for the cluster the job runs on, not for this driver's machine
     job = plan(cfg)
     version = f"version={job.model.fingerprint[:12]}-{cfg.fingerprint()}"
     partition = Partition.open(join(cfg.output.path, f"dt={date}", version), cfg)
@@ -180,7 +183,7 @@ def score_date(cfg: JobConfig, date: str, log=print) -> dict:
     staged_cfg = cfg.model_copy(
         update={"output": cfg.output.model_copy(update={"path": join(partition.uri, STAGING, run_id), "mode": "overwrite"})}
     )
-    manifest = run_job(staged_cfg, files=[path for path, _ in pending.values()])
+    manifest = run_job(staged_cfg, files=[path for path, _ in pending.values()], job=job)
     partition.commit(run_id, manifest, {s: sig for s, (_, sig) in pending.items()})
     if cfg.faults.crash_after_commit:
         os._exit(17)

@@ -84,6 +84,7 @@ class Plan:
     cfg: JobConfig
     shards: Shards
     passthrough_schema: pa.Schema | None  # None for JSONL: inferred from the rows
+    footer_rows: dict[str, int]  # rows per Parquet shard, from the footers the plan read; {} for JSONL
     model: ResolvedModel
     pools: Pools
 
@@ -142,28 +143,40 @@ class Plan:
         return "\n".join(lines)
 
 
+def cluster_resources() -> tuple[float, float, float]:
+    """(CPUs, GPUs, largest node's CPUs) of the connected Ray cluster, or of this machine if none is."""
+    import ray
+
+    if ray.is_initialized():
+        resources = ray.cluster_resources()
+        node_cpus = max(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"])
+        return resources.get("CPU", 1.0), resources.get("GPU", 0.0), node_cpus
+    import torch
+
+    cpus = float(os.cpu_count() or 1)
+    return cpus, float(torch.cuda.device_count()), cpus
+
+
 def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None, node_cpus: float | None = None) -> Plan:
     """Validate everything that can be checked without running inference; see the module docstring.
 
-    Pools are sized for the given cluster, or for this machine when none is given.
+    Pools are sized for the given resources, else for ``cluster_resources()``.
     """
     if cpus is None:
-        import torch
-
-        cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
+        cpus, gpus, node_cpus = cluster_resources()
     check_access(cfg.input.path, cfg.storage)
     check_access(cfg.output.path, cfg.storage, write=True)
     fs, in_path = filesystem(cfg.input.path, cfg.storage)
     passthrough = list(dict.fromkeys([*cfg.input.id_columns, *filter(None, [cfg.eval.label_column])]))
     shards = discover(cfg.input, fs, in_path, passthrough)
-    passthrough_schema = check_schema(shards, cfg.input)
+    passthrough_schema, footer_rows = check_schema(shards, cfg.input)
     model = resolve(cfg.model, cfg.storage, cfg.tokenize.path)
     out_fs, out_root = filesystem(cfg.output.path, cfg.storage)
     if cfg.output.mode == "error" and out_fs.exists(join(out_root, S.SUCCESS)):
         raise ConfigError(
             f"output.path {cfg.output.path} already holds a finished run; choose a new path or set output.mode: overwrite"
         )
-    job = Plan(cfg, shards, passthrough_schema, model, size_pools(cfg, cpus, gpus or 0.0, node_cpus))
+    job = Plan(cfg, shards, passthrough_schema, footer_rows, model, size_pools(cfg, cpus, gpus or 0.0, node_cpus))
     clashes = set(passthrough) & set(job.output_schema(pa.schema([])).names)
     if clashes:
         raise ConfigError(
@@ -173,11 +186,13 @@ def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None, n
     return job
 
 
-def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
+def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = None) -> dict:
     """Run the job on the current Ray cluster (started locally if none); return the manifest.
 
     ``files`` restricts the input to these shards (as listed by ``plan``), e.g. the ones
-    a nightly run has not scored yet.
+    a nightly run has not scored yet. ``job`` is a plan already made for the same input and
+    model (a nightly run plans before it picks its shards and output): it is not made again,
+    only its output is taken from ``cfg`` and its pools sized for this cluster.
     """
     import ray
 
@@ -190,9 +205,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
 
     if not ray.is_initialized():
         ray.init()
-    resources = ray.cluster_resources()
-    node_cpus = max(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"])
-    job = plan(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0), node_cpus)
+    job = plan(cfg) if job is None else replace(job, cfg=cfg, pools=size_pools(cfg, *cluster_resources()))
     shards = replace(job.shards, files=files) if files is not None else job.shards
     started = time.time()
     out_fs, out_root = filesystem(cfg.output.path, cfg.storage)
@@ -200,7 +213,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None) -> dict:
         out_fs.rm(out_root, recursive=True)
     out_fs.makedirs(out_root, exist_ok=True)
     id_columns = cfg.input.id_columns if cfg.input.reject_duplicate_ids else []
-    scan = scan_input(shards, id_columns, READ_CPUS)
+    scan = scan_input(shards, id_columns, job.footer_rows)
 
     pools, execution = job.pools, cfg.execution
     progress = Progress.remote()

@@ -92,28 +92,29 @@ def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthr
     return Shards(root=root, files=files, sizes={f: sizes[f] for f in files}, format=fmt, passthrough=passthrough, fs=fs)
 
 
-def check_schema(shards: Shards, cfg: InputConfig) -> pa.Schema | None:
+def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema | None, dict[str, int]]:
     """Check every shard opens and has the configured columns with usable types (in parallel).
 
-    Returns the schema of the passthrough columns; None for JSONL, which has no schema:
-    its values are checked row by row and the passthrough types inferred from the data.
+    Returns the schema of the passthrough columns and each Parquet shard's row count from its
+    footer. JSONL has neither (None, {}): its values are checked row by row, the passthrough
+    types inferred from the data and its rows counted by ``scan_input``.
     """
     if shards.format != "parquet":
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda path: _probe_jsonl(shards, path), shards.files))
-        return None
+        return None, {}
 
-    def footer(path: str) -> pa.Schema:
+    def footer(path: str) -> pq.FileMetaData:
         try:
             with shards.fs.open(path, "rb") as f:
-                return pq.read_schema(f)
+                return pq.read_metadata(f)
         except Exception as e:  # noqa: BLE001 - any failure here means the shard is unreadable
             raise InputError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
 
     with ThreadPoolExecutor(16) as pool:
-        schemas = list(pool.map(footer, shards.files))
+        footers = list(pool.map(footer, shards.files))
     expected = None
-    for path, file_schema in zip(shards.files, schemas):
+    for path, file_schema in zip(shards.files, (f.schema.to_arrow_schema() for f in footers)):
         for column in [cfg.text_column, cfg.text_pair_column]:
             if column is None:
                 continue
@@ -131,7 +132,7 @@ def check_schema(shards: Shards, cfg: InputConfig) -> pa.Schema | None:
             expected = passthrough
         elif not passthrough.equals(expected):
             raise InputError(f"{path}: id/label column types {passthrough} differ from other shards' {expected}")
-    return expected
+    return expected, {path: f.num_rows for path, f in zip(shards.files, footers)}
 
 
 def _probe_jsonl(shards: Shards, path: str) -> None:
@@ -156,21 +157,25 @@ class InputScan:
     duplicates: dict[str, dict[int, str]]  # relative shard -> row -> where that id was seen first
 
 
-def scan_input(shards: Shards, id_columns: list[str], cpus: float) -> InputScan:
-    """Count input rows (footers / non-blank lines) and, with ``id_columns``, find duplicate ids.
+def scan_input(shards: Shards, id_columns: list[str], footer_rows: dict[str, int]) -> InputScan:
+    """Count input rows and, with ``id_columns``, find duplicate ids.
 
-    One Ray task per shard reads only the id columns and returns a 16-byte hash per row; the
-    driver keeps the first occurrence in (shard, row) order and marks later ones. Its memory
-    is ~24 bytes per input row, only when ``input.reject_duplicate_ids`` is on.
+    Parquet rows without ids to check are the ``footer_rows`` that ``check_schema`` read.
+    Otherwise one Ray task per shard counts rows (non-blank JSONL lines) and reads only the id
+    columns, returning a 16-byte hash per row; the driver keeps the first occurrence in
+    (shard, row) order and marks later ones. Its memory is ~24 bytes per input row, only when
+    ``input.reject_duplicate_ids`` is on. Tasks reserve a whole CPU: the scan runs before any
+    stage starts, and more tasks than CPUs would only start more worker processes.
     """
     import ray
 
-    @ray.remote(num_cpus=cpus)
+    if not id_columns and shards.format == "parquet":
+        return InputScan(sum(footer_rows[path] for path in shards.files), {})
+
+    @ray.remote(num_cpus=1)
     def scan(path: str) -> tuple[int, np.ndarray, np.ndarray]:
         with open_shard(shards, path) as f:
             if not id_columns:
-                if shards.format == "parquet":
-                    return pq.ParquetFile(f).metadata.num_rows, np.empty(0, np.int64), np.empty(0, "V16")
                 return sum(1 for line in f if line.strip()), np.empty(0, np.int64), np.empty(0, "V16")
             count, rows, digests = 0, [], []
             for row, record, _ in read_records(f, shards.format, id_columns):

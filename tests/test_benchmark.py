@@ -104,3 +104,19 @@ def test_report_table_and_chart(tmp_path):
     assert "5.00x" in table[2] and "sorted, token budget" in table[2]
     B.plot(rows, tmp_path / "chart.png", "test")
     assert (tmp_path / "chart.png").stat().st_size > 0
+
+
+def test_cpu_by_process_attributes_cpu_to_groups():
+    import subprocess
+    import sys
+
+    burn = "import sys, time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"
+    with B.CpuByProcess(interval_s=0.1) as cpu:
+        # argv[1] puts "InferWorker" in the cmdline, as Ray's process title does for a model actor.
+        subprocess.run([sys.executable, "-c", burn, "InferWorker"], check=True)
+        subprocess.run([sys.executable, "-c", burn], check=True)
+    seconds = cpu.seconds()
+    assert seconds["model actors"] >= 0.5  # its whole life fell inside the block
+    assert seconds["other processes"] >= 0.5
+    assert seconds.get("tokenizer actors", 0.0) == 0.0
+    assert seconds["driver"] < 0.5  # this process mostly waited

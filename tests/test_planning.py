@@ -20,7 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 import pipeline.run
 from pipeline.config import JobConfig, load_config
-from pipeline.run import plan, run_job
+from pipeline.run import cluster_resources, plan, run_job, size_pools
 
 SHARDS, ROWS = 1000, 2
 RUN_SHARDS = 200
@@ -112,12 +112,15 @@ def test_a_run_lists_nothing_again_on_the_driver_and_keeps_every_row(
 ) -> None:
     cfg = config(shards, tiny_models["sequence-classification"], tmp_path / "out")
     files = sorted(str(path) for path in shards.glob("*.parquet"))
-    manifest = run_job(cfg, files=files[:RUN_SHARDS])
+    job = plan(cfg, cpus=64.0, gpus=0.0)  # as a nightly run plans before it picks shards; sized for a bigger machine
+    manifest = run_job(cfg, files=files[:RUN_SHARDS], job=job)
 
-    # Still the planning's one listing and one footer read per shard: Ray Data took the listing
-    # instead of making its own, and the shards were scanned and read on workers only.
+    # Still the plan's one listing and one footer read per shard: the run did not plan again,
+    # Ray Data took the listing instead of making its own, and shards were read on workers only.
     assert fs.listings() == [("find", str(shards))]
     assert fs.calls_on(files) == {"open": SHARDS}
+    # The plan's pools were sized again for the cluster the run found (64 CPUs would never schedule).
+    assert manifest["pools"] == size_pools(cfg, *cluster_resources()).describe() != job.pools.describe()
     assert manifest["input_files"] == RUN_SHARDS
     assert manifest["rows_in"] == manifest["rows_out"] == RUN_SHARDS * ROWS
     assert manifest["rows_rejected"] == 0
