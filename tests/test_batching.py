@@ -29,6 +29,37 @@ def test_micro_batches_respect_the_token_budget_and_padding_floor():
     assert [(p.start, p.stop) for p in micro_batches(np.array([9000, 10]), 4096, 0.9)] == [(0, 1), (1, 2)]
 
 
+FAULTS = """
+import resource, sys
+import numpy as np
+from pipeline.infer import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def call():  # like one model call: a few large activations for the long rows, then smaller ones
+    for mib in (24, 16, 8, 4, 2, 1):
+        live = [np.ones(mib << 18, dtype=np.float32) for _ in range(3)]
+        del live
+call()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    call()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_freed_activation_memory_is_reused_without_page_faults():
+    """Each case in a fresh process: mallopt settings are process-wide."""
+    import subprocess
+    import sys
+
+    def faults(mode: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", FAULTS, mode], check=True, capture_output=True, text=True).stdout)
+
+    default, kept = faults("default"), faults("keep")
+    assert default > 10_000  # glibc hands the large blocks back and faults them in again, every call
+    assert kept < default / 100
+
+
 def test_token_budget_scales_with_free_gpu_memory():
     config = BertConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12)
     assert token_budget(config, 512, None, 4) == CPU_TOKEN_BUDGET
