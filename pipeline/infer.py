@@ -72,10 +72,10 @@ def keep_freed_memory() -> bool:
 
     A CPU forward pass allocates and frees its activations for every micro-batch. By default
     glibc unmaps blocks above a moving mmap threshold and trims the top of the heap, so the
-    next micro-batch page-faults fresh zeroed pages in: measured here, 12% of the CPU time went
-    to the kernel. A fixed 32 MiB mmap threshold (glibc's maximum; MiniLM's largest activation in
-    a CPU_TOKEN_BUDGET micro-batch is 25 MiB) and a 1 GiB trim threshold keep those pages mapped, for
-    reuse. Process-wide; False where the C library is not glibc (nothing changes then).
+    next micro-batch page-faults fresh zeroed pages in: 12% of CPU time went to the kernel
+    here. A fixed 32 MiB mmap threshold (glibc's maximum; MiniLM's largest activation in a
+    CPU_TOKEN_BUDGET micro-batch is 25 MiB) and a 1 GiB trim threshold keep those pages for
+    reuse. Process-wide; returns False where the C library is not glibc (nothing changes).
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
