@@ -70,8 +70,12 @@ class Watchdog:
         self._thread.join()
 
     def _watch(self) -> None:
+        stages: dict[str, tuple[int, float, float]] = {}
         while not self._stop.wait(self.poll_s):
-            stages = ray.get(self.progress.snapshot.remote())
+            try:  # the watchdog itself must never block or die: a silent progress actor is no progress
+                stages = ray.get(self.progress.snapshot.remote(), timeout=self.timeout_s)
+            except Exception:  # noqa: BLE001
+                pass
             last = max([t for _, t, _ in stages.values()] + [self._started])
             if time.time() - last > self.timeout_s:
                 self.diagnosis = self._diagnose(stages)
