@@ -2,8 +2,8 @@
 
 Stage workers report rows done to one tiny ``Progress`` actor (0 CPUs, fire-and-forget
 calls). A driver thread watches it; when no stage has moved for
-``execution.stall_timeout_s`` it interrupts the run, which kills the stage actors (a stuck
-call would otherwise keep its actor, and its CPUs, alive) and raises ``StallError`` naming
+``execution.stall_timeout_s`` it kills the stage actors (a stuck call would otherwise keep
+its actor, and its CPUs, alive) and interrupts the run, which raises ``StallError`` naming
 the last progress of each stage and the resources the cluster has left.
 """
 
@@ -79,6 +79,10 @@ class Watchdog:
             last = max([t for _, t, _ in stages.values()] + [self._started])
             if time.time() - last > self.timeout_s:
                 self.diagnosis = self._diagnose(stages)
+                # Killing the stage actors frees their CPUs and fails the run even where the
+                # interrupt is deferred (Ray defers SIGINT inside some calls).
+                for worker in ray.get(self.progress.registered.remote(), timeout=self.timeout_s):
+                    ray.kill(worker, no_restart=True)
                 _thread.interrupt_main()
                 return
 

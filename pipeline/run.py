@@ -263,12 +263,10 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
             ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
         stages = stage_throughput(ray.get(progress.snapshot.remote()))
     except BaseException:
-        # The watchdog interrupts the main thread wherever it waits; Ray Data may surface that as
-        # another exception. Once the watchdog has fired, whatever comes out is the stall.
+        # Once the watchdog has fired (killing the stage actors and interrupting this thread),
+        # whatever comes out of the run is the stall.
         if watchdog.diagnosis is None:
             raise
-        for worker in ray.get(progress.registered.remote()):
-            ray.kill(worker, no_restart=True)
         raise StallError(watchdog.diagnosis) from None
     finally:
         ray.kill(progress)
