@@ -81,9 +81,11 @@ class Watchdog:
                 self.diagnosis = self._diagnose(stages)
                 # Killing the stage actors frees their CPUs and fails the run even where the
                 # interrupt is deferred (Ray defers SIGINT inside some calls).
-                for worker in ray.get(self.progress.registered.remote(), timeout=self.timeout_s):
-                    ray.kill(worker, no_restart=True)
-                _thread.interrupt_main()
+                try:
+                    for worker in ray.get(self.progress.registered.remote(), timeout=self.timeout_s):
+                        ray.kill(worker, no_restart=True)
+                finally:
+                    _thread.interrupt_main()
                 return
 
     def _diagnose(self, stages: dict[str, tuple[int, float, float]]) -> str:
