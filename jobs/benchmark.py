@@ -86,8 +86,8 @@ import transformers
 
 from jobs import bbc
 from pipeline.config import InferenceConfig
-from pipeline.heads import pool
 from pipeline.infer import CPU_TOKEN_BUDGET, keep_freed_memory, micro_batches
+from pipeline.tasks.embedding import pool
 
 log = logging.getLogger("benchmark")
 

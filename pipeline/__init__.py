@@ -1,6 +1,6 @@
 """encoder-batch: batch inference for Hugging Face encoder models on Ray Data.
 
-Reading order follows the data: config -> source -> tokenize -> infer (heads) -> sink,
+Reading order follows the data: config -> source -> tokenize -> infer (tasks) -> sink,
 with ``run`` wiring the stages together.
 """
 

@@ -15,13 +15,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import ModelConfig, StorageConfig, Task
+from pipeline import tasks
+from pipeline.config import ModelConfig, StorageConfig
 
-# The architecture suffix each task needs; `embedding` takes any encoder.
-HEAD_SUFFIX: dict[str, str] = {
-    "sequence-classification": "ForSequenceClassification",
-    "token-classification": "ForTokenClassification",
-}
 WEIGHT_PATTERNS = ("*.safetensors", "*.json", "*.txt", "*.model", "tokenizer*")
 
 
@@ -37,7 +33,6 @@ class ResolvedModel:
     load_path: str  # what actors pass to from_pretrained (local dir, Hub id or s3:// URI)
     revision: str | None  # Hub commit sha actors load (None for local / s3)
     fingerprint: str  # Hub commit sha, or content hash of a local/s3 checkpoint
-    task: Task
     architecture: str
     hidden_size: int
     max_length: int
@@ -47,10 +42,6 @@ class ResolvedModel:
     allow_pickle: bool = False
     tokenizer_path: str | None = None  # tokenize.path override (same pinning rules)
     storage: StorageConfig = field(default_factory=StorageConfig)  # for s3:// checkpoints
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.id2label)
 
 
 def _package_dir(uri: str) -> Path:
@@ -140,6 +131,17 @@ def _default_max_length(local: Path, config, tokenizer) -> int:
     return min(limits)
 
 
+def _task_that_fits(architectures: list[str]) -> str:
+    """The fix for a checkpoint without the configured task's head: a task whose head it has."""
+    fits = [
+        t.name for t in tasks.REGISTRY.values() if t.head_suffix and any(a.endswith(t.head_suffix) for a in architectures)
+    ]
+    if fits:
+        return f"Set model.task: {fits[0]}"
+    any_encoder = " or ".join(t.name for t in tasks.REGISTRY.values() if t.head_suffix is None)
+    return f"Set model.task: {any_encoder}, or use a fine-tuned checkpoint"
+
+
 def resolve(model: ModelConfig, storage: StorageConfig, tokenizer_path: str | None = None) -> ResolvedModel:
     """Pin ``model.path`` to exact bytes and check it can serve ``model.task``. Runs on the driver."""
     from transformers import AutoConfig
@@ -162,13 +164,11 @@ def resolve(model: ModelConfig, storage: StorageConfig, tokenizer_path: str | No
         )
     config = AutoConfig.from_pretrained(local, trust_remote_code=model.trust_remote_code)
     architectures = config.architectures or []
-    suffix = HEAD_SUFFIX.get(model.task)
+    suffix = tasks.REGISTRY[model.task].head_suffix
     if suffix and not any(a.endswith(suffix) for a in architectures):
-        others = [t for t, s in HEAD_SUFFIX.items() if any(a.endswith(s) for a in architectures)]
-        fix = f"set model.task: {others[0]}" if others else "set model.task: embedding, or use a fine-tuned checkpoint"
         raise CheckpointError(
             f"{model.path} is a {'/'.join(architectures) or 'model without architectures'}: it has no "
-            f"{model.task} head, so one would be randomly initialised. {fix[0].upper() + fix[1:]}"
+            f"{model.task} head, so one would be randomly initialised. {_task_that_fits(architectures)}"
         )
 
     tokenizer = load_tokenizer(tokenizer_path or str(local), None, model.trust_remote_code)
@@ -177,7 +177,6 @@ def resolve(model: ModelConfig, storage: StorageConfig, tokenizer_path: str | No
         load_path=load_path,
         revision=revision,
         fingerprint=fingerprint,
-        task=model.task,
         architecture=architectures[0] if architectures else type(config).__name__,
         hidden_size=int(config.hidden_size),
         max_length=model.max_length or _default_max_length(local, config, tokenizer),
@@ -216,15 +215,11 @@ def actor_tokenizer(resolved: ResolvedModel):
     return load_tokenizer(local_path(resolved), resolved.revision, resolved.trust_remote_code)
 
 
-def load_model(resolved: ResolvedModel, device: str, dtype: str):
-    """Load the task's AutoModelFor* in eval mode; refuse checkpoints with missing weights."""
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+def load_model(resolved: ResolvedModel, task: tasks.Task, device: str, dtype: str):
+    """Load the task's ``AutoModelFor*`` in eval mode; refuse checkpoints with missing weights."""
+    import transformers
 
-    auto = {
-        "sequence-classification": AutoModelForSequenceClassification,
-        "token-classification": AutoModelForTokenClassification,
-        "embedding": AutoModel,
-    }[resolved.task]
+    auto = getattr(transformers, task.auto_model)
     kwargs = dict(
         revision=resolved.revision,
         dtype=torch_dtype(dtype, device),
@@ -236,7 +231,7 @@ def load_model(resolved: ResolvedModel, device: str, dtype: str):
         model, info = auto.from_pretrained(local_path(resolved), attn_implementation="sdpa", **kwargs)
     except (ValueError, ImportError):
         model, info = auto.from_pretrained(local_path(resolved), **kwargs)
-    unused = ("position_ids", "pooler") if resolved.task == "embedding" else ("position_ids",)
+    unused = ("position_ids", *task.optional_weights)
     missing = [k for k in info.get("missing_keys", []) if not any(u in k for u in unused)]
     if missing:
         raise CheckpointError(f"{resolved.source} lacks weights for {missing[:5]}: they would be random")

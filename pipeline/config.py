@@ -12,12 +12,25 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
-Task = Literal["sequence-classification", "token-classification", "embedding"]
+from pipeline import tasks
+
+
+def _registered_task(name: str) -> str:
+    """A ``pipeline.tasks`` registry name (checked at validation time, so the registry is the one list)."""
+    if name not in tasks.REGISTRY:
+        *rest, last = [repr(t) for t in tasks.REGISTRY]
+        expected = f"{', '.join(rest)} or {last}" if rest else last
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+    return name
+
+
+TaskName = Annotated[str, AfterValidator(_registered_task)]
 
 
 class _Strict(BaseModel):
@@ -52,7 +65,9 @@ class ModelConfig(_Strict):
         "for a checkpoint shipped inside an installed package."
     )
     revision: str | None = Field(None, description="Hub branch, tag or commit to pin; resolved to a commit sha.")
-    task: Task = Field(description="Which head to run: sequence-classification, token-classification or embedding.")
+    task: TaskName = Field(
+        description=f"Which task to run: {', '.join(tasks.REGISTRY)} (see README: Tasks and outputs)."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights/compute dtype. auto = float16 on GPU, float32 on CPU."
     )
@@ -187,10 +202,15 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_task_inputs(self) -> JobConfig:
-        if self.model.task == "token-classification" and self.input.text_pair_column:
-            raise ValueError("token-classification takes a single text; remove input.text_pair_column")
-        if self.eval.label_column and self.model.task != "sequence-classification":
-            raise ValueError("eval.label_column needs model.task: sequence-classification")
+        """The inputs and evaluation the task declares (``pipeline.tasks.base``)."""
+        task = tasks.REGISTRY[self.model.task]
+        if task.inputs.pair == "forbidden" and self.input.text_pair_column:
+            raise ValueError(f"{task.name} takes a single text; remove input.text_pair_column")
+        if task.inputs.pair == "required" and not self.input.text_pair_column:
+            raise ValueError(f"{task.name} needs input.text_pair_column: the column holding {task.inputs.pair_role}")
+        if self.eval.label_column and task.evaluates is None:
+            evaluated = " or ".join(t.name for t in tasks.REGISTRY.values() if t.evaluates)
+            raise ValueError(f"eval.label_column needs model.task: {evaluated}")
         return self
 
     def public_dict(self) -> dict[str, Any]:

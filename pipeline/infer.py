@@ -4,9 +4,9 @@ Per call (``inference.batch_size`` rows) an actor sorts the valid rows by length
 them into micro-batches that fit ``inference.max_tokens_per_batch`` (rows x padded
 length) and waste little padding (``inference.min_padding_efficiency``), pads each
 only to its own longest row, runs the model under
-``torch.inference_mode()``, turns outputs into columns on the CPU and restores the
-original row order. Only output columns leave the actor, never hidden states. On CUDA
-OOM a micro-batch is split in two and retried.
+``torch.inference_mode()``, turns outputs into the task's columns with its head (reduced on the
+device) and restores the original row order. Only output columns leave the actor, never hidden
+states. On CUDA OOM a micro-batch is split in two and retried.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 
 from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, load_model
-from pipeline.config import FaultConfig, InferenceConfig, OutputConfig
-from pipeline.heads import make_head
+from pipeline.config import FaultConfig, InferenceConfig
+from pipeline.tasks import ModelBatch, Task
 
 CONSUMED = (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS, S.TEXT)
 
@@ -115,8 +115,8 @@ class InferWorker:
     def __init__(
         self,
         model: ResolvedModel,
+        task: Task,
         inference: InferenceConfig,
-        output: OutputConfig,
         dtype: str,
         num_threads: int,
         progress,
@@ -134,8 +134,8 @@ class InferWorker:
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         if self.device == "cpu":
             keep_freed_memory()
-        self.model = load_model(model, self.device, dtype)
-        self.head = make_head(model, output)
+        self.model = load_model(model, task, self.device, dtype)
+        self.task = task
         free = torch.cuda.mem_get_info()[0] if self.device == "cuda" else None
         self.max_tokens = (
             inference.max_tokens_per_batch
@@ -143,14 +143,7 @@ class InferWorker:
             else token_budget(self.model.config, model.max_length, free, self.model.dtype.itemsize)
         )
         self.min_efficiency = inference.min_padding_efficiency
-        self.types = S.output_schema(
-            model.task,
-            [],
-            num_labels=model.num_labels,
-            hidden_size=model.hidden_size,
-            cls_embedding=output.cls_embedding,
-            embedding_dtype=output.embedding.dtype,
-        )
+        self.fields = task.fields()
         self.pad_id = self.model.config.pad_token_id or 0
 
     def _inject_faults(self) -> None:
@@ -182,7 +175,7 @@ class InferWorker:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         batch = batch.drop_columns([c for c in CONSUMED if c in batch.column_names])
-        for field in self.types:
+        for field in self.fields:
             if field.name not in results:
                 continue
             parts = results[field.name]
@@ -199,17 +192,17 @@ class InferWorker:
         asynchronous), the CPU pads and pins the next; the head's copy to the CPU syncs."""
         upcoming = self._inputs(columns, texts, parts[0]) if parts else None
         for i, picked in enumerate(parts):
-            inputs, context = upcoming
+            batch = upcoming
             following = parts[i + 1] if i + 1 < len(parts) else None
             try:
                 with torch.inference_mode():
                     if self.faults.oom_above_rows and len(picked) > self.faults.oom_above_rows:
                         raise torch.cuda.OutOfMemoryError("injected by faults.oom_above_rows")
-                    outputs = self.model(**inputs, output_hidden_states=self.head.needs_hidden_states)
+                    outputs = self.model(**batch.inputs, output_hidden_states=self.task.needs_hidden_states)
                     upcoming = self._inputs(columns, texts, following) if following is not None else None
-                    result = self.head(outputs, inputs["attention_mask"], context)
+                    result = self.task.head(outputs, batch)
             except torch.cuda.OutOfMemoryError:
-                del inputs, context
+                del batch
                 if self.device == "cuda":
                     torch.cuda.empty_cache()
                 result = self._split(columns, texts, picked)
@@ -227,8 +220,8 @@ class InferWorker:
             for k in first
         }
 
-    def _inputs(self, columns: dict, texts: list | None, picked: np.ndarray) -> tuple[dict, dict]:
-        """Padded tensors for rows ``picked`` (to their own longest row) plus head context."""
+    def _inputs(self, columns: dict, texts: list | None, picked: np.ndarray) -> ModelBatch:
+        """Rows ``picked`` as one micro-batch: tensors padded to its own longest row, on the device."""
 
         def rows(name: str) -> list[np.ndarray]:
             flat, offsets = columns[name]
@@ -247,12 +240,11 @@ class InferWorker:
             inputs["token_type_ids"] = np.zeros_like(inputs["input_ids"])
             for r, seq in enumerate(rows(S.TOKEN_TYPE_IDS)):
                 inputs["token_type_ids"][r, : len(seq)] = seq
-        context = {}
-        if S.OFFSETS in columns:
-            context = {"offsets": rows(S.OFFSETS), "texts": [texts[i] for i in picked]}
         pin = self.device == "cuda"
         tensors = {
             k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(self.device, non_blocking=pin)
             for k, v in inputs.items()
         }
-        return tensors, context
+        if S.OFFSETS not in columns:
+            return ModelBatch(tensors)
+        return ModelBatch(tensors, offsets=rows(S.OFFSETS), texts=[texts[i] for i in picked])

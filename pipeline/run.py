@@ -7,7 +7,6 @@ prints. ``run_job`` executes the plan with Ray Data and returns the manifest.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -22,6 +21,7 @@ from pipeline.checkpoint import ResolvedModel, resolve
 from pipeline.config import ConfigError, JobConfig
 from pipeline.source import Shards, check_schema, discover, scan_input
 from pipeline.storage import check_access, filesystem, join
+from pipeline.tasks import Task, build
 
 READ_CPUS = 0.25  # read and write tasks are I/O bound; a small share keeps them schedulable beside the actors
 WRITE_CPUS = 0.25
@@ -86,6 +86,7 @@ class Plan:
     passthrough_schema: pa.Schema | None  # None for JSONL: inferred from the rows
     footer_rows: dict[str, int]  # rows per Parquet shard, from the footers the plan read; {} for JSONL
     model: ResolvedModel
+    task: Task  # model.task configured for this job and checkpoint
     pools: Pools
 
     def metadata(self) -> dict:
@@ -94,33 +95,17 @@ class Plan:
         return {
             "model_path": self.model.source,
             "model_revision": self.model.fingerprint,
-            "task": self.model.task,
+            "task": self.task.name,
             "config_hash": cfg.fingerprint(),
             "version": __version__,
             "max_length": self.model.max_length,
             "dtype": cfg.model.dtype,
             "text_column": cfg.input.text_column,
-            **(
-                {
-                    "pooling": cfg.output.embedding.pooling,
-                    "normalize": cfg.output.embedding.normalize,
-                    "embedding_dtype": cfg.output.embedding.dtype,
-                }
-                if self.model.task == "embedding"
-                else {}
-            ),
+            **self.task.metadata(),
         }
 
     def output_schema(self, passthrough: pa.Schema) -> pa.Schema:
-        schema = S.output_schema(
-            self.model.task,
-            list(passthrough),
-            num_labels=self.model.num_labels,
-            hidden_size=self.model.hidden_size,
-            cls_embedding=self.cfg.output.cls_embedding,
-            embedding_dtype=self.cfg.output.embedding.dtype,
-        )
-        return schema.with_metadata({S.METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
+        return S.output_schema(list(passthrough), self.task.fields(), self.metadata())
 
     def describe(self) -> str:
         files = self.shards.files
@@ -132,7 +117,10 @@ class Plan:
             + f" passthrough={self.shards.passthrough or [S.GENERATED_ID + ' (generated)']}"
             + (f" schema={self.passthrough_schema}" if self.passthrough_schema else ""),
             f"model    {self.model.source} @ {self.model.fingerprint} ({self.model.architecture}, "
-            f"task {self.model.task}, max_length {self.model.max_length}, dtype {self.cfg.model.dtype})",
+            f"max_length {self.model.max_length}, dtype {self.cfg.model.dtype})",
+            f"task     {self.task.name} ({self.task.auto_model}"
+            + "".join(f", {key} {value}" for key, value in self.task.metadata().items())
+            + ")",
         ]
         if self.model.id2label:
             lines.append(f"labels   {self.model.id2label}")
@@ -176,7 +164,8 @@ def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None, n
         raise ConfigError(
             f"output.path {cfg.output.path} already holds a finished run; choose a new path or set output.mode: overwrite"
         )
-    job = Plan(cfg, shards, passthrough_schema, footer_rows, model, size_pools(cfg, cpus, gpus or 0.0, node_cpus))
+    pools = size_pools(cfg, cpus, gpus or 0.0, node_cpus)
+    job = Plan(cfg, shards, passthrough_schema, footer_rows, model, build(cfg, model), pools)
     clashes = set(passthrough) & set(job.output_schema(pa.schema([])).names)
     if clashes:
         raise ConfigError(
@@ -222,7 +211,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
     ds = ray.data.read_datasource(ShardDatasource(shards, cfg.input, arrow_filesystem(shards.fs), scan.duplicates), num_cpus=READ_CPUS)
     ds = ds.map_batches(
         TokenizeWorker,
-        fn_constructor_kwargs={"model": job.model, "progress": progress},
+        fn_constructor_kwargs={"model": job.model, "task": job.task, "progress": progress},
         batch_size=cfg.tokenize.batch_size,
         batch_format="pyarrow",
         num_cpus=pools.tokenize_cpus,
@@ -233,8 +222,8 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
         InferWorker,
         fn_constructor_kwargs={
             "model": job.model,
+            "task": job.task,
             "inference": cfg.inference,
-            "output": cfg.output,
             "dtype": cfg.model.dtype,
             "num_threads": pools.threads,
             "progress": progress,
@@ -254,6 +243,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
         shards.passthrough,
         job.passthrough_schema,
         cfg.eval.label_column,
+        job.task.evaluates,
         cfg.output.rows_per_file,
         progress,
     )

@@ -1,4 +1,5 @@
-"""The one home of every column name, type and metadata key the pipeline writes.
+"""The one home of every column name and metadata key the pipeline writes, and the one place
+the output schema is assembled (each task in ``pipeline.tasks`` declares its own fields' types).
 
 Stages exchange Arrow tables. Columns starting with ``_`` are internal: they travel
 between stages and are consumed by the sink, never written to the output files.
@@ -6,6 +7,7 @@ between stages and are consumed by the sink, never written to the output files.
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 
 import pyarrow as pa
@@ -25,7 +27,7 @@ NODE = "_node"  # Ray node id of the model actor that scored the row
 ACTOR = "_actor"  # "<actor id>:<pid>" of that model actor; a restarted actor shows a new pid
 INTERNAL_PREFIX = "_"
 
-# ---- output columns -------------------------------------------------------------------
+# ---- output columns (each task declares its own with their types: pipeline.tasks) -------
 GENERATED_ID = "id"
 NUM_TOKENS = "num_tokens"  # int32: real tokens the model saw (after truncation)
 TRUNCATED = "truncated"  # bool: the text was longer than max_length
@@ -37,16 +39,6 @@ CLS_EMBEDDING = "cls_embedding"
 EMBEDDING = "embedding"
 TOKEN_LABELS = "token_labels"
 ENTITIES = "entities"
-
-ENTITY_TYPE = pa.struct(
-    [
-        ("text", pa.string()),
-        ("label", pa.string()),
-        ("start", pa.int32()),
-        ("end", pa.int32()),
-        ("score", pa.float32()),
-    ]
-)
 
 
 class Reason(StrEnum):
@@ -65,33 +57,12 @@ def vector(dim: int, dtype: pa.DataType = pa.float32()) -> pa.DataType:
     return pa.list_(dtype, dim)
 
 
-def output_schema(
-    task: str,
-    id_fields: list[pa.Field],
-    *,
-    num_labels: int = 0,
-    hidden_size: int = 0,
-    cls_embedding: bool = False,
-    embedding_dtype: str = "float32",
-) -> pa.Schema:
-    """Schema of the output Parquet files for ``task``; the sink casts every part to it."""
-    fields = [*id_fields, pa.field(NUM_TOKENS, pa.int32()), pa.field(TRUNCATED, pa.bool_())]
-    if task == "sequence-classification":
-        fields += [
-            pa.field(LOGITS, vector(num_labels)),
-            pa.field(LABEL, pa.string()),
-            pa.field(LABEL_ID, pa.int32()),
-            pa.field(SCORE, pa.float32()),
-        ]
-        if cls_embedding:
-            fields.append(pa.field(CLS_EMBEDDING, vector(hidden_size)))
-    elif task == "embedding":
-        fields.append(pa.field(EMBEDDING, vector(hidden_size, pa.from_numpy_dtype(embedding_dtype))))
-    elif task == "token-classification":
-        fields += [pa.field(TOKEN_LABELS, pa.list_(pa.string())), pa.field(ENTITIES, pa.list_(ENTITY_TYPE))]
-    else:
-        raise ValueError(f"unknown task {task!r}")
-    return pa.schema(fields)
+def output_schema(id_fields: list[pa.Field], task_fields: list[pa.Field], metadata: dict | None = None) -> pa.Schema:
+    """Schema of the output Parquet files: the id columns, ``num_tokens``, ``truncated``, then the
+    task's fields (``pipeline.tasks``), with ``metadata`` as the file-level metadata. The sink
+    casts every part to it."""
+    fields = [*id_fields, pa.field(NUM_TOKENS, pa.int32()), pa.field(TRUNCATED, pa.bool_()), *task_fields]
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None)
 
 
 def rejected_schema(id_fields: list[pa.Field]) -> pa.Schema:

@@ -2,8 +2,8 @@
 the texts of the hits from the job's input (output files hold ids and vectors, not texts).
 
 Everything comes from what an output records about itself: its file-level Parquet metadata (checkpoint,
-revision, ``max_length``, dtype, pooling, normalisation) and ``_manifest.json`` (the job config: input path,
-text and id columns, tokenizer path, trust flags). The index itself lives in ``pipeline.index``.
+revision, ``max_length``, dtype) and ``_manifest.json`` (the job config: the embedding task's settings, input
+path, text and id columns, tokenizer path, trust flags). The index itself lives in ``pipeline.index``.
 
     hits = Searcher("out/bbc_embed").search("football match goal striker", k=5)
 """
@@ -23,10 +23,10 @@ import pyarrow.dataset as ds
 from pipeline import schema as S
 from pipeline.checkpoint import actor_tokenizer, load_model, resolve
 from pipeline.config import InputConfig, JobConfig, StorageConfig
-from pipeline.heads import pool
 from pipeline.index import QUERY, IndexInfo, SearchError, load_info, open_output, search
 from pipeline.source import Shards, discover, open_shard, read_records
 from pipeline.storage import arrow_filesystem, filesystem, join
+from pipeline.tasks import ModelBatch, build
 
 
 def job_config(output_path: str, storage: StorageConfig | None = None) -> JobConfig:
@@ -41,7 +41,8 @@ def job_config(output_path: str, storage: StorageConfig | None = None) -> JobCon
 
 class QueryEmbedder:
     """Embeds texts exactly as the job behind an embedding output did: the same checkpoint bytes,
-    tokenizer, ``max_length``, dtype, pooling and normalisation."""
+    tokenizer, ``max_length`` and dtype, and the job's own embedding task (its pooling and
+    normalisation), rebuilt from the job's config."""
 
     def __init__(self, output_path: str, storage: StorageConfig | None = None, device: str = "cpu"):
         storage = storage or StorageConfig()
@@ -64,11 +65,10 @@ class QueryEmbedder:
                 f"{metadata['model_revision']}: queries would land in another vector space. Restore that "
                 "checkpoint or re-run the embedding job"
             )
+        self.task = build(job, resolved)
         self.tokenizer = actor_tokenizer(resolved)
-        self.model = load_model(resolved, device, model.dtype)
+        self.model = load_model(resolved, self.task, device, model.dtype)
         self.max_length = resolved.max_length
-        self.pooling: str = metadata["pooling"]
-        self.normalize: bool = metadata["normalize"]
         self.device = device
 
     def __call__(self, texts: list[str]) -> np.ndarray:
@@ -85,8 +85,8 @@ class QueryEmbedder:
             return_tensors="pt",
         ).to(self.device)
         with torch.inference_mode():
-            hidden = self.model(**encoded).last_hidden_state
-        return pool(hidden, encoded["attention_mask"], self.pooling, self.normalize).cpu().numpy()
+            columns = self.task.head(self.model(**encoded), ModelBatch(dict(encoded)))
+        return columns[S.EMBEDDING]
 
 
 class Searcher:

@@ -83,13 +83,15 @@ class ParquetSink(Datasink[WriteStats]):
         passthrough: list[str],
         passthrough_schema: pa.Schema | None,
         label_column: str | None,
+        prediction_column: str | None,
         rows_per_file: int,
         progress,
     ):
         """``results``: the task's output columns (with file metadata); passthrough columns go first.
 
         ``passthrough_schema`` is None when the input has no schema (JSONL): then it is
-        taken from the data, with all-null columns written as strings.
+        taken from the data, with all-null columns written as strings. ``label_column`` (gold)
+        and ``prediction_column`` (the task's ``evaluates``) feed the confusion matrix.
         """
         self.output_path = output_path
         self.storage = storage
@@ -97,6 +99,7 @@ class ParquetSink(Datasink[WriteStats]):
         self.passthrough = passthrough
         self.passthrough_schema = passthrough_schema
         self.label_column = label_column
+        self.prediction_column = prediction_column
         self.rows_per_file = rows_per_file
         self.progress = progress
         self.stats = WriteStats()
@@ -148,7 +151,7 @@ class ParquetSink(Datasink[WriteStats]):
         stats.rows_by_node.update(good[S.NODE].to_pylist())
         stats.rows_by_actor.update(good[S.ACTOR].to_pylist())
         if self.label_column:
-            stats.confusion.update(zip(good[self.label_column].to_pylist(), good[S.LABEL].to_pylist()))
+            stats.confusion.update(zip(good[self.label_column].to_pylist(), good[self.prediction_column].to_pylist()))
 
     def on_write_complete(self, write_result: WriteResult[WriteStats]) -> None:
         for part in write_result.write_returns:

@@ -1,9 +1,9 @@
 """Stage 2, tokenize: CPU actors, each holding one fast tokenizer.
 
 Input: source blocks. Output: the same rows with ``_input_ids`` (unpadded, truncated to
-``max_length``), ``num_tokens``, ``truncated``, and for pairs ``_token_type_ids``, for
-token classification ``_offsets``. Rejected rows pass through with null token columns.
-Text is dropped here unless the token-classification head needs it for entity spans.
+``max_length``), ``num_tokens``, ``truncated``, for pairs ``_token_type_ids``, and ``_offsets``
+when the task's ``Tokenization`` asks for them. Rejected rows pass through with null token
+columns. Text is dropped here unless the task's head needs it for spans (with the offsets).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, actor_tokenizer
+from pipeline.tasks import Task
 
 
 def ragged(sequences: list[list[int]], valid: np.ndarray, n: int, dtype=np.int32) -> pa.ListArray:
@@ -32,12 +33,12 @@ def ragged(sequences: list[list[int]], valid: np.ndarray, n: int, dtype=np.int32
 class TokenizeWorker:
     """``map_batches`` callable: tokenizes valid rows without padding."""
 
-    def __init__(self, model: ResolvedModel, progress):
+    def __init__(self, model: ResolvedModel, task: Task, progress):
         self.tokenizer = actor_tokenizer(model)
         self.progress = progress
         progress.register.remote(ray.get_runtime_context().current_actor)
         self.max_length = model.max_length
-        self.offsets = model.task == "token-classification"
+        self.offsets = task.tokenization.offsets
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()

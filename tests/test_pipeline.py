@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoMode
 
 from pipeline import schema as S
 from pipeline.config import load_config
-from pipeline.heads import pool
+from pipeline.tasks.embedding import pool
 from pipeline.run import run_job
 
 
