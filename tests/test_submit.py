@@ -72,8 +72,10 @@ def test_cli_rejects_inconsistent_arguments(argv: list[str]) -> None:
     ("info", "line"),
     [
         (JobInfo(JobStatus.SUCCEEDED, "e", driver_exit_code=0), "job j SUCCEEDED"),
+        (JobInfo(JobStatus.FAILED, "e", message="...logs...", driver_exit_code=1),
+         "job j FAILED: the driver exited with code 1"),
         (JobInfo(JobStatus.FAILED, "e", message="...logs...", driver_exit_code=3),
-         "job j FAILED: the driver exited with code 3"),
+         "job j PARTIAL: it published, but quarantined input shards it could not read (driver exit code 3)"),
         (JobInfo(JobStatus.FAILED, "e", message="runtime env setup failed"), "job j FAILED: runtime env setup failed"),
         (JobInfo(JobStatus.STOPPED, "e", message="Job was intentionally stopped."),
          "job j STOPPED: Job was intentionally stopped."),
