@@ -236,6 +236,12 @@ def resolve(model: ModelConfig, storage: StorageConfig, tokenizer_path: str | No
         )
 
     tokenizer = load_tokenizer(tokenizer_path or str(local), None, model.trust_remote_code)
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size and len(tokenizer) > vocab_size:
+        raise CheckpointError(
+            f"the tokenizer of {tokenizer_path or model.path} has {len(tokenizer)} tokens, but {model.path}'s "
+            f"embeddings hold {vocab_size}: they do not belong together (check tokenize.path)"
+        )
     return ResolvedModel(
         source=model.path,
         load_path=load_path,
@@ -273,6 +279,11 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
         raise CheckpointError(f"cannot load a tokenizer from {source}: {e}") from None
     if not tokenizer.is_fast:
         raise CheckpointError(f"{source} has no fast (Rust) tokenizer; tokenizer.json is required")
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):  # transformers builds one from config.json alone
+        raise CheckpointError(
+            f"{source} has no tokenizer files (tokenizer.json, vocab.txt, ...): its tokenizer would know only "
+            f"{len(tokenizer)} special tokens. Save the tokenizer with the model, or set tokenize.path"
+        )
     return tokenizer
 
 

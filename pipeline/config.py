@@ -357,7 +357,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
-        problem = re.sub(r"'(?!<)[^']{2,}'", "'…'", str(getattr(e, "problem", None) or type(e).__name__))
+        problem = re.sub(r"'(?!<)[^']{4,}'", "'…'", str(getattr(e, "problem", None) or type(e).__name__))
         raise ConfigError(f"config {path}, {_where(e)}: malformed YAML: {problem}") from None
     if raw is None:
         return {}

@@ -116,7 +116,8 @@ class Unreadable:
 
 
 def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"[:500]
+    """``Type: message`` on one line (Arrow's messages span several), at most 500 characters."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[:500]
 
 
 def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema, dict[str, int], dict[str, Unreadable]]:
@@ -333,7 +334,8 @@ def scan_input(
                                     digests.append(d)
                         count += batch.num_rows
                 elif not id_columns:
-                    count = sum(1 for line in f if line.strip())
+                    for line in f:
+                        count += bool(line.strip())
                 else:
                     for row, record, problem in read_records(f, shards.format, columns):
                         count += 1

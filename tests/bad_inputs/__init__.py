@@ -1,0 +1,363 @@
+"""The bad-input corpus: malformed shards, rows, configs, checkpoints and arguments, each with its documented outcome.
+
+``CASES`` lists them: each case's files (shards; a checkpoint or a config file where the case is about those),
+its ``--set`` overrides and what ``--dry-run`` and a real run must do. ``tests/test_bad_inputs.py`` writes the
+corpus in a fixture and runs every case both ways. The README's "Bad input" section lists the rejection
+reasons and exit codes asserted here.
+
+Cases with a ``group`` are shards of that group's one real run (``GROUPS``: the overrides they share). A run
+costs ~10 s of actor start-up here, so the ~30 row- and shard-level cases share four runs, each case in its own
+sub-directory of the group's input, told apart by the ``case`` id column (rejected rows by ``source_file``).
+A group holds one format, since a run reads one; the JSONL group's ids are strings, declared by its first
+shard (``coerce`` has its own tests for other declared types). Each grouped case also dry-runs alone, on its
+own sub-directory. Cases without a group (configs, checkpoints, arguments) are refused before any actor
+starts, so they run alone. Every run interpolates a planted secret into ``output.path`` and gets secret
+``storage.key``/``storage.secret`` from the environment: none may appear in any output, log or file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import random
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SECRET = "pl4nted-S3CRET-7f3a9c"  # the value of $AWS_SECRET_ACCESS_KEY in every run
+STORAGE_SECRET = "pl4nted-storage-secret-51d0"  # storage.secret, from $STORAGE_SECRET
+STORAGE_KEY = "AKIA-PL4NTED-KEY-ID"  # storage.key, from $STORAGE_KEY
+
+WORDS = "the club won the match and the minister said the market was up after a goal in the cup final".split()
+
+USER_ERROR, PARTIAL = 2, 3
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int = 0
+    says: str = ""  # a substring of what the command printed (stdout + stderr)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    files: Callable[[str], dict[str, bytes]] = lambda case: {}  # case name -> {relative path: bytes}
+    group: str | None = None  # None: runs alone, with "jsonl"'s config unless ``config`` replaces it
+    overrides: tuple[str, ...] = ()  # --set, formatted with {dir} (the case's directory)
+    dry_run: Outcome = Outcome()
+    run: Outcome = Outcome()
+    rows: int = 0  # rows in its readable shards
+    rejected: dict[str, int] = field(default_factory=dict)  # of those, the rows in _rejected/, by reason
+    # shards quarantined whole -> the rows each adds to rows_in and rows_rejected (None: the lines read
+    # before the error, which the test checks are fewer than the shard holds)
+    quarantined: dict[str, int | None] = field(default_factory=dict)
+    checkpoint: Callable[[Path, Path], None] | None = None  # (tiny model, target dir): writes {dir}/model
+    config: bytes | None = None  # the config file itself, when the case is about it
+    config_path: str = "{dir}/job.yaml"
+
+
+# ---- building blocks ----------------------------------------------------------------------------------------
+
+
+def sentence(i: int) -> str:
+    return " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(3 + i % 9))
+
+
+def line(case: str, i: int, text=None, **extra) -> bytes:
+    """One JSONL row with ids (doc_id, case) and a text; ``text=None`` writes a good sentence."""
+    row = {"doc_id": str(i), "case": case, "text": sentence(i) if text is None else text, **extra}
+    return json.dumps(row).encode()
+
+
+def jsonl(*lines: bytes, name: str = "rows.jsonl", end: bytes = b"\n") -> dict[str, bytes]:
+    return {name: b"".join(l + end for l in lines)}
+
+
+def good_lines(case: str, n: int, start: int = 0) -> list[bytes]:
+    return [line(case, i) for i in range(start, start + n)]
+
+
+def parquet(table: pa.Table, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **kwargs)
+    return buf.getvalue()
+
+
+def rows_table(case: str, texts: list, ids: list | None = None, text_type: pa.DataType = pa.string()) -> pa.Table:
+    ids = [str(i) for i in range(len(texts))] if ids is None else ids
+    return pa.table({
+        "doc_id": pa.array(ids, pa.string()),
+        "case": pa.array([case] * len(texts), pa.string()),
+        "text": pa.array(texts, text_type),
+    })
+
+
+def invalid_utf8_strings(case: str) -> dict[str, bytes]:
+    """A Parquet *string* column holding bytes that are not UTF-8 (Arrow does not check what writers store)."""
+    raw = pa.array([b"the club won", b"caf\xe9", b"\xed\xa0\x80 cesu-8", b"the match"], pa.binary()).view(pa.string())
+    return {"a.parquet": parquet(pa.table({"doc_id": ["0", "1", "2", "3"], "case": [case] * 4, "text": raw}))}
+
+
+def corrupt_pages(case: str) -> dict[str, bytes]:
+    """A valid footer over data pages overwritten with garbage (reads fail with "Couldn't deserialize thrift")."""
+    data = bytearray(parquet(pa.table({"text": [sentence(i) for i in range(300)]}), compression="zstd", row_group_size=100))
+    footer = len(data) - 8 - struct.unpack("<I", data[-8:-4])[0]
+    data[4:footer] = b"\xff" * (footer - 4)
+    return {"corrupt.parquet": bytes(data), **good_parquet()}
+
+
+def good_parquet() -> dict[str, bytes]:
+    return {"good.parquet": parquet(pa.table({"text": [sentence(i) for i in range(10)]}))}
+
+
+def good_jsonl() -> dict[str, bytes]:
+    return {"good.jsonl": b"".join(json.dumps({"text": sentence(i)}).encode() + b"\n" for i in range(10))}
+
+
+BIG_GZIP_LINES = 6000
+
+
+def big_gzip_lines() -> list[bytes]:
+    rng = random.Random(0)  # random words: the stream compresses ~3x, so half of it decompresses to > 64 KiB
+    return [json.dumps({"text": " ".join(rng.choices(WORDS, k=12)) + f" {i}"}).encode() for i in range(BIG_GZIP_LINES)]
+
+
+def truncated_gzip(case: str) -> dict[str, bytes]:
+    data = gzip.compress(b"\n".join(big_gzip_lines()) + b"\n", mtime=0)
+    return {"cut.jsonl.gz": data[: len(data) // 2], **good_jsonl()}
+
+
+def gzip_crc_error(case: str) -> dict[str, bytes]:
+    data = bytearray(gzip.compress(b"\n".join(big_gzip_lines()) + b"\n", mtime=0))
+    data[-8] ^= 0xFF  # the CRC32 of the trailer: every byte decompresses, then the check fails at the end
+    return {"crc.jsonl.gz": bytes(data), **good_jsonl()}
+
+
+def parquet_cut(case: str) -> dict[str, bytes]:
+    data = parquet(pa.table({"text": [sentence(i) for i in range(50)]}))
+    return {"cut.parquet": data[: len(data) // 2], **good_parquet()}
+
+
+def copy_model(tiny: Path, target: Path, skip: tuple[str, ...] = ()) -> None:
+    target.mkdir(parents=True)
+    for f in tiny.iterdir():
+        if f.name not in skip:
+            (target / f.name).write_bytes(f.read_bytes())
+
+
+def adapter_only(tiny: Path, target: Path) -> None:
+    """What a PEFT fine-tune leaves: the adapter, its config, the tokenizer, Trainer's args; no model weights."""
+    copy_model(tiny, target, skip=("model.safetensors",))
+    (target / "adapter_model.safetensors").write_bytes((tiny / "model.safetensors").read_bytes())
+    (target / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "bert"}))
+    (target / "training_args.bin").write_bytes(b"\x80\x04pickled trainer args")
+
+
+def pickle_only(tiny: Path, target: Path) -> None:
+    copy_model(tiny, target, skip=("model.safetensors",))
+    (target / "pytorch_model.bin").write_bytes(b"\x80\x04 a pickle")
+
+
+def remote_code(tiny: Path, target: Path) -> None:
+    copy_model(tiny, target)
+    config = json.loads((target / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_evil.EvilModel"}
+    (target / "config.json").write_text(json.dumps(config))
+
+
+def truncated_weights(tiny: Path, target: Path) -> None:
+    copy_model(tiny, target)
+    weights = (tiny / "model.safetensors").read_bytes()
+    (target / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+
+
+def corrupt_config(tiny: Path, target: Path) -> None:
+    copy_model(tiny, target)
+    (target / "config.json").write_text('{"architectures": ["BertForSequenceClassification"], "hidden_size": 32,')
+
+
+def no_tokenizer(tiny: Path, target: Path) -> None:
+    copy_model(tiny, target, skip=("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"))
+
+
+def model_at() -> str:
+    return "model.path={dir}/model"
+
+
+# ---- the cases --------------------------------------------------------------------------------------------
+
+# The groups' configs, as --set on top of the base config (tests/test_bad_inputs.py: base_config).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "jsonl": ("input.id_columns=[doc_id, case]",),
+    "parquet": ("input.id_columns=[doc_id, case]",),
+    "jsonl-unreadable": (),
+    "parquet-unreadable": (),
+}
+
+SECRET_SET_CHARS = "['*!%@"
+
+CASES: list[Case] = [
+    # --- rows: quarantined with a reason, the rest scored -------------------------------------------------
+    Case("lone_surrogate", lambda c: jsonl(*good_lines(c, 2), line(c, 2, "lone \ud800 surrogate")), "jsonl",
+         rows=3, rejected={"invalid_utf8": 1}),
+    Case("cesu8_bytes", lambda c: jsonl(*good_lines(c, 2), b'{"doc_id": "2", "case": "%s", "text": "cesu \xed\xa0\x80 bytes"}' % c.encode()),
+         "jsonl", rows=3, rejected={"invalid_utf8": 1}),
+    Case("surrogate_in_id", lambda c: jsonl(*good_lines(c, 1), json.dumps({"doc_id": "\udc00", "case": c, "text": "the match"}).encode()),
+         "jsonl", rows=2, rejected={"invalid_utf8": 1}),
+    Case("zero_width_text", lambda c: jsonl(*good_lines(c, 1), *(line(c, i + 1, t) for i, t in enumerate(
+        ["\u200b\u200b", "\u2060", "\ufeff", " \u200c\u200d\n\t", "\x00\x01"]))),
+         "jsonl", rows=6, rejected={"empty_text": 5}),
+    Case("missing_id", lambda c: jsonl(*good_lines(c, 2), json.dumps({"case": c, "text": "no id"}).encode(),
+                                       json.dumps({"doc_id": None, "case": c, "text": "null id"}).encode()),
+         "jsonl", rows=4, rejected={"missing_id": 2}),
+    # declared string (first shard): ints convert (8 -> "8"; 7 -> "7" repeats a.jsonl's "7"), nothing else does
+    Case("mixed_id_types", lambda c: {
+        **jsonl(*[line(c, i) for i in (5, 6, 7)], name="a.jsonl"),
+        **jsonl(*(json.dumps({"doc_id": v, "case": c, "text": "the cup"}).encode() for v in (8, 7, 1.5, True, {"id": 1}, [1])),
+                name="b.jsonl"),
+    }, "jsonl", rows=9, rejected={"duplicate_id": 1, "bad_id": 4}),
+    Case("duplicate_ids", lambda c: jsonl(*good_lines(c, 3), line(c, 1, "again")), "jsonl", rows=4, rejected={"duplicate_id": 1}),
+    Case("utf8_bom", lambda c: {"rows.jsonl": b"\xef\xbb\xbf" + b"\n".join(good_lines(c, 3)) + b"\n"}, "jsonl", rows=3),
+    Case("crlf_lines", lambda c: jsonl(*good_lines(c, 3), end=b"\r\n"), "jsonl", rows=3),
+    Case("json_array_line", lambda c: jsonl(*good_lines(c, 1), b'["not", "an", "object"]'), "jsonl",
+         rows=2, rejected={"malformed_json": 1}),
+    Case("bare_string_line", lambda c: jsonl(*good_lines(c, 1), b'"just a string"', b"42"), "jsonl",
+         rows=3, rejected={"malformed_json": 2}),
+    Case("malformed_json", lambda c: jsonl(*good_lines(c, 1), b'{"doc_id": "1", "text": "no closing', b"{} trailing"),
+         "jsonl", rows=3, rejected={"malformed_json": 2}),
+    Case("deep_nesting", lambda c: jsonl(*good_lines(c, 1), b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+         "jsonl", rows=2, rejected={"malformed_json": 1}),
+    Case("invalid_utf8_bytes", lambda c: jsonl(*good_lines(c, 1), b'{"doc_id": "1", "case": "%s", "text": "caf\xe9"}' % c.encode()),
+         "jsonl", rows=2, rejected={"invalid_utf8": 1}),
+    Case("row_of_5_mb", lambda c: jsonl(*good_lines(c, 1), line(c, 1, "word " * 1_000_000)), "jsonl",
+         rows=2, rejected={"text_too_large": 1}),
+    Case("null_text", lambda c: jsonl(*good_lines(c, 1), json.dumps({"doc_id": "1", "case": c, "text": None}).encode(),
+                                      json.dumps({"doc_id": "2", "case": c}).encode()),
+         "jsonl", rows=3, rejected={"null_text": 2}),
+    Case("whitespace_text", lambda c: jsonl(*good_lines(c, 1), line(c, 1, "   \n\t "), line(c, 2, "")), "jsonl",
+         rows=3, rejected={"empty_text": 2}),
+    Case("non_string_text", lambda c: jsonl(*good_lines(c, 1), *(line(c, i + 1, v) for i, v in enumerate([42, ["a"], {"t": 1}, True]))),
+         "jsonl", rows=5, rejected={"not_string": 4}),
+    Case("blank_lines_and_no_final_newline",
+         lambda c: {"rows.jsonl": b"\n\n" + b"\n  \n".join(good_lines(c, 3)) + b"\n\t\n" + line(c, 3)}, "jsonl", rows=4),
+    Case("empty_files", lambda c: {"empty.jsonl": b"", "empty.jsonl.gz": gzip.compress(b""), **jsonl(*good_lines(c, 1))},
+         "jsonl", rows=1),
+    Case("gzip_shard", lambda c: {"rows.jsonl.gz": gzip.compress(b"\n".join(good_lines(c, 5)))}, "jsonl", rows=5),
+    Case("unused_fields_and_duplicate_keys",
+         lambda c: jsonl(*good_lines(c, 1), b'{"doc_id": "1", "case": "%s", "text": 1, "text": "the cup", "x": NaN, "y": 1e999}' % c.encode()),
+         "jsonl", rows=2),
+    Case("secret_in_output_path", lambda c: jsonl(*good_lines(c, 2)), "jsonl", rows=2),  # see the module docstring
+    Case("parquet_invalid_utf8_string_column", invalid_utf8_strings, "parquet", rows=4, rejected={"invalid_utf8": 2}),
+    Case("parquet_binary_text", lambda c: {"a.parquet": parquet(rows_table(
+        c, [b"the match", b"caf\xe9", None, b"\xe2\x80\x8b"], text_type=pa.binary()))},
+         "parquet", rows=4, rejected={"invalid_utf8": 1, "null_text": 1, "empty_text": 1}),
+    Case("parquet_null_ids", lambda c: {"a.parquet": parquet(rows_table(c, ["the cup", "the goal", "a vote"], ids=["0", None, "2"]))},
+         "parquet", rows=3, rejected={"missing_id": 1}),
+    Case("parquet_empty_and_large_string", lambda c: {
+        "empty.parquet": parquet(rows_table(c, [])),
+        "large.parquet": parquet(rows_table(c, ["the cup", "\u200b", ""], text_type=pa.large_string()), row_group_size=1),
+    }, "parquet", rows=3, rejected={"empty_text": 2}),
+    # --- unreadable shards: quarantined whole before any actor starts, the rest scored, exit 3 ----------
+    Case("truncated_gzip", truncated_gzip, "jsonl-unreadable", dry_run=Outcome(0), run=Outcome(PARTIAL, "EOFError"),
+         rows=10, quarantined={"cut.jsonl.gz": None}),
+    Case("gzip_crc_error", gzip_crc_error, "jsonl-unreadable", dry_run=Outcome(0), run=Outcome(PARTIAL, "CRC check failed"),
+         rows=10, quarantined={"crc.jsonl.gz": None}),
+    Case("not_gzip", lambda c: {"fake.jsonl.gz": b"\x1f\x8b not really gzip", **good_jsonl()}, "jsonl-unreadable",
+         dry_run=Outcome(PARTIAL, "not a readable JSONL file"), run=Outcome(PARTIAL, "not a readable JSONL file"),
+         rows=10, quarantined={"fake.jsonl.gz": 0}),
+    Case("parquet_corrupt_pages", corrupt_pages, "parquet-unreadable", dry_run=Outcome(0),
+         run=Outcome(PARTIAL, "Couldn't deserialize thrift"), rows=10, quarantined={"corrupt.parquet": 300}),
+    Case("parquet_truncated", parquet_cut, "parquet-unreadable", dry_run=Outcome(PARTIAL, "not a readable Parquet file"),
+         run=Outcome(PARTIAL, "not a readable Parquet file"), rows=10, quarantined={"cut.parquet": 0}),
+    Case("parquet_zero_bytes", lambda c: {"zero.parquet": b"", **good_parquet()}, "parquet-unreadable",
+         dry_run=Outcome(PARTIAL, "not a readable Parquet file"), run=Outcome(PARTIAL, "not a readable Parquet file"),
+         rows=10, quarantined={"zero.parquet": 0}),
+    Case("every_shard_unreadable", lambda c: {"zero.parquet": b"", "text.parquet": b"PAR1 not really"},
+         dry_run=Outcome(USER_ERROR, "none of the 2 input file(s) is readable"),
+         run=Outcome(USER_ERROR, "none of the 2 input file(s) is readable")),
+    # --- input that does not fit the config: refused before anything starts -------------------------------
+    Case("id_columns_absent_from_rows", lambda c: jsonl(*(json.dumps({"text": sentence(i)}).encode() for i in range(3))),
+         overrides=("input.id_columns=[doc_id]",),
+         dry_run=Outcome(USER_ERROR, "column 'doc_id' has no value in any of the 3 rows"),
+         run=Outcome(USER_ERROR, "column 'doc_id' has no value in any of the 3 rows")),
+    Case("text_column_absent", lambda c: jsonl(*good_lines(c, 3)), overrides=("input.text_column=body",),
+         dry_run=Outcome(USER_ERROR, "text column 'body' has no value"), run=Outcome(USER_ERROR, "text column 'body' has no value")),
+    Case("ids_are_objects", lambda c: jsonl(json.dumps({"doc_id": {"a": 1}, "text": "the cup"}).encode()),
+         overrides=("input.id_columns=[doc_id]",), dry_run=Outcome(USER_ERROR, "column 'doc_id' holds JSON objects"),
+         run=Outcome(USER_ERROR, "column 'doc_id' holds JSON objects")),
+    Case("parquet_text_column_is_int", lambda c: {"a.parquet": parquet(pa.table({"text": [1, 2]}))},
+         dry_run=Outcome(USER_ERROR, "column 'text' is int64, expected string or binary"),
+         run=Outcome(USER_ERROR, "column 'text' is int64, expected string or binary")),
+    Case("empty_input_directory", lambda c: {"_SUCCESS": b"", ".hidden.jsonl": b"{}"},
+         dry_run=Outcome(USER_ERROR, "holds no input files"), run=Outcome(USER_ERROR, "holds no input files")),
+    Case("input_path_missing", overrides=("input.path={dir}/nowhere",),
+         dry_run=Outcome(USER_ERROR, "nothing exists there"), run=Outcome(USER_ERROR, "nothing exists there")),
+    Case("unsupported_scheme", overrides=("input.path=gs://bucket/in",),
+         dry_run=Outcome(USER_ERROR, "unsupported storage scheme"), run=Outcome(USER_ERROR, "unsupported storage scheme")),
+    Case("output_already_finished", lambda c: {**jsonl(*good_lines(c, 1)), "done/_SUCCESS": b""},
+         overrides=("output.path={dir}/in/done",), dry_run=Outcome(USER_ERROR, "already holds a finished run"),
+         run=Outcome(USER_ERROR, "already holds a finished run")),
+    Case("id_column_collides_with_output", lambda c: jsonl(line(c, 0, label="x")), overrides=("input.id_columns=[label]",),
+         dry_run=Outcome(USER_ERROR, "would collide with output columns"), run=Outcome(USER_ERROR, "would collide")),
+    # --- config -------------------------------------------------------------------------------------------
+    Case("max_length_beyond_positions", lambda c: jsonl(*good_lines(c, 1)), overrides=("model.max_length=100000",),
+         dry_run=Outcome(USER_ERROR, "position embeddings hold 64 tokens"), run=Outcome(USER_ERROR, "at most 64")),
+    Case("max_tokens_per_batch_zero", lambda c: jsonl(*good_lines(c, 1)), overrides=("inference.max_tokens_per_batch=0",),
+         dry_run=Outcome(USER_ERROR, "inference.max_tokens_per_batch: Value error, must be auto or a number of tokens"),
+         run=Outcome(USER_ERROR, "must be auto or a number of tokens")),
+    Case("max_tokens_per_batch_negative", lambda c: jsonl(*good_lines(c, 1)), overrides=("inference.max_tokens_per_batch=-5",),
+         dry_run=Outcome(USER_ERROR, "must be auto or a number of tokens"), run=Outcome(USER_ERROR, "must be auto")),
+    Case("max_tokens_per_batch_below_max_length", lambda c: jsonl(*good_lines(c, 1)),
+         overrides=("inference.max_tokens_per_batch=8",),
+         dry_run=Outcome(USER_ERROR, "inference.max_tokens_per_batch=8 is less than the max length of 64 tokens"),
+         run=Outcome(USER_ERROR, "Set it to at least 64")),
+    Case("unknown_config_key", lambda c: jsonl(*good_lines(c, 1)), overrides=("model.colour=blue",),
+         dry_run=Outcome(USER_ERROR, "model.colour: Extra inputs are not permitted"), run=Outcome(USER_ERROR, "model.colour")),
+    Case("set_without_value", lambda c: jsonl(*good_lines(c, 1)), overrides=("model.dtype",),
+         dry_run=Outcome(USER_ERROR, "--set expects key=value, got 'model.dtype' with no ="), run=Outcome(USER_ERROR, "--set expects")),
+    Case("set_malformed_yaml", lambda c: jsonl(*good_lines(c, 1)), overrides=("input.id_columns=[doc_id",),
+         dry_run=Outcome(USER_ERROR, "--set input.id_columns: the value is not valid YAML"), run=Outcome(USER_ERROR, "not valid YAML")),
+    *(
+        Case(f"set_secret_starting_{name}", lambda c: jsonl(*good_lines(c, 1)), overrides=(f"storage.secret={char}{SECRET}",),
+             dry_run=Outcome(USER_ERROR, "--set storage.secret: the value is not valid YAML"),
+             run=Outcome(USER_ERROR, "--set storage.secret: the value is not valid YAML"))
+        for char, name in zip(SECRET_SET_CHARS, ["bracket", "quote", "star", "bang", "percent", "at"])
+    ),
+    Case("secret_interpolated_into_text_column", lambda c: jsonl(*good_lines(c, 1)),
+         overrides=("input.text_column=${AWS_SECRET_ACCESS_KEY}",),
+         dry_run=Outcome(USER_ERROR, "text column '***' has no value"), run=Outcome(USER_ERROR, "text column '***'")),
+    Case("malformed_yaml_file", lambda c: jsonl(*good_lines(c, 1)), config=b"input:\n  path: x\n model: [\n",
+         dry_run=Outcome(USER_ERROR, "job.yaml, line 3, column 2: malformed YAML"), run=Outcome(USER_ERROR, "malformed YAML")),
+    Case("yaml_file_with_a_tab", config=b"input:\n\tpath: x\n", dry_run=Outcome(USER_ERROR, "found character '\\t'"),
+         run=Outcome(USER_ERROR, "line 2, column 1")),
+    Case("yaml_file_not_a_mapping", config=b"- input\n- model\n", dry_run=Outcome(USER_ERROR, "holds a YAML list, not a mapping"),
+         run=Outcome(USER_ERROR, "not a mapping")),
+    Case("yaml_file_not_utf8", config=b"input: {path: caf\xe9}\n", dry_run=Outcome(USER_ERROR, "is not UTF-8 text"),
+         run=Outcome(USER_ERROR, "is not UTF-8 text")),
+    Case("config_file_missing", config_path="{dir}/nope.yaml",
+         dry_run=Outcome(USER_ERROR, "nope.yaml: No such file or directory"), run=Outcome(USER_ERROR, "No such file")),
+    Case("config_path_is_a_directory", config_path="{dir}", dry_run=Outcome(USER_ERROR, "Is a directory"),
+         run=Outcome(USER_ERROR, "Is a directory")),
+    # --- checkpoints --------------------------------------------------------------------------------------
+    Case("adapter_only_checkpoint", lambda c: jsonl(*good_lines(c, 1)), checkpoint=adapter_only, overrides=(model_at(),),
+         dry_run=Outcome(USER_ERROR, "without the model's own weights (model.safetensors). Merge the adapter"),
+         run=Outcome(USER_ERROR, "adapter_model.safetensors")),
+    Case("pickle_weights", lambda c: jsonl(*good_lines(c, 1)), checkpoint=pickle_only, overrides=(model_at(),),
+         dry_run=Outcome(USER_ERROR, "only has pickle weights"), run=Outcome(USER_ERROR, "model.allow_pickle: true")),
+    Case("remote_code", lambda c: jsonl(*good_lines(c, 1)), checkpoint=remote_code, overrides=(model_at(),),
+         dry_run=Outcome(USER_ERROR, "trust_remote_code"), run=Outcome(USER_ERROR, "auto_map")),
+    Case("truncated_safetensors", lambda c: jsonl(*good_lines(c, 1)), checkpoint=truncated_weights, overrides=(model_at(),),
+         dry_run=Outcome(USER_ERROR, "model.safetensors is not a readable safetensors file"),
+         run=Outcome(USER_ERROR, "incomplete metadata")),
+    Case("config_json_not_json", lambda c: jsonl(*good_lines(c, 1)), checkpoint=corrupt_config, overrides=(model_at(),),
+         dry_run=Outcome(USER_ERROR, "config.json is not valid JSON"), run=Outcome(USER_ERROR, "config.json is not valid JSON")),
+    Case("checkpoint_without_tokenizer", lambda c: jsonl(*good_lines(c, 1)), checkpoint=no_tokenizer, overrides=(model_at(),),
+         dry_run=Outcome(USER_ERROR, "has no tokenizer files (tokenizer.json, vocab.txt, ...)"),
+         run=Outcome(USER_ERROR, "would know only 5 special tokens")),
+]
