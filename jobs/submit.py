@@ -85,6 +85,14 @@ def build_entrypoint(
     return shlex.join([*argv, *module_args])
 
 
+def shown_entrypoint(args: argparse.Namespace) -> str:
+    """The entrypoint as printed: values of secret ``--set`` keys and of secret-looking environment variables masked."""
+    shown = args.entrypoint or build_entrypoint(
+        args.config, [redact_override(o) for o in args.overrides], args.entrypoint_module, args.module_args
+    )
+    return redact(shown, environment_secrets())
+
+
 def build_runtime_env(
     working_dir: str | None = None,
     pip: Sequence[str] = (),
@@ -129,11 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     entrypoint = args.entrypoint or build_entrypoint(
         args.config, args.overrides, args.entrypoint_module, args.module_args
     )
-    shown = redact(
-        args.entrypoint
-        or build_entrypoint(args.config, map(redact_override, args.overrides), args.entrypoint_module, args.module_args),
-        environment_secrets(),
-    )
     try:
         apply_overrides({}, args.overrides)  # a malformed --set fails here, not on the cluster
         runtime_env = build_runtime_env(args.working_dir, args.pip, args.image, dict(args.env))
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except (AuthenticationError, ConnectionError, RuntimeError) as e:
         print(f"error: could not submit to {args.address}: {e}", file=sys.stderr)
         return 2
-    print(f"submitted {job_id}: {shown}", flush=True)
+    print(f"submitted {job_id}: {shown_entrypoint(args)}", flush=True)
     if args.no_wait:
         return 0
 

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Task = Literal["sequence-classification", "token-classification", "embedding"]
 
@@ -93,8 +102,8 @@ class InferenceConfig(_Strict):
     )
     max_tokens_per_batch: int | Literal["auto"] = Field(
         "auto",
-        description="Token budget per forward pass (rows x padded length of each micro-batch). auto: sized from "
-        "free GPU memory on CUDA, 4096 on CPU (larger ones spend CPU time on page faults).",
+        description="Token budget per forward pass (rows x padded length of each micro-batch), at least the max "
+        "length. auto: sized from free GPU memory on CUDA, 4096 on CPU (larger ones spend CPU time on page faults).",
     )
     min_padding_efficiency: float = Field(
         0.9,
@@ -362,7 +371,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config {path} holds a YAML {type(raw).__name__}, not a mapping of sections (input:, model:, ...)")
+        raise ConfigError(f"config {path} holds a YAML {type(raw).__name__}, not a mapping (input:, model:, ...)")
     return raw
 
 

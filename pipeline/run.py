@@ -250,15 +250,10 @@ def quarantine(job: Plan, unreadable: dict[str, Unreadable]) -> list[dict]:
     ]  # fmt: skip
     if entries:
         ids = list(job.passthrough_schema) or [pa.field(S.GENERATED_ID, pa.string())]
-        records = [
-            {
-                "source_file": e["file"],
-                "reason": str(S.Reason.UNREADABLE_SHARD),
-                "detail": f"{e['error']}; "
-                + (f"{e['rows']} rows by its footer" if e["rows"] is not None else f"{e['rows_counted']} rows read before the error"),
-            }
-            for e in entries
-        ]
+        records = []
+        for e in entries:
+            held = f"{e['rows']} rows by its footer" if e["rows"] is not None else f"{e['rows_counted']} rows read before it"
+            records.append({"source_file": e["file"], "reason": str(S.Reason.UNREADABLE_SHARD), "detail": f"{e['error']}; {held}"})
         write_rejected(job.cfg.output.path, job.cfg.storage, S.rejected_schema(ids), records)
     return entries
 
@@ -360,7 +355,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
         "version": __version__,
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "wall_s": round(wall, 3),
-        "input_files": len(shards.files),
+        "input_files": len(shards.files) + len(unreadable),
         "rows_in": rows_in,
         "rows_out": stats.rows_out,
         "rows_rejected": rows_rejected,

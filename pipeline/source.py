@@ -379,30 +379,29 @@ def _parquet_records(batch: pa.RecordBatch, first_row: int) -> Iterator[Record]:
     """The batch's rows as dicts; a string value that is not valid UTF-8 (Arrow does not check what
     writers store) rejects its row as ``invalid_utf8`` instead of failing the batch."""
     try:
-        records = batch.to_pylist()
+        records = [(record, None) for record in batch.to_pylist()]
     except UnicodeDecodeError:
-        records = None
-    if records is not None:
-        for i, record in enumerate(records):
-            yield first_row + i, record, None
-        return
-    strings = {
-        name: batch.column(name).view(pa.large_binary() if pa.types.is_large_string(t) else pa.binary())
-        for name, t in zip(batch.schema.names, batch.schema.types)
-        if pa.types.is_string(t) or pa.types.is_large_string(t)
-    }
-    raw = pa.RecordBatch.from_pydict({**dict(zip(batch.schema.names, batch.columns)), **strings}).to_pylist()
-    for i, record in enumerate(raw):
+        records = _decoded_records(batch)
+    for i, (record, problem) in enumerate(records):
+        yield first_row + i, record, problem
+
+
+def _decoded_records(batch: pa.RecordBatch) -> list[tuple[dict, tuple[Reason, str] | None]]:
+    """The batch's rows with each string value decoded on its own; one that is not UTF-8 becomes null."""
+    binary = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}
+    as_bytes = {f.name: batch.column(f.name).view(binary[f.type]) for f in batch.schema if f.type in binary}
+    strings = list(as_bytes)
+    records = []
+    for record in pa.RecordBatch.from_pydict({**dict(zip(batch.schema.names, batch.columns)), **as_bytes}).to_pylist():
         problem = None
         for name in strings:
-            if record[name] is None:
-                continue
             try:
-                record[name] = record[name].decode("utf-8")
+                record[name] = record[name] if record[name] is None else record[name].decode("utf-8")
             except UnicodeDecodeError as e:
                 record[name] = None
                 problem = problem or (Reason.INVALID_UTF8, f"column {name!r}: {e}")
-        yield first_row + i, record, problem
+        records.append((record, problem))
+    return records
 
 
 def read_records(f, fmt: str, columns: list[str]) -> Iterator[Record]:
@@ -468,7 +467,7 @@ def check_text(value: Any, max_bytes: int) -> tuple[str | None, Reason | None, s
         return None, Reason.NOT_STRING, f"got {type(value).__name__}"
     if _has_surrogate(value):
         at = _SURROGATE.search(value).start()
-        return None, Reason.INVALID_UTF8, f"lone UTF-16 surrogate {value[at]!r} at character {at} (not encodable as UTF-8)"
+        return None, Reason.INVALID_UTF8, f"lone UTF-16 surrogate {value[at]!r} at character {at}: not encodable"
     if len(value) > max_bytes // 4 and len(value.encode("utf-8")) > max_bytes:
         return None, Reason.TEXT_TOO_LARGE, f"{len(value.encode('utf-8'))} bytes > input.max_text_bytes={max_bytes}"
     if not visible(value):

@@ -9,6 +9,7 @@ traceback, and neither planted secret in stdout, stderr, the output files (manif
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -328,3 +329,20 @@ def test_object_store_paths_do_not_depend_on_the_working_directory(tiny_models, 
     fs.pipe_file(partition.path(STAGING, "run1", "part-0.parquet"), b"")
     partition.commit("run1", {"rows_in": 4, "rows_out": 4, "rows_rejected": 0, "model": {"model_revision": "r", "config_hash": "c"}}, {})
     assert partition.ledger["runs"]["run1"]["files"] == ["part-0.parquet"]
+
+
+@pytest.mark.parametrize("entry", ["jobs.run", "jobs.nightly"])
+def test_config_mistakes_get_one_line_from_every_entry_point(entry, tmp_path, capsys):
+    module = importlib.import_module(entry)
+    more = ["--date", "2026-01-01"] if entry == "jobs.nightly" else []
+    (tmp_path / "bad.yaml").write_text("input:\n  path: x\n model: [\n")
+    (tmp_path / "good.yaml").write_text("input: {path: x}\n")
+    for argv, says in [
+        (["--config", str(tmp_path / "missing.yaml")], "missing.yaml: No such file or directory"),
+        (["--config", str(tmp_path / "bad.yaml")], "bad.yaml, line 3, column 2: malformed YAML"),
+        (["--config", str(tmp_path / "good.yaml"), "--set", f"storage.secret=*{SECRET}"], "the value is not valid YAML"),
+    ]:
+        assert module.main([*argv, *more]) == 2
+        printed = capsys.readouterr()
+        assert printed.out == "" and printed.err.count("\n") == 1 and says in printed.err, printed
+        assert_clean(printed.err)
