@@ -366,7 +366,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
         "real_tokens": stats.real_tokens,
         "padded_tokens": stats.padded_tokens,
         "padding_efficiency": round(stats.real_tokens / stats.padded_tokens, 4) if stats.padded_tokens else None,
-        "rows_per_s": round(rows_in / wall, 2),
+        "rows_per_s": round((rows_in - lost) / wall, 2),  # rows read: not those of unreadable shards
         "tokens_per_s": round(stats.real_tokens / wall, 1),
         "files": sorted(stats.files),
         "rows_by_node": dict(stats.rows_by_node),

@@ -2,7 +2,7 @@
 
 Each case asserts its documented outcome: the exit code and what the command says, the rows it quarantined
 and why, ``rows_in == rows_out + rows_rejected`` (for the run, and for the case's own rows within it), no
-traceback, and neither planted secret in stdout, stderr, the output files (manifest, Parquet metadata,
+traceback, and no planted secret in stdout, stderr, the output files (manifest, Parquet metadata,
 ``_rejected/``) or the Ray session's logs. Grouped cases share a real run (see ``bad_inputs``): it runs as
 ``python -m jobs.run`` in its own process, on the tests' Ray cluster, as a scheduler would run it.
 """
@@ -10,6 +10,7 @@ traceback, and neither planted secret in stdout, stderr, the output files (manif
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -93,7 +94,8 @@ def corpus(tmp_path_factory, tiny_models) -> Corpus:
 def arguments(corpus: Corpus, case: Case) -> list[str]:
     overrides = [*GROUPS.get(case.group, ()), *(o.replace("{dir}", str(corpus.case_dir(case))) for o in case.overrides)]
     if case.group:  # the case alone, into an output of its own
-        overrides += [f"input.path={corpus.input_dir(case)}", f"output.path={corpus.out}/{case.name}-${{AWS_SECRET_ACCESS_KEY}}"]
+        output = f"{corpus.out}/{case.name}-${{AWS_SECRET_ACCESS_KEY}}"
+        overrides += [f"input.path={corpus.input_dir(case)}", f"output.path={output}"]
     return ["--config", corpus.config(case), *(a for o in overrides for a in ("--set", o))]
 
 
@@ -144,7 +146,7 @@ def group_runs(corpus, ray_session):
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
             output = corpus.out / f"{group}-{SECRET}"  # the secret was in play: ${AWS_SECRET_ACCESS_KEY} made this path
             assert output.is_dir() and any(session_logs().rglob("*.log")), done.stdout + done.stderr
-            manifest = yaml.safe_load((output / S.MANIFEST).read_text()) if (output / S.MANIFEST).exists() else {}
+            manifest = json.loads((output / S.MANIFEST).read_text()) if (output / S.MANIFEST).exists() else {}
             parts = sorted(output.glob("part-*.parquet"))
             runs[group] = GroupRun(
                 done.returncode,

@@ -106,7 +106,8 @@ def invalid_utf8_strings(case: str) -> dict[str, bytes]:
 
 def corrupt_pages(case: str) -> dict[str, bytes]:
     """A valid footer over data pages overwritten with garbage (reads fail with "Couldn't deserialize thrift")."""
-    data = bytearray(parquet(pa.table({"text": [sentence(i) for i in range(300)]}), compression="zstd", row_group_size=100))
+    table = pa.table({"text": [sentence(i) for i in range(300)]})
+    data = bytearray(parquet(table, compression="zstd", row_group_size=100))
     footer = len(data) - 8 - struct.unpack("<I", data[-8:-4])[0]
     data[4:footer] = b"\xff" * (footer - 4)
     return {"corrupt.parquet": bytes(data), **good_parquet()}
@@ -187,7 +188,7 @@ def no_tokenizer(tiny: Path, target: Path) -> None:
 
 
 def model_at() -> str:
-    return "model.path={dir}/model"
+    return "model.path={dir}/model"  # where ``checkpoint`` writes it
 
 
 # ---- the cases --------------------------------------------------------------------------------------------
@@ -200,164 +201,160 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "parquet-unreadable": (),
 }
 
-SECRET_SET_CHARS = "['*!%@"
+SECRET_SET_CHARS = {"bracket": "[", "quote": "'", "star": "*", "bang": "!", "percent": "%", "at": "@"}
+
+
+def refused(says: str, run_says: str | None = None) -> dict[str, Outcome]:
+    """``--dry-run`` and the run both exit 2 with one line saying this."""
+    return {"dry_run": Outcome(USER_ERROR, says), "run": Outcome(USER_ERROR, run_says or says)}
+
+
+def partial(dry_run_code: int, says: str) -> dict[str, Outcome]:
+    """The run exits 3, saying this; ``--dry-run`` exits 3 too when it already sees the shard."""
+    return {"dry_run": Outcome(dry_run_code, says if dry_run_code else ""), "run": Outcome(PARTIAL, says)}
+
+
+def obj(**fields) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def raw(case: str, i: int, text: bytes) -> bytes:
+    """A JSONL line whose text is written as these bytes, exactly."""
+    return b'{"doc_id": "%d", "case": "%s", "text": "%s"}' % (i, case.encode(), text)
+
+
+def one_row(case: str) -> dict[str, bytes]:
+    return jsonl(*good_lines(case, 1))
+
 
 CASES: list[Case] = [
     # --- rows: quarantined with a reason, the rest scored -------------------------------------------------
-    Case("lone_surrogate", lambda c: jsonl(*good_lines(c, 2), line(c, 2, "lone \ud800 surrogate")), "jsonl",
-         rows=3, rejected={"invalid_utf8": 1}),
-    Case("cesu8_bytes", lambda c: jsonl(*good_lines(c, 2), b'{"doc_id": "2", "case": "%s", "text": "cesu \xed\xa0\x80 bytes"}' % c.encode()),
+    Case("lone_surrogate", lambda c: jsonl(*good_lines(c, 2), line(c, 2, "lone \ud800 surrogate")),
          "jsonl", rows=3, rejected={"invalid_utf8": 1}),
-    Case("surrogate_in_id", lambda c: jsonl(*good_lines(c, 1), json.dumps({"doc_id": "\udc00", "case": c, "text": "the match"}).encode()),
+    Case("cesu8_bytes", lambda c: jsonl(*good_lines(c, 2), raw(c, 2, b"cesu \xed\xa0\x80 bytes")),
+         "jsonl", rows=3, rejected={"invalid_utf8": 1}),
+    Case("surrogate_in_id", lambda c: jsonl(*good_lines(c, 1), obj(doc_id="\udc00", case=c, text="the match")),
          "jsonl", rows=2, rejected={"invalid_utf8": 1}),
-    Case("zero_width_text", lambda c: jsonl(*good_lines(c, 1), *(line(c, i + 1, t) for i, t in enumerate(
-        ["\u200b\u200b", "\u2060", "\ufeff", " \u200c\u200d\n\t", "\x00\x01"]))),
+    Case("zero_width_text", lambda c: jsonl(*good_lines(c, 1), *(
+        line(c, i, t) for i, t in enumerate(["\u200b\u200b", "\u2060", "\ufeff", " \u200c\u200d\n\t", "\x00\x01"], 1))),
          "jsonl", rows=6, rejected={"empty_text": 5}),
-    Case("missing_id", lambda c: jsonl(*good_lines(c, 2), json.dumps({"case": c, "text": "no id"}).encode(),
-                                       json.dumps({"doc_id": None, "case": c, "text": "null id"}).encode()),
+    Case("missing_id", lambda c: jsonl(*good_lines(c, 2), obj(case=c, text="no id"), obj(doc_id=None, case=c, text="null")),
          "jsonl", rows=4, rejected={"missing_id": 2}),
     # declared string (first shard): ints convert (8 -> "8"; 7 -> "7" repeats a.jsonl's "7"), nothing else does
     Case("mixed_id_types", lambda c: {
         **jsonl(*[line(c, i) for i in (5, 6, 7)], name="a.jsonl"),
-        **jsonl(*(json.dumps({"doc_id": v, "case": c, "text": "the cup"}).encode() for v in (8, 7, 1.5, True, {"id": 1}, [1])),
-                name="b.jsonl"),
+        **jsonl(*(obj(doc_id=v, case=c, text="the cup") for v in (8, 7, 1.5, True, {"id": 1}, [1])), name="b.jsonl"),
     }, "jsonl", rows=9, rejected={"duplicate_id": 1, "bad_id": 4}),
-    Case("duplicate_ids", lambda c: jsonl(*good_lines(c, 3), line(c, 1, "again")), "jsonl", rows=4, rejected={"duplicate_id": 1}),
+    Case("duplicate_ids", lambda c: jsonl(*good_lines(c, 3), line(c, 1, "again")),
+         "jsonl", rows=4, rejected={"duplicate_id": 1}),
     Case("utf8_bom", lambda c: {"rows.jsonl": b"\xef\xbb\xbf" + b"\n".join(good_lines(c, 3)) + b"\n"}, "jsonl", rows=3),
     Case("crlf_lines", lambda c: jsonl(*good_lines(c, 3), end=b"\r\n"), "jsonl", rows=3),
-    Case("json_array_line", lambda c: jsonl(*good_lines(c, 1), b'["not", "an", "object"]'), "jsonl",
-         rows=2, rejected={"malformed_json": 1}),
-    Case("bare_string_line", lambda c: jsonl(*good_lines(c, 1), b'"just a string"', b"42"), "jsonl",
-         rows=3, rejected={"malformed_json": 2}),
+    Case("json_array_line", lambda c: jsonl(*good_lines(c, 1), b'["not", "an", "object"]'),
+         "jsonl", rows=2, rejected={"malformed_json": 1}),
+    Case("bare_string_line", lambda c: jsonl(*good_lines(c, 1), b'"just a string"', b"42"),
+         "jsonl", rows=3, rejected={"malformed_json": 2}),
     Case("malformed_json", lambda c: jsonl(*good_lines(c, 1), b'{"doc_id": "1", "text": "no closing', b"{} trailing"),
          "jsonl", rows=3, rejected={"malformed_json": 2}),
     Case("deep_nesting", lambda c: jsonl(*good_lines(c, 1), b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
          "jsonl", rows=2, rejected={"malformed_json": 1}),
-    Case("invalid_utf8_bytes", lambda c: jsonl(*good_lines(c, 1), b'{"doc_id": "1", "case": "%s", "text": "caf\xe9"}' % c.encode()),
+    Case("invalid_utf8_bytes", lambda c: jsonl(*good_lines(c, 1), raw(c, 1, b"caf\xe9")),
          "jsonl", rows=2, rejected={"invalid_utf8": 1}),
-    Case("row_of_5_mb", lambda c: jsonl(*good_lines(c, 1), line(c, 1, "word " * 1_000_000)), "jsonl",
-         rows=2, rejected={"text_too_large": 1}),
-    Case("null_text", lambda c: jsonl(*good_lines(c, 1), json.dumps({"doc_id": "1", "case": c, "text": None}).encode(),
-                                      json.dumps({"doc_id": "2", "case": c}).encode()),
+    Case("row_of_5_mb", lambda c: jsonl(*good_lines(c, 1), line(c, 1, "word " * 1_000_000)),
+         "jsonl", rows=2, rejected={"text_too_large": 1}),
+    Case("null_text", lambda c: jsonl(*good_lines(c, 1), obj(doc_id="1", case=c, text=None), obj(doc_id="2", case=c)),
          "jsonl", rows=3, rejected={"null_text": 2}),
-    Case("whitespace_text", lambda c: jsonl(*good_lines(c, 1), line(c, 1, "   \n\t "), line(c, 2, "")), "jsonl",
-         rows=3, rejected={"empty_text": 2}),
-    Case("non_string_text", lambda c: jsonl(*good_lines(c, 1), *(line(c, i + 1, v) for i, v in enumerate([42, ["a"], {"t": 1}, True]))),
+    Case("whitespace_text", lambda c: jsonl(*good_lines(c, 1), line(c, 1, "   \n\t "), line(c, 2, "")),
+         "jsonl", rows=3, rejected={"empty_text": 2}),
+    Case("non_string_text", lambda c: jsonl(*good_lines(c, 1), *(line(c, i, v) for i, v in enumerate([42, [], {}, True], 1))),
          "jsonl", rows=5, rejected={"not_string": 4}),
     Case("blank_lines_and_no_final_newline",
          lambda c: {"rows.jsonl": b"\n\n" + b"\n  \n".join(good_lines(c, 3)) + b"\n\t\n" + line(c, 3)}, "jsonl", rows=4),
-    Case("empty_files", lambda c: {"empty.jsonl": b"", "empty.jsonl.gz": gzip.compress(b""), **jsonl(*good_lines(c, 1))},
+    Case("empty_files", lambda c: {"empty.jsonl": b"", "empty.jsonl.gz": gzip.compress(b""), **one_row(c)},
          "jsonl", rows=1),
     Case("gzip_shard", lambda c: {"rows.jsonl.gz": gzip.compress(b"\n".join(good_lines(c, 5)))}, "jsonl", rows=5),
-    Case("unused_fields_and_duplicate_keys",
-         lambda c: jsonl(*good_lines(c, 1), b'{"doc_id": "1", "case": "%s", "text": 1, "text": "the cup", "x": NaN, "y": 1e999}' % c.encode()),
+    Case("unused_fields_and_duplicate_keys", lambda c: jsonl(
+        *good_lines(c, 1), b'{"doc_id": "1", "case": "%s", "text": 1, "text": "the cup", "x": NaN, "y": 1e999}' % c.encode()),
          "jsonl", rows=2),
-    Case("secret_in_output_path", lambda c: jsonl(*good_lines(c, 2)), "jsonl", rows=2),  # see the module docstring
+    Case("secret_in_output_path", lambda c: jsonl(*good_lines(c, 2)), "jsonl", rows=2),  # every run does it
     Case("parquet_invalid_utf8_string_column", invalid_utf8_strings, "parquet", rows=4, rejected={"invalid_utf8": 2}),
     Case("parquet_binary_text", lambda c: {"a.parquet": parquet(rows_table(
         c, [b"the match", b"caf\xe9", None, b"\xe2\x80\x8b"], text_type=pa.binary()))},
          "parquet", rows=4, rejected={"invalid_utf8": 1, "null_text": 1, "empty_text": 1}),
-    Case("parquet_null_ids", lambda c: {"a.parquet": parquet(rows_table(c, ["the cup", "the goal", "a vote"], ids=["0", None, "2"]))},
+    Case("parquet_null_ids", lambda c: {"a.parquet": parquet(rows_table(c, ["the cup", "a goal", "a vote"], ["0", None, "2"]))},
          "parquet", rows=3, rejected={"missing_id": 1}),
     Case("parquet_empty_and_large_string", lambda c: {
         "empty.parquet": parquet(rows_table(c, [])),
         "large.parquet": parquet(rows_table(c, ["the cup", "\u200b", ""], text_type=pa.large_string()), row_group_size=1),
     }, "parquet", rows=3, rejected={"empty_text": 2}),
     # --- unreadable shards: quarantined whole before any actor starts, the rest scored, exit 3 ----------
-    Case("truncated_gzip", truncated_gzip, "jsonl-unreadable", dry_run=Outcome(0), run=Outcome(PARTIAL, "EOFError"),
+    Case("truncated_gzip", truncated_gzip, "jsonl-unreadable", **partial(0, "EOFError"),
          rows=10, quarantined={"cut.jsonl.gz": None}),
-    Case("gzip_crc_error", gzip_crc_error, "jsonl-unreadable", dry_run=Outcome(0), run=Outcome(PARTIAL, "CRC check failed"),
+    Case("gzip_crc_error", gzip_crc_error, "jsonl-unreadable", **partial(0, "CRC check failed"),
          rows=10, quarantined={"crc.jsonl.gz": None}),
     Case("not_gzip", lambda c: {"fake.jsonl.gz": b"\x1f\x8b not really gzip", **good_jsonl()}, "jsonl-unreadable",
-         dry_run=Outcome(PARTIAL, "not a readable JSONL file"), run=Outcome(PARTIAL, "not a readable JSONL file"),
-         rows=10, quarantined={"fake.jsonl.gz": 0}),
-    Case("parquet_corrupt_pages", corrupt_pages, "parquet-unreadable", dry_run=Outcome(0),
-         run=Outcome(PARTIAL, "Couldn't deserialize thrift"), rows=10, quarantined={"corrupt.parquet": 300}),
-    Case("parquet_truncated", parquet_cut, "parquet-unreadable", dry_run=Outcome(PARTIAL, "not a readable Parquet file"),
-         run=Outcome(PARTIAL, "not a readable Parquet file"), rows=10, quarantined={"cut.parquet": 0}),
+         **partial(PARTIAL, "not a readable JSONL file"), rows=10, quarantined={"fake.jsonl.gz": 0}),
+    Case("parquet_corrupt_pages", corrupt_pages, "parquet-unreadable", **partial(0, "Couldn't deserialize thrift"),
+         rows=10, quarantined={"corrupt.parquet": 300}),
+    Case("parquet_truncated", parquet_cut, "parquet-unreadable", **partial(PARTIAL, "not a readable Parquet file"),
+         rows=10, quarantined={"cut.parquet": 0}),
     Case("parquet_zero_bytes", lambda c: {"zero.parquet": b"", **good_parquet()}, "parquet-unreadable",
-         dry_run=Outcome(PARTIAL, "not a readable Parquet file"), run=Outcome(PARTIAL, "not a readable Parquet file"),
-         rows=10, quarantined={"zero.parquet": 0}),
+         **partial(PARTIAL, "not a readable Parquet file"), rows=10, quarantined={"zero.parquet": 0}),
     Case("every_shard_unreadable", lambda c: {"zero.parquet": b"", "text.parquet": b"PAR1 not really"},
-         dry_run=Outcome(USER_ERROR, "none of the 2 input file(s) is readable"),
-         run=Outcome(USER_ERROR, "none of the 2 input file(s) is readable")),
+         **refused("none of the 2 input file(s) is readable")),
     # --- input that does not fit the config: refused before anything starts -------------------------------
-    Case("id_columns_absent_from_rows", lambda c: jsonl(*(json.dumps({"text": sentence(i)}).encode() for i in range(3))),
-         overrides=("input.id_columns=[doc_id]",),
-         dry_run=Outcome(USER_ERROR, "column 'doc_id' has no value in any of the 3 rows"),
-         run=Outcome(USER_ERROR, "column 'doc_id' has no value in any of the 3 rows")),
+    Case("id_columns_absent_from_rows", lambda c: jsonl(*(obj(text=sentence(i)) for i in range(3))),
+         overrides=("input.id_columns=[doc_id]",), **refused("column 'doc_id' has no value in any of the 3 rows")),
     Case("text_column_absent", lambda c: jsonl(*good_lines(c, 3)), overrides=("input.text_column=body",),
-         dry_run=Outcome(USER_ERROR, "text column 'body' has no value"), run=Outcome(USER_ERROR, "text column 'body' has no value")),
-    Case("ids_are_objects", lambda c: jsonl(json.dumps({"doc_id": {"a": 1}, "text": "the cup"}).encode()),
-         overrides=("input.id_columns=[doc_id]",), dry_run=Outcome(USER_ERROR, "column 'doc_id' holds JSON objects"),
-         run=Outcome(USER_ERROR, "column 'doc_id' holds JSON objects")),
+         **refused("text column 'body' has no value")),
+    Case("ids_are_objects", lambda c: jsonl(obj(doc_id={"a": 1}, text="the cup")), overrides=("input.id_columns=[doc_id]",),
+         **refused("column 'doc_id' holds JSON objects")),
     Case("parquet_text_column_is_int", lambda c: {"a.parquet": parquet(pa.table({"text": [1, 2]}))},
-         dry_run=Outcome(USER_ERROR, "column 'text' is int64, expected string or binary"),
-         run=Outcome(USER_ERROR, "column 'text' is int64, expected string or binary")),
-    Case("empty_input_directory", lambda c: {"_SUCCESS": b"", ".hidden.jsonl": b"{}"},
-         dry_run=Outcome(USER_ERROR, "holds no input files"), run=Outcome(USER_ERROR, "holds no input files")),
-    Case("input_path_missing", overrides=("input.path={dir}/nowhere",),
-         dry_run=Outcome(USER_ERROR, "nothing exists there"), run=Outcome(USER_ERROR, "nothing exists there")),
-    Case("unsupported_scheme", overrides=("input.path=gs://bucket/in",),
-         dry_run=Outcome(USER_ERROR, "unsupported storage scheme"), run=Outcome(USER_ERROR, "unsupported storage scheme")),
-    Case("output_already_finished", lambda c: {**jsonl(*good_lines(c, 1)), "done/_SUCCESS": b""},
-         overrides=("output.path={dir}/in/done",), dry_run=Outcome(USER_ERROR, "already holds a finished run"),
-         run=Outcome(USER_ERROR, "already holds a finished run")),
+         **refused("column 'text' is int64, expected string or binary")),
+    Case("empty_input_directory", lambda c: {"_SUCCESS": b"", ".hidden.jsonl": b"{}"}, **refused("holds no input files")),
+    Case("input_path_missing", overrides=("input.path={dir}/nowhere",), **refused("nothing exists there")),
+    Case("unsupported_scheme", overrides=("input.path=gs://bucket/in",), **refused("unsupported storage scheme")),
+    Case("output_already_finished", lambda c: {**one_row(c), "done/_SUCCESS": b""}, overrides=("output.path={dir}/in/done",),
+         **refused("already holds a finished run")),
     Case("id_column_collides_with_output", lambda c: jsonl(line(c, 0, label="x")), overrides=("input.id_columns=[label]",),
-         dry_run=Outcome(USER_ERROR, "would collide with output columns"), run=Outcome(USER_ERROR, "would collide")),
+         **refused("would collide with output columns")),
     # --- config -------------------------------------------------------------------------------------------
-    Case("max_length_beyond_positions", lambda c: jsonl(*good_lines(c, 1)), overrides=("model.max_length=100000",),
-         dry_run=Outcome(USER_ERROR, "position embeddings hold 64 tokens"), run=Outcome(USER_ERROR, "at most 64")),
-    Case("max_tokens_per_batch_zero", lambda c: jsonl(*good_lines(c, 1)), overrides=("inference.max_tokens_per_batch=0",),
-         dry_run=Outcome(USER_ERROR, "inference.max_tokens_per_batch: Value error, must be auto or a number of tokens"),
-         run=Outcome(USER_ERROR, "must be auto or a number of tokens")),
-    Case("max_tokens_per_batch_negative", lambda c: jsonl(*good_lines(c, 1)), overrides=("inference.max_tokens_per_batch=-5",),
-         dry_run=Outcome(USER_ERROR, "must be auto or a number of tokens"), run=Outcome(USER_ERROR, "must be auto")),
-    Case("max_tokens_per_batch_below_max_length", lambda c: jsonl(*good_lines(c, 1)),
-         overrides=("inference.max_tokens_per_batch=8",),
-         dry_run=Outcome(USER_ERROR, "inference.max_tokens_per_batch=8 is less than the max length of 64 tokens"),
-         run=Outcome(USER_ERROR, "Set it to at least 64")),
-    Case("unknown_config_key", lambda c: jsonl(*good_lines(c, 1)), overrides=("model.colour=blue",),
-         dry_run=Outcome(USER_ERROR, "model.colour: Extra inputs are not permitted"), run=Outcome(USER_ERROR, "model.colour")),
-    Case("set_without_value", lambda c: jsonl(*good_lines(c, 1)), overrides=("model.dtype",),
-         dry_run=Outcome(USER_ERROR, "--set expects key=value, got 'model.dtype' with no ="), run=Outcome(USER_ERROR, "--set expects")),
-    Case("set_malformed_yaml", lambda c: jsonl(*good_lines(c, 1)), overrides=("input.id_columns=[doc_id",),
-         dry_run=Outcome(USER_ERROR, "--set input.id_columns: the value is not valid YAML"), run=Outcome(USER_ERROR, "not valid YAML")),
+    Case("max_length_beyond_positions", one_row, overrides=("model.max_length=100000",),
+         **refused("position embeddings hold 64 tokens. Set model.max_length to at most 64")),
+    Case("max_tokens_per_batch_zero", one_row, overrides=("inference.max_tokens_per_batch=0",),
+         **refused("inference.max_tokens_per_batch: Value error, must be auto or a number of tokens")),
+    Case("max_tokens_per_batch_negative", one_row, overrides=("inference.max_tokens_per_batch=-5",),
+         **refused("must be auto or a number of tokens, at least model.max_length")),
+    Case("max_tokens_per_batch_below_max_length", one_row, overrides=("inference.max_tokens_per_batch=8",),
+         **refused("inference.max_tokens_per_batch=8 is less than the max length of 64 tokens")),
+    Case("unknown_config_key", one_row, overrides=("model.colour=blue",),
+         **refused("model.colour: Extra inputs are not permitted")),
+    Case("set_without_value", one_row, overrides=("model.dtype",), **refused("--set expects key=value, got 'model.dtype'")),
+    Case("set_malformed_yaml", one_row, overrides=("input.id_columns=[doc_id",),
+         **refused("--set input.id_columns: the value is not valid YAML")),
     *(
-        Case(f"set_secret_starting_{name}", lambda c: jsonl(*good_lines(c, 1)), overrides=(f"storage.secret={char}{SECRET}",),
-             dry_run=Outcome(USER_ERROR, "--set storage.secret: the value is not valid YAML"),
-             run=Outcome(USER_ERROR, "--set storage.secret: the value is not valid YAML"))
-        for char, name in zip(SECRET_SET_CHARS, ["bracket", "quote", "star", "bang", "percent", "at"])
+        Case(f"set_secret_starting_{name}", one_row, overrides=(f"storage.secret={char}{SECRET}",),
+             **refused("--set storage.secret: the value is not valid YAML"))
+        for name, char in SECRET_SET_CHARS.items()
     ),
-    Case("secret_interpolated_into_text_column", lambda c: jsonl(*good_lines(c, 1)),
-         overrides=("input.text_column=${AWS_SECRET_ACCESS_KEY}",),
-         dry_run=Outcome(USER_ERROR, "text column '***' has no value"), run=Outcome(USER_ERROR, "text column '***'")),
-    Case("malformed_yaml_file", lambda c: jsonl(*good_lines(c, 1)), config=b"input:\n  path: x\n model: [\n",
-         dry_run=Outcome(USER_ERROR, "job.yaml, line 3, column 2: malformed YAML"), run=Outcome(USER_ERROR, "malformed YAML")),
-    Case("yaml_file_with_a_tab", config=b"input:\n\tpath: x\n", dry_run=Outcome(USER_ERROR, "found character '\\t'"),
-         run=Outcome(USER_ERROR, "line 2, column 1")),
-    Case("yaml_file_not_a_mapping", config=b"- input\n- model\n", dry_run=Outcome(USER_ERROR, "holds a YAML list, not a mapping"),
-         run=Outcome(USER_ERROR, "not a mapping")),
-    Case("yaml_file_not_utf8", config=b"input: {path: caf\xe9}\n", dry_run=Outcome(USER_ERROR, "is not UTF-8 text"),
-         run=Outcome(USER_ERROR, "is not UTF-8 text")),
-    Case("config_file_missing", config_path="{dir}/nope.yaml",
-         dry_run=Outcome(USER_ERROR, "nope.yaml: No such file or directory"), run=Outcome(USER_ERROR, "No such file")),
-    Case("config_path_is_a_directory", config_path="{dir}", dry_run=Outcome(USER_ERROR, "Is a directory"),
-         run=Outcome(USER_ERROR, "Is a directory")),
+    Case("secret_interpolated_into_text_column", one_row, overrides=("input.text_column=${AWS_SECRET_ACCESS_KEY}",),
+         **refused("text column '***' has no value")),
+    Case("malformed_yaml_file", one_row, config=b"input:\n  path: x\n model: [\n",
+         **refused("job.yaml, line 3, column 2: malformed YAML")),
+    Case("yaml_file_with_a_tab", config=b"input:\n\tpath: x\n",
+         **refused("line 2, column 1: malformed YAML: found character '\\t'")),
+    Case("yaml_file_not_a_mapping", config=b"- input\n- model\n", **refused("holds a YAML list, not a mapping")),
+    Case("yaml_file_not_utf8", config=b"input: {path: caf\xe9}\n", **refused("is not UTF-8 text")),
+    Case("config_file_missing", config_path="{dir}/nope.yaml", **refused("nope.yaml: No such file or directory")),
+    Case("config_path_is_a_directory", config_path="{dir}", **refused("Is a directory")),
     # --- checkpoints --------------------------------------------------------------------------------------
-    Case("adapter_only_checkpoint", lambda c: jsonl(*good_lines(c, 1)), checkpoint=adapter_only, overrides=(model_at(),),
-         dry_run=Outcome(USER_ERROR, "without the model's own weights (model.safetensors). Merge the adapter"),
-         run=Outcome(USER_ERROR, "adapter_model.safetensors")),
-    Case("pickle_weights", lambda c: jsonl(*good_lines(c, 1)), checkpoint=pickle_only, overrides=(model_at(),),
-         dry_run=Outcome(USER_ERROR, "only has pickle weights"), run=Outcome(USER_ERROR, "model.allow_pickle: true")),
-    Case("remote_code", lambda c: jsonl(*good_lines(c, 1)), checkpoint=remote_code, overrides=(model_at(),),
-         dry_run=Outcome(USER_ERROR, "trust_remote_code"), run=Outcome(USER_ERROR, "auto_map")),
-    Case("truncated_safetensors", lambda c: jsonl(*good_lines(c, 1)), checkpoint=truncated_weights, overrides=(model_at(),),
-         dry_run=Outcome(USER_ERROR, "model.safetensors is not a readable safetensors file"),
-         run=Outcome(USER_ERROR, "incomplete metadata")),
-    Case("config_json_not_json", lambda c: jsonl(*good_lines(c, 1)), checkpoint=corrupt_config, overrides=(model_at(),),
-         dry_run=Outcome(USER_ERROR, "config.json is not valid JSON"), run=Outcome(USER_ERROR, "config.json is not valid JSON")),
-    Case("checkpoint_without_tokenizer", lambda c: jsonl(*good_lines(c, 1)), checkpoint=no_tokenizer, overrides=(model_at(),),
-         dry_run=Outcome(USER_ERROR, "has no tokenizer files (tokenizer.json, vocab.txt, ...)"),
-         run=Outcome(USER_ERROR, "would know only 5 special tokens")),
+    Case("adapter_only_checkpoint", one_row, checkpoint=adapter_only, overrides=(model_at(),),
+         **refused("without the model's own weights (model.safetensors). Merge the adapter into its base model")),
+    Case("pickle_weights", one_row, checkpoint=pickle_only, overrides=(model_at(),), **refused("only has pickle weights")),
+    Case("remote_code", one_row, checkpoint=remote_code, overrides=(model_at(),), **refused("trust_remote_code")),
+    Case("truncated_safetensors", one_row, checkpoint=truncated_weights, overrides=(model_at(),),
+         **refused("model.safetensors is not a readable safetensors file")),
+    Case("config_json_not_json", one_row, checkpoint=corrupt_config, overrides=(model_at(),),
+         **refused("config.json is not valid JSON")),
+    Case("checkpoint_without_tokenizer", one_row, checkpoint=no_tokenizer, overrides=(model_at(),),
+         **refused("has no tokenizer files (tokenizer.json, vocab.txt, ...)")),
 ]
