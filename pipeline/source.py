@@ -152,7 +152,7 @@ def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema, dict[str,
                 continue
             if column not in file_schema.names:
                 raise InputError(f"{path}: missing text column {column!r} (has {file_schema.names})")
-            if file_schema.field(column).type not in TEXT_TYPES:
+            if _values(file_schema.field(column).type) not in TEXT_TYPES:
                 raise InputError(
                     f"{path}: column {column!r} is {file_schema.field(column).type}, expected string or binary"
                 )
@@ -165,6 +165,11 @@ def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema, dict[str,
         elif not passthrough.equals(expected):
             raise InputError(f"{path}: id/label column types {passthrough} differ from other shards' {expected}")
     return expected, {path: f.num_rows for path, f in readable.items()}, unreadable
+
+
+def _values(type: pa.DataType) -> pa.DataType:
+    """The type of the values: a dictionary-encoded column's (pandas categoricals), else ``type``."""
+    return type.value_type if pa.types.is_dictionary(type) else type
 
 
 def _require_some(shards: Shards, unreadable: dict[str, Unreadable]) -> None:
@@ -388,11 +393,15 @@ def _parquet_records(batch: pa.RecordBatch, first_row: int) -> Iterator[Record]:
 
 def _decoded_records(batch: pa.RecordBatch) -> list[tuple[dict, tuple[Reason, str] | None]]:
     """The batch's rows with each string value decoded on its own; one that is not UTF-8 becomes null."""
+    columns = {
+        name: column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
+        for name, column in zip(batch.schema.names, batch.columns)
+    }
     binary = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}
-    as_bytes = {f.name: batch.column(f.name).view(binary[f.type]) for f in batch.schema if f.type in binary}
-    strings = list(as_bytes)
+    strings = [name for name, column in columns.items() if column.type in binary]
+    columns.update({name: columns[name].view(binary[columns[name].type]) for name in strings})
     records = []
-    for record in pa.RecordBatch.from_pydict({**dict(zip(batch.schema.names, batch.columns)), **as_bytes}).to_pylist():
+    for record in pa.RecordBatch.from_pydict(columns).to_pylist():
         problem = None
         for name in strings:
             try:

