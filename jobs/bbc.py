@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("data/bbc"), help="shard directory (default: data/bbc)")
     parser.add_argument("--shards", type=int, default=8, help="number of Parquet shards (default: 8)")
     args = parser.parse_args()
+    if args.shards < 1:
+        parser.error("--shards must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     prepare(args.out, args.shards)
 

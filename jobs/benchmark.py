@@ -4,6 +4,7 @@
     python -m jobs.benchmark --dtype bfloat16          # + (d) in fp32 as the reference: bf16 speed-up, fidelity
     python -m jobs.benchmark --task sequence-classification [--model DIR]
     python -m jobs.benchmark --scaling                 # (a) with 1 model actor vs 2, one thread each
+    python -m jobs.benchmark --scan-cost               # reading 1,000 shards whole before a run vs footers only
 
 Every contender runs, one after another, on the same texts, checkpoint, dtype, max_length (256),
 torch thread count (``--threads``, default all cores) and malloc settings (``keep_freed_memory``):
@@ -51,6 +52,14 @@ Scaling (--scaling): (a) with one model actor x 1 torch thread, then two. Ray mu
 read and write tasks (0.25 each) and the tokenizer actor (0.25), so on 2 CPUs the model actors reserve fractions
 of the 1.25 left: 1.0 for one actor, 0.62 each for two (``actor_cpus``); the pipeline rounds a
 reservation up to its thread count, so each actor runs 1 thread either way.
+
+Scan cost (--scan-cost): before any actor starts, a run reads every shard whole (``scan_input``: every page
+of the projected Parquet columns, every line of JSONL, a gzip stream to its CRC) so that an unreadable
+shard is quarantined up front instead of failing mid-run. This measures that pass on ``--scan-shards``
+shards (default 1,000) of ``--scan-rows`` BBC articles each (default 20), as Parquet and as .jsonl.gz on
+local disk, against what ``--dry-run`` reads (``check_schema``: Parquet footers, the first 64 KiB of each
+JSONL shard). Both run after a warm-up on the same files, so the page cache holds them and worker
+processes are started: the figures are the passes' own CPU and Ray task costs, not disk or network.
 
 Default size: 256 rows per set, sized to finish in < 10 minutes on 2 cores. The three sets then
 hold ~107k real tokens (long 64k, short 7k, mixed 36k), 2.5 TFLOP by the formula above; c pads
@@ -642,6 +651,68 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# ---- scan cost -------------------------------------------------------------------------------
+
+
+def scan_cost(out: Path, num_shards: int, rows_per_shard: int) -> list[dict]:
+    """Seconds to check ``num_shards`` shards before a run: footers / first lines (``check_schema``) against
+    every page and line (``scan_input``); one row of figures per format. See the module docstring."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipeline.config import InputConfig
+    from pipeline.source import check_schema, discover, scan_input
+    from pipeline.storage import filesystem
+
+    texts = sample([a.decode(errors="replace") for a in bbc.load_articles()], num_shards * rows_per_shard)
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    rows = []
+    for fmt, suffix in (("parquet", ".parquet"), ("jsonl", ".jsonl.gz")):
+        root = out / "scan-cost" / fmt
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        for i in range(num_shards):
+            shard = texts[i * rows_per_shard : (i + 1) * rows_per_shard]
+            if fmt == "parquet":
+                pq.write_table(pa.table({"text": shard}), root / f"{i:05d}{suffix}")
+            else:
+                lines = "".join(json.dumps({"text": t}) + "\n" for t in shard)
+                (root / f"{i:05d}{suffix}").write_bytes(gzip.compress(lines.encode()))
+        cfg = InputConfig(path=str(root))
+        shards = discover(cfg, *filesystem(cfg.path), [])
+        warm = replace(shards, files=shards.files[:20])
+        scan_input(warm, cfg, *check_schema(warm, cfg)[:2], check_duplicates=False)  # start the task workers
+
+        started = time.perf_counter()
+        types, footer_rows, unreadable = check_schema(shards, cfg)
+        footers_s = time.perf_counter() - started
+        started = time.perf_counter()
+        scan = scan_input(shards, cfg, types, footer_rows, check_duplicates=False)
+        whole_s = time.perf_counter() - started
+        assert scan.rows == len(texts) and not unreadable and not scan.unreadable
+        megabytes = sum(shards.sizes.values()) / 1e6
+        rows.append({
+            "format": fmt, "shards": num_shards, "rows": scan.rows, "mb_on_disk": round(megabytes, 1),
+            "first_lines_or_footers_s": round(footers_s, 2), "whole_s": round(whole_s, 2),
+            "whole_ms_per_shard": round(1000 * whole_s / num_shards, 2), "whole_rows_per_s": round(scan.rows / whole_s),
+        })  # fmt: skip
+        log.info("%s: %s", fmt, rows[-1])
+    return rows
+
+
+def format_scan_cost(rows: list[dict]) -> str:
+    header = ["format", "shards", "rows", "MB", "footers / first lines s", "whole s", "whole ms/shard", "whole rows/s"]
+    keys = ["format", "shards", "rows", "mb_on_disk", "first_lines_or_footers_s", "whole_s", "whole_ms_per_shard",
+            "whole_rows_per_s"]  # fmt: skip
+    lines = [header, *([str(r[k]) for k in keys] for r in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+
+
 # ---- main -----------------------------------------------------------------------------------
 
 
@@ -704,8 +775,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--contenders", type=comma_list, default=list(CONTENDERS), help="subset of a,b,c,d,e")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--scaling", action="store_true", help="instead: (a) with 1 vs 2 model actors x 1 thread")
+    parser.add_argument("--scan-cost", action="store_true", help="instead: the pre-run scan of every shard, see above")
+    parser.add_argument("--scan-shards", type=int, default=1000, help="--scan-cost: shards (default: 1000)")
+    parser.add_argument("--scan-rows", type=int, default=20, help="--scan-cost: articles per shard (default: 20)")
     parser.add_argument("--out", type=Path, default=Path("out/benchmark"), help="default: out/benchmark")
     args = parser.parse_args()
+    for flag in ("rows", "threads", "scan_shards", "scan_rows"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     for chosen, allowed, flag in ((args.sets, SETS, "--sets"), (args.contenders, CONTENDERS, "--contenders")):
         if unknown := set(chosen) - set(allowed):
             parser.error(f"{flag}: unknown {sorted(unknown)}; choose from {','.join(allowed)}")
@@ -737,6 +814,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # b-e get the allocator settings the pipeline's model actors use
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.scan_cost:
+        rows = scan_cost(args.out, args.scan_shards, args.scan_rows)
+        (args.out / "scan-cost.json").write_text(json.dumps({"machine": machine_info(), "results": rows}, indent=2) + "\n")
+        print(format_scan_cost(rows))
+        print(f"Written: {args.out}/scan-cost.json")
+        return
 
     spec = Spec(args.task, args.model or default_model(args.task, args.out), args.dtype, args.threads)
     tokenizer = load_tokenizer(spec)

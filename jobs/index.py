@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.run import USER_ERRORS, report
 from pipeline.index import SearchError, build_index
 from pipeline.schema import INDEX_DIR
-from pipeline.storage import StorageError, join
+from pipeline.storage import join
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,9 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         info = build_index(args.embeddings)
-    except (SearchError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (*USER_ERRORS, SearchError) as e:
+        return report(e)
     params = ", ".join(f"{k}={v}" for k, v in sorted(info.params.items()))
     print(
         f"built {join(args.embeddings, INDEX_DIR)}/ in {info.build_s:.1f} s\n"

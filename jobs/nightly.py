@@ -3,6 +3,8 @@
 ``${DATE}`` in the config (e.g. ``input.path: s3://bucket/events/dt=${DATE}/``) is the
 date being scored. Rerunning a finished date is a no-op; new shards of a date are scored
 alone; a killed run is finished or redone by the next one (see ``pipeline.nightly``).
+Exit status as ``jobs.run``: 2 for a config or input that cannot run, 3 when a date's run quarantined
+unreadable shards (they are not marked scored, so the next run tries them again).
 
     python -m jobs.nightly --config configs/nightly_s3.yaml --date 2026-11-20
     python -m jobs.nightly --config configs/nightly_s3.yaml --backfill 2026-11-01 2026-11-20
@@ -13,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.run import USER_ERRORS
+from jobs.run import PARTIAL, USER_ERRORS, report
 from pipeline.config import load_config
 from pipeline.nightly import date_range, parse_date, score_date
 
@@ -30,13 +32,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cfg, partial = None, []
     try:
         dates = date_range(*args.backfill) if args.backfill else [parse_date(args.date)]
         for date in dates:
-            score_date(load_config(args.config, args.overrides, variables={"DATE": date}), date)
+            cfg = load_config(args.config, args.overrides, variables={"DATE": date})
+            if score_date(cfg, date).get("manifest", {}).get("partial"):
+                partial.append(date)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e, cfg)
+    if partial:
+        print(f"PARTIAL: unreadable shards were quarantined on {', '.join(partial)}; they stay pending", file=sys.stderr)
+        return PARTIAL
     return 0
 
 

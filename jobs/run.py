@@ -3,6 +3,11 @@
 Runs on a local Ray instance when RAY_ADDRESS is unset, on that cluster otherwise, and
 works unchanged as a ``ray job submit`` entrypoint.
 
+Exit status: 0 done; 2 the config, input, checkpoint or output cannot run (one line on stderr
+names the key or file and the fix; nothing started, or nothing published); 3 PARTIAL: the run
+published, but quarantined shards it could not read (listed in the summary and the manifest's
+``shards_unreadable``), so a scheduler can alert on it.
+
     python -m jobs.run --config configs/bbc_embed.yaml --set model.dtype=bfloat16
     python -m jobs.run --config configs/bbc_embed.yaml --dry-run
 """
@@ -13,12 +18,21 @@ import argparse
 import sys
 
 from pipeline.checkpoint import CheckpointError
-from pipeline.config import ConfigError, config_reference, load_config
+from pipeline.config import ConfigError, JobConfig, config_reference, load_config
 from pipeline.run import plan, run_job
 from pipeline.source import InputError
 from pipeline.storage import StorageError
 
 USER_ERRORS = (ConfigError, CheckpointError, InputError, StorageError)
+USER_ERROR = 2
+PARTIAL = 3
+
+
+def report(error: Exception, cfg: JobConfig | None = None) -> int:
+    """Print a user error as one line on stderr, secrets masked; the exit status for it."""
+    message = cfg.redact(str(error)) if cfg is not None else str(error)
+    print(f"error: {message}", file=sys.stderr)
+    return USER_ERROR
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +57,10 @@ def reference_table() -> str:
 
 def summary(manifest: dict) -> str:
     """The one-screen summary printed after a run."""
+    unreadable = manifest.get("shards_unreadable", [])
     rows = [
+        ("status", f"PARTIAL: {len(unreadable)} unreadable shard(s) quarantined whole" if unreadable else "complete"),
+        *((f"  unreadable {u['file']}", u["error"]) for u in unreadable),
         ("rows in / out / rejected", f"{manifest['rows_in']} / {manifest['rows_out']} / {manifest['rows_rejected']}"),
         ("rejected by reason", manifest["rejected_by_reason"] or "-"),
         ("rows truncated", manifest["rows_truncated"]),
@@ -64,18 +81,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.config_reference:
         print(reference_table())
         return 0
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            print(plan(cfg).describe())
-            print("dry run: config, input, checkpoint and output are valid; nothing was started")
+            job = plan(cfg)
+            print(job.describe())
+            if job.unreadable:
+                print(f"dry run: {len(job.unreadable)} shard(s) cannot be read: the run would quarantine them and be PARTIAL")
+                return PARTIAL
+            print(
+                "dry run: config, checkpoint, output and input (schema, footers, first lines of every shard) are valid; "
+                "nothing was started. The run reads every shard whole before it starts its actors"
+            )
             return 0
         manifest = run_job(cfg)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e, cfg)
     print("\n" + summary(manifest))
-    return 0
+    return PARTIAL if manifest["partial"] else 0
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ import sys
 
 import pyarrow as pa
 
-from jobs.run import USER_ERRORS
+from jobs.run import USER_ERRORS, report
 from pipeline import schema as S
 from pipeline.index import SearchError
-from pipeline.search import Searcher
+from pipeline.search import Searcher, check_query
 
 SNIPPET_CHARS = 100
 
@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.search", description=__doc__.split("\n")[0])
     parser.add_argument("--embeddings", required=True, help="output.path of a finished embedding job")
     parser.add_argument("--query", required=True, help="text to search for")
-    parser.add_argument("-k", type=int, default=10, help="number of hits (default: 10)")
+    parser.add_argument("-k", type=int, default=10, help="number of hits (default: 10; at most every row)")
     parser.add_argument("--exact", action="store_true", help="score every row instead of using the index")
     args = parser.parse_args(argv)
     if args.k < 1:
@@ -54,11 +54,11 @@ def render(hits: pa.Table, text_column: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_query(args.query)
         searcher = Searcher(args.embeddings)
         hits = searcher.search(args.query, args.k, exact=args.exact)
     except (*USER_ERRORS, SearchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     index = None if args.exact else searcher.index_info
     how = f"{index.kind} index ({index.rows} rows)" if index else "exact search" + ("" if args.exact else " (no index)")
     print(f"top {hits.num_rows} for {args.query!r}, {how}:\n{render(hits, searcher.job.input.text_column)}")

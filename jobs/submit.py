@@ -7,8 +7,11 @@
 
 Runs ``python -m jobs.run --config ... --set ...`` as the job's driver on the head node,
 prints the submission id at once, streams the driver's logs and exits 0 only if the job
-SUCCEEDED (1 if it failed or was stopped, 2 if it could not be submitted). Ctrl-C stops
-following; the job keeps running (``ray job stop ID`` stops it).
+SUCCEEDED (3 if its driver exited 3, a PARTIAL run: see ``jobs.run``; 1 if it failed otherwise
+or was stopped; 2 if it could not be submitted, e.g. for a malformed ``--set``). Ctrl-C stops
+following; the job keeps running (``ray job stop ID`` stops it). The printed entrypoint masks
+secrets: ``--set`` values of secret keys (``storage.key``, ``storage.secret``) and values of
+secret-looking environment variables (``*SECRET*``, ``*TOKEN*``, ``*PASSWORD*``, ``*_KEY``).
 
 Token authentication is left to Ray's client: with RAY_AUTH_MODE=token it sends the token
 from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token. Like ``ray job submit``, it
@@ -29,7 +32,10 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobInfo, JobStatus, JobSubmissionClient
 from ray.runtime_env import RuntimeEnv
 
+from pipeline.config import ConfigError, apply_overrides, environment_secrets, redact, redact_override
+
 DEFAULT_MODULE = "jobs.run"
+PARTIAL = 3  # jobs.run / jobs.nightly: published, with unreadable shards quarantined
 
 
 def key_value(item: str) -> tuple[str, str]:
@@ -79,6 +85,14 @@ def build_entrypoint(
     return shlex.join([*argv, *module_args])
 
 
+def shown_entrypoint(args: argparse.Namespace) -> str:
+    """The entrypoint as printed: values of secret ``--set`` keys and of secret-looking environment variables masked."""
+    shown = args.entrypoint or build_entrypoint(
+        args.config, [redact_override(o) for o in args.overrides], args.entrypoint_module, args.module_args
+    )
+    return redact(shown, environment_secrets())
+
+
 def build_runtime_env(
     working_dir: str | None = None,
     pip: Sequence[str] = (),
@@ -111,6 +125,8 @@ def outcome(job_id: str, info: JobInfo) -> str:
     """One line on how the job ended; a failed driver's logs were streamed already, so just its exit code."""
     if info.status == JobStatus.SUCCEEDED:
         return f"job {job_id} SUCCEEDED"
+    if info.driver_exit_code == PARTIAL:
+        return f"job {job_id} PARTIAL: it published, but quarantined input shards it could not read (driver exit code 3)"
     if info.driver_exit_code:
         return f"job {job_id} {info.status.value}: the driver exited with code {info.driver_exit_code}"
     return f"job {job_id} {info.status.value}: {info.message}"
@@ -122,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         args.config, args.overrides, args.entrypoint_module, args.module_args
     )
     try:
+        apply_overrides({}, args.overrides)  # a malformed --set fails here, not on the cluster
         runtime_env = build_runtime_env(args.working_dir, args.pip, args.image, dict(args.env))
-    except ValueError as e:
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -133,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except (AuthenticationError, ConnectionError, RuntimeError) as e:
         print(f"error: could not submit to {args.address}: {e}", file=sys.stderr)
         return 2
-    print(f"submitted {job_id}: {entrypoint}", flush=True)
+    print(f"submitted {job_id}: {shown_entrypoint(args)}", flush=True)
     if args.no_wait:
         return 0
 
@@ -144,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nstopped following {job_id}; it keeps running (stop it with: ray job stop {job_id})", file=sys.stderr)
         return 130
     print(outcome(job_id, info))
-    return 0 if info.status == JobStatus.SUCCEEDED else 1
+    if info.status == JobStatus.SUCCEEDED:
+        return 0
+    return PARTIAL if info.driver_exit_code == PARTIAL else 1
 
 
 if __name__ == "__main__":

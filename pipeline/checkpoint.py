@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,11 +103,37 @@ def _local_copy(model: ModelConfig, storage: StorageConfig) -> tuple[Path, str, 
     return snapshot, path, commit, commit
 
 
+# The file names from_pretrained loads weights from (one file, or shards listed in an index).
+SAFETENSORS_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
+PICKLE_WEIGHTS = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
 def _check_weights(local: Path, model: ModelConfig) -> None:
-    names = [p.name for p in local.iterdir()]
-    if any(n.endswith(".safetensors") for n in names):
+    """Refuse a checkpoint whose weights ``from_pretrained`` would not find, could not read, or must not unpickle.
+
+    Only ``model.safetensors`` (or its shards) count as weights: a PEFT adapter's ``adapter_model.*``
+    or a Trainer's ``training_args.bin`` do not. safetensors headers are read, so a truncated file is
+    refused here rather than in every actor.
+    """
+    names = sorted(p.name for p in local.iterdir())
+    safe = [n for n in names if SAFETENSORS_WEIGHTS.fullmatch(n)]
+    if safe:
+        from safetensors import SafetensorError, safe_open
+
+        index = local / "model.safetensors.index.json"
+        if index.is_file():
+            missing = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()) - set(names))
+            if missing:
+                raise CheckpointError(f"{model.path} lacks weight shard(s) {missing} listed in {index.name}")
+        for name in safe:
+            try:
+                with safe_open(local / name, "np"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{model.path}/{name} is not a readable safetensors file ({e})") from None
         return
-    if any(n.endswith(".bin") or n.endswith(".pt") for n in names):
+    if any(PICKLE_WEIGHTS.fullmatch(n) for n in names):
         if model.allow_pickle:
             return
         raise CheckpointError(
@@ -114,17 +141,48 @@ def _check_weights(local: Path, model: ModelConfig) -> None:
             "Convert it to safetensors (model.save_pretrained(dir, safe_serialization=True)) or, if you trust "
             "its origin, set model.allow_pickle: true"
         )
-    raise CheckpointError(f"{model.path} has no model weights (*.safetensors)")
+    adapter = [n for n in names if n in ADAPTER_FILES]
+    if adapter:
+        raise CheckpointError(
+            f"{model.path} is a PEFT adapter ({', '.join(adapter)}) without the model's own weights "
+            "(model.safetensors). Merge the adapter into its base model first (peft: "
+            "model.merge_and_unload().save_pretrained(dir)) and point model.path at the merged checkpoint"
+        )
+    raise CheckpointError(f"{model.path} has no model weights (model.safetensors); it holds {names}")
 
 
-def _default_max_length(local: Path, config, tokenizer) -> int:
-    """sentence-transformers' max_seq_length when shipped, else the model's own limit."""
+# Architectures whose position ids start after the padding index, so that many positions are never used.
+PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "mpnet",
+                            "longformer", "ibert"}  # fmt: skip
+
+
+def position_limit(config) -> int | None:
+    """The most tokens the model's position embeddings can address; None when it has no such limit."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions or positions >= 1_000_000:
+        return None
+    if config.model_type in PADDING_OFFSET_POSITIONS:
+        positions -= (config.pad_token_id or 0) + 1
+    return int(positions)
+
+
+def _max_length(model: ModelConfig, local: Path, config, tokenizer) -> int:
+    """``model.max_length`` if the model can take it; else sentence-transformers' max_seq_length when
+    shipped, else the model's own limit."""
+    limit = position_limit(config)
+    if model.max_length:
+        if limit and model.max_length > limit:
+            raise CheckpointError(
+                f"model.max_length={model.max_length} is more than {model.path} can take: its position embeddings "
+                f"hold {limit} tokens. Set model.max_length to at most {limit}, or leave it unset"
+            )
+        return model.max_length
     st = local / "sentence_bert_config.json"
     if st.is_file():
         length = json.loads(st.read_text()).get("max_seq_length")
         if length:
-            return int(length)
-    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+            return min(int(length), limit or int(length))
+    limits = [limit, getattr(tokenizer, "model_max_length", None)]
     limits = [int(n) for n in limits if n and n < 1_000_000]
     if not limits:
         raise CheckpointError(f"cannot tell the max length of {local}: set model.max_length")
@@ -156,13 +214,19 @@ def resolve(model: ModelConfig, storage: StorageConfig, tokenizer_path: str | No
         raise CheckpointError(f"{model.path} has no config.json: is it a save_pretrained directory?")
     _check_weights(local, model)
 
-    raw = json.loads((local / "config.json").read_text())
+    try:
+        raw = json.loads((local / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{model.path}/config.json is not valid JSON ({e})") from None
     if raw.get("auto_map") and not model.trust_remote_code:
         raise CheckpointError(
             f"{model.path} needs its own modelling code (config.json has auto_map). It is refused by default; "
             "set model.trust_remote_code: true only if you trust its author"
         )
-    config = AutoConfig.from_pretrained(local, trust_remote_code=model.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(local, trust_remote_code=model.trust_remote_code)
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"{model.path}/config.json cannot be loaded by transformers: {e}") from None
     architectures = config.architectures or []
     suffix = tasks.REGISTRY[model.task].head_suffix
     if suffix and not any(a.endswith(suffix) for a in architectures):
@@ -172,6 +236,12 @@ def resolve(model: ModelConfig, storage: StorageConfig, tokenizer_path: str | No
         )
 
     tokenizer = load_tokenizer(tokenizer_path or str(local), None, model.trust_remote_code)
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size and len(tokenizer) > vocab_size:
+        raise CheckpointError(
+            f"the tokenizer of {tokenizer_path or model.path} has {len(tokenizer)} tokens, but {model.path}'s "
+            f"embeddings hold {vocab_size}: they do not belong together (check tokenize.path)"
+        )
     return ResolvedModel(
         source=model.path,
         load_path=load_path,
@@ -179,7 +249,7 @@ def resolve(model: ModelConfig, storage: StorageConfig, tokenizer_path: str | No
         fingerprint=fingerprint,
         architecture=architectures[0] if architectures else type(config).__name__,
         hidden_size=int(config.hidden_size),
-        max_length=model.max_length or _default_max_length(local, config, tokenizer),
+        max_length=_max_length(model, local, config, tokenizer),
         id2label={int(k): str(v) for k, v in config.id2label.items()} if suffix else {},
         multi_label=getattr(config, "problem_type", None) == "multi_label_classification",
         trust_remote_code=model.trust_remote_code,
@@ -202,9 +272,17 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
     """A fast tokenizer (offsets and overflow information need the Rust implementation)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot load a tokenizer from {source}: {e}") from None
     if not tokenizer.is_fast:
         raise CheckpointError(f"{source} has no fast (Rust) tokenizer; tokenizer.json is required")
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):  # transformers builds one from config.json alone
+        raise CheckpointError(
+            f"{source} has no tokenizer files (tokenizer.json, vocab.txt, ...): its tokenizer would know only "
+            f"{len(tokenizer)} special tokens. Save the tokenizer with the model, or set tokenize.path"
+        )
     return tokenizer
 
 

@@ -15,7 +15,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from pipeline import tasks
@@ -108,8 +118,8 @@ class InferenceConfig(_Strict):
     )
     max_tokens_per_batch: int | Literal["auto"] = Field(
         "auto",
-        description="Token budget per forward pass (rows x padded length of each micro-batch). auto: sized from "
-        "free GPU memory on CUDA, 4096 on CPU (larger ones spend CPU time on page faults).",
+        description="Token budget per forward pass (rows x padded length of each micro-batch), at least the max "
+        "length. auto: sized from free GPU memory on CUDA, 4096 on CPU (larger ones spend CPU time on page faults).",
     )
     min_padding_efficiency: float = Field(
         0.9,
@@ -122,6 +132,13 @@ class InferenceConfig(_Strict):
         None, ge=0, description="GPUs per model actor. Default: 1 when the cluster has GPUs, else 0."
     )
     pool: PoolConfig = Field(default_factory=PoolConfig, description="Model actor pool.")
+
+    @field_validator("max_tokens_per_batch")
+    @classmethod
+    def _positive_budget(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be auto or a number of tokens, at least model.max_length")
+        return value
 
 
 class EmbeddingOutputConfig(_Strict):
@@ -199,6 +216,7 @@ class JobConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     faults: FaultConfig = Field(default_factory=FaultConfig)
+    _secrets: frozenset[str] = PrivateAttr(default=frozenset())  # see `redact`
 
     @model_validator(mode="after")
     def _check_task_inputs(self) -> JobConfig:
@@ -215,7 +233,17 @@ class JobConfig(_Strict):
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as JSON-able data, secrets masked (what manifests and logs show)."""
-        return self.model_dump(mode="json")
+        return redact(self.model_dump(mode="json"), self.secrets)
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        """Values never to echo: ``storage.key``/``secret`` and what came from secret-looking variables."""
+        fields = (self.storage.key, self.storage.secret)
+        return self._secrets | {f.get_secret_value() for f in fields if f is not None}
+
+    def redact(self, value: Any) -> Any:
+        """``value`` (a message, or JSON-able data) with every secret masked; see ``redact``."""
+        return redact(value, self.secrets)
 
     def fingerprint(self) -> str:
         """Hash of everything that changes output values: not paths, pool sizes, batching or storage."""
@@ -250,44 +278,148 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the key and the fix."""
 
 
+# --- secrets -------------------------------------------------------------------------------------------
+
+SECRET_VARIABLE = re.compile(r"SECRET|TOKEN|PASSWORD|_KEY$", re.IGNORECASE)
+"""Environment variables whose values ``${...}`` interpolation treats as secrets: ``*SECRET*``,
+``*TOKEN*``, ``*PASSWORD*``, ``*_KEY``."""
+MASK = "***"
+MIN_SECRET_CHARS = 4  # shorter values are not secrets, and masking them would garble every message
+
+
+def redact(value: Any, secrets: frozenset[str] | set[str]) -> Any:
+    """``value`` with every occurrence of each secret replaced by ``***``: a string, or JSON-able data
+    (dicts and lists are copied, other values returned as they are)."""
+    if isinstance(value, dict):
+        return {k: redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, secrets) for v in value]
+    if not isinstance(value, str):
+        return value
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= MIN_SECRET_CHARS:
+            value = value.replace(secret, MASK)
+    return value
+
+
+def environment_secrets() -> set[str]:
+    """Values of this process's secret-looking environment variables (``SECRET_VARIABLE``)."""
+    return {value for name, value in os.environ.items() if SECRET_VARIABLE.search(name)}
+
+
+def secret_keys(model: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
+    """Dotted config keys whose values are secrets (``SecretStr`` fields), e.g. ``storage.secret``."""
+    keys = set()
+    for name, field in (model or JobConfig).model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys |= secret_keys(annotation, f"{prefix}{name}.")
+        elif SecretStr in getattr(annotation, "__args__", (annotation,)):
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def redact_override(item: str) -> str:
+    """A ``--set key=value`` as it may be shown: the value masked when the key is a secret."""
+    key, sep, value = item.partition("=")
+    return f"{key}={MASK}" if sep and key in secret_keys() else redact(item, environment_secrets())
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def interpolate(value: Any, variables: dict[str, str] | None = None) -> Any:
-    """Replace ``${NAME}`` / ``${NAME:-default}`` in strings with ``variables[NAME]``, else ``$NAME``, else the default."""
+def interpolate(value: Any, variables: dict[str, str] | None = None, secrets: set[str] | None = None) -> Any:
+    """Replace ``${NAME}`` / ``${NAME:-default}`` in strings with ``variables[NAME]``, else ``$NAME``, else the default.
+
+    Values substituted for secret-looking names (``SECRET_VARIABLE``) are added to ``secrets``.
+    """
     if isinstance(value, dict):
-        return {k: interpolate(v, variables) for k, v in value.items()}
+        return {k: interpolate(v, variables, secrets) for k, v in value.items()}
     if isinstance(value, list):
-        return [interpolate(v, variables) for v in value]
+        return [interpolate(v, variables, secrets) for v in value]
     if not isinstance(value, str):
         return value
 
     def sub(m: re.Match) -> str:
         name, default = m.group(1), m.group(2)
         if variables and name in variables:
-            return variables[name]
-        if name in os.environ:
-            return os.environ[name]
-        if default is None:
+            found = variables[name]
+        elif name in os.environ:
+            found = os.environ[name]
+        elif default is None:
             raise ConfigError(f"${{{name}}} is used in the config but the environment variable {name} is not set")
-        return default
+        else:
+            return default
+        if secrets is not None and SECRET_VARIABLE.search(name):
+            secrets.add(found)
+        return found
 
     return _ENV.sub(sub, value)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as ``safe_load`` reads it, except that dates stay strings (``--set input.path=2026-01-01``)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The config file at ``path`` as a mapping; ``ConfigError`` naming the file (and line) otherwise.
+
+    Messages quote no more than a character of the file, so a literal secret in it is never echoed.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.load(f, Loader=_Loader)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        problem = re.sub(r"'(?!<)[^']{4,}'", "'…'", str(getattr(e, "problem", None) or type(e).__name__))
+        raise ConfigError(f"config {path}, {_where(e)}: malformed YAML: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} holds a YAML {type(raw).__name__}, not a mapping (input:, model:, ...)")
+    return raw
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=c`` overrides; values are parsed as YAML scalars (``true``, ``3``, ``[a, b]``)."""
+    """Apply ``a.b=c`` overrides; values are parsed as YAML scalars (``true``, ``3``, ``[a, b]``).
+
+    Errors name the key, never the value (it may be a secret).
+    """
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {f'{key!r} with no =' if key else 'a value with no key'}")
         node = raw
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.load(value, Loader=_Loader)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise ConfigError(
+                f"--set {key}: the value is not valid YAML (at character {mark.column + 1 if mark else '?'}); "
+                "values are read as YAML, so quote a string that starts with [ { ' \" * & ! % @ ` or holds ': ', "
+                f"e.g. --set \"{key}='...'\""
+            ) from None
     return raw
 
 
@@ -297,15 +429,20 @@ def load_config(
     variables: dict[str, str] | None = None,
     raw: dict[str, Any] | None = None,
 ) -> JobConfig:
-    """Read YAML (or take ``raw``), apply overrides, interpolate ``${VARS}``, validate."""
-    if raw is None:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    raw = apply_overrides(json.loads(json.dumps(raw)), list(overrides))
+    """Read YAML (or take ``raw``), apply overrides, interpolate ``${VARS}``, validate.
+
+    Values from secret-looking variables are remembered (``JobConfig.secrets``) and masked
+    wherever the config, or a message about it, is shown.
+    """
+    raw = read_yaml(path) if raw is None else raw
+    raw = apply_overrides(json.loads(json.dumps(raw, default=str)), list(overrides))
+    secrets: set[str] = set()
     try:
-        return JobConfig.model_validate(interpolate(raw, variables))
+        cfg = JobConfig.model_validate(interpolate(raw, variables, secrets))
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors(include_url=False)
         )
-        raise ConfigError(f"invalid config{f' {path}' if path else ''}: {problems}") from None
+        raise ConfigError(redact(f"invalid config{f' {path}' if path else ''}: {problems}", secrets)) from None
+    cfg._secrets = frozenset(secrets)
+    return cfg

@@ -61,6 +61,7 @@ METRIC = "inner_product"
 FACTORY = "HNSW32,Flat"  # faiss index_factory string
 BUILD_PARAMS = {"efConstruction": 200}
 SEARCH_PARAMS = {"efSearch": 128}  # search beam; raised to k when k is larger
+MAX_INDEX_K = 1024  # more hits than this are found exactly: a beam that wide costs more than it saves
 
 
 class SearchError(ValueError):
@@ -199,9 +200,13 @@ def search(
     """The ``k`` rows most similar to each query vector, best first.
 
     Columns: ``query`` (position in ``queries``), ``score`` (cosine similarity), then the output's id
-    columns. Uses ``_index/`` unless ``exact`` is set or there is none; then every row is scored.
-    Raises ``SearchError`` when the index is stale (the output's parts changed since it was built).
+    columns. Uses ``_index/`` unless ``exact`` is set, there is none, or ``k`` exceeds ``MAX_INDEX_K``
+    (the beam would have to be as wide as ``k``); then every row is scored. ``k`` larger than the
+    number of rows returns every row. Raises ``SearchError`` when the index is stale (the output's
+    parts changed since it was built) or ``k`` is below 1.
     """
+    if k < 1:
+        raise SearchError(f"k must be at least 1, got {k}")
     output = open_output(output_path, storage)
     clashes = sorted({QUERY, S.SCORE} & set(output.id_columns))
     if clashes:
@@ -210,7 +215,7 @@ def search(
     if queries.shape[1] != output.dim:
         raise SearchError(f"query vectors have {queries.shape[1]} dimensions, the embeddings {output.dim}")
     info = None if exact else load_info(output_path, storage)
-    if info is None:
+    if info is None or min(k, info.rows) > MAX_INDEX_K:
         return _exact_search(output, queries, k)
     if info.parts != output.parts:
         raise SearchError(
@@ -223,6 +228,7 @@ def search(
         index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
     with output.fs.open(join(index_dir, IDS_FILE), "rb") as f:
         ids = pq.read_table(f)
+    k = min(k, index.ntotal)
     _set_params(index, {"efSearch": max(k, info.params["efSearch"])})  # a beam narrower than k loses recall
     scores, rows = index.search(queries, k)
     return _hits(ids, rows, scores)

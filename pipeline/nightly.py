@@ -40,7 +40,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline import schema as S
 from pipeline.config import ConfigError, JobConfig
 from pipeline.run import plan, run_job
-from pipeline.storage import filesystem, join
+from pipeline.storage import filesystem, join, relative_to
 
 LEDGER = "_ledger.json"
 STAGING = "_staging"
@@ -109,7 +109,7 @@ class Partition:
     def commit(self, run_id: str, manifest: dict, shards: dict[str, dict]) -> None:
         staged = self.path(STAGING, run_id)
         files = sorted(
-            posixpath.relpath(f, staged)
+            relative_to(f, staged)
             for f in self.fs.find(staged)
             if posixpath.basename(f) not in (S.SUCCESS,)
         )
@@ -184,9 +184,13 @@ def score_date(cfg: JobConfig, date: str, log=print) -> dict:
         update={"output": cfg.output.model_copy(update={"path": join(partition.uri, STAGING, run_id), "mode": "overwrite"})}
     )
     manifest = run_job(staged_cfg, files=[path for path, _ in pending.values()], job=job)
-    partition.commit(run_id, manifest, {s: sig for s, (_, sig) in pending.items()})
+    # A shard quarantined as unreadable is not scored: it stays pending, and the next run tries it again.
+    unreadable = sorted(entry["file"] for entry in manifest["shards_unreadable"])
+    partition.commit(run_id, manifest, {s: sig for s, (_, sig) in pending.items() if s not in unreadable})
     if cfg.faults.crash_after_commit:
         os._exit(17)
     partition.publish(run_id)
     log(f"dt={date}: published run {run_id}: {manifest['rows_out']} rows out, {manifest['rows_rejected']} rejected")
+    if unreadable:
+        log(f"dt={date}: PARTIAL: {len(unreadable)} unreadable shard(s) quarantined and left pending: {unreadable[:5]}")
     return {"date": date, "version": version, "status": "scored", "new_shards": len(pending), "manifest": manifest}

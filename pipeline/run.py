@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -19,7 +19,7 @@ from pipeline import __version__
 from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, resolve
 from pipeline.config import ConfigError, JobConfig
-from pipeline.source import Shards, check_schema, discover, scan_input
+from pipeline.source import InputError, InputScan, Shards, Unreadable, check_schema, discover, scan_input
 from pipeline.storage import check_access, filesystem, join
 from pipeline.tasks import Task, build
 
@@ -83,16 +83,17 @@ def size_pools(cfg: JobConfig, cpus: float, gpus: float, node_cpus: float | None
 class Plan:
     cfg: JobConfig
     shards: Shards
-    passthrough_schema: pa.Schema | None  # None for JSONL: inferred from the rows
+    passthrough_schema: pa.Schema  # declared id/label column types (Parquet footers; JSONL: first values)
     footer_rows: dict[str, int]  # rows per Parquet shard, from the footers the plan read; {} for JSONL
     model: ResolvedModel
     task: Task  # model.task configured for this job and checkpoint
     pools: Pools
+    unreadable: dict[str, Unreadable] = field(default_factory=dict)  # shards that do not even open
 
     def metadata(self) -> dict:
-        """File-level Parquet metadata: what produced these rows."""
+        """File-level Parquet metadata: what produced these rows (secrets masked)."""
         cfg = self.cfg
-        return {
+        return cfg.redact({
             "model_path": self.model.source,
             "model_revision": self.model.fingerprint,
             "task": self.task.name,
@@ -102,7 +103,7 @@ class Plan:
             "dtype": cfg.model.dtype,
             "text_column": cfg.input.text_column,
             **self.task.metadata(),
-        }
+        })
 
     def output_schema(self, passthrough: pa.Schema) -> pa.Schema:
         return S.output_schema(list(passthrough), self.task.fields(), self.metadata())
@@ -125,10 +126,14 @@ class Plan:
         if self.model.id2label:
             lines.append(f"labels   {self.model.id2label}")
         lines += [
-            f"output   {self.cfg.output.path} (mode {self.cfg.output.mode}), columns {self.output_schema(self.passthrough_schema or pa.schema([])).names}",
+            f"output   {self.cfg.output.path} (mode {self.cfg.output.mode}), columns {self.output_schema(self.passthrough_schema).names}",
             f"pools    {self.pools.describe()}",
         ]
-        return "\n".join(lines)
+        lines += [
+            f"UNREADABLE {self.shards.relative(path)}: {problem.error} (quarantined whole; the run will be partial)"
+            for path, problem in self.unreadable.items()
+        ]
+        return self.cfg.redact("\n".join(lines))
 
 
 def cluster_resources() -> tuple[float, float, float]:
@@ -157,15 +162,21 @@ def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None, n
     fs, in_path = filesystem(cfg.input.path, cfg.storage)
     passthrough = list(dict.fromkeys([*cfg.input.id_columns, *filter(None, [cfg.eval.label_column])]))
     shards = discover(cfg.input, fs, in_path, passthrough)
-    passthrough_schema, footer_rows = check_schema(shards, cfg.input)
+    passthrough_schema, footer_rows, unreadable = check_schema(shards, cfg.input)
     model = resolve(cfg.model, cfg.storage, cfg.tokenize.path)
+    budget = cfg.inference.max_tokens_per_batch
+    if budget != "auto" and budget < model.max_length:
+        raise ConfigError(
+            f"inference.max_tokens_per_batch={budget} is less than the max length of {model.max_length} tokens: "
+            f"one full-length row would not fit in a forward pass. Set it to at least {model.max_length}, or auto"
+        )
     out_fs, out_root = filesystem(cfg.output.path, cfg.storage)
     if cfg.output.mode == "error" and out_fs.exists(join(out_root, S.SUCCESS)):
         raise ConfigError(
             f"output.path {cfg.output.path} already holds a finished run; choose a new path or set output.mode: overwrite"
         )
     pools = size_pools(cfg, cpus, gpus or 0.0, node_cpus)
-    job = Plan(cfg, shards, passthrough_schema, footer_rows, model, build(cfg, model), pools)
+    job = Plan(cfg, shards, passthrough_schema, footer_rows, model, build(cfg, model), pools, unreadable)
     clashes = set(passthrough) & set(job.output_schema(pa.schema([])).names)
     if clashes:
         raise ConfigError(
@@ -173,6 +184,66 @@ def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None, n
             "rename them in the input (e.g. a gold `label` column to `topic`)"
         )
     return job
+
+
+def user_error(e: BaseException) -> Exception | None:
+    """The user's problem (input, config, checkpoint, storage) behind a failed Ray task, as a plain
+    exception with its own one-line message (not the task's traceback, nor the retry notes Ray Data
+    appends to it); None for anything else."""
+    from ray.exceptions import RayTaskError
+
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.storage import StorageError
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (InputError, ConfigError, CheckpointError, StorageError)) and not isinstance(e, RayTaskError):
+            return type(e)(str(e).split("\n", 1)[0])
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
+
+
+def scan_shards(job: Plan, shards: Shards) -> tuple[Shards, InputScan]:
+    """Read every shard to its end before any actor starts (``scan_input``).
+
+    Returns the shards still readable and the scan, whose ``unreadable`` holds every shard to
+    quarantine (those the plan could not open, then those the scan could not read to the end) and
+    whose ``rows`` counts theirs (``Unreadable.rows_counted``). ``InputError`` if none is readable.
+    """
+    cfg = job.cfg.input
+    known = {path: problem for path, problem in job.unreadable.items() if path in shards.files}
+    readable = replace(shards, files=[f for f in shards.files if f not in known])
+    scan = InputScan(0, {}, {})
+    if readable.files:
+        scan = scan_input(readable, cfg, job.passthrough_schema, job.footer_rows, cfg.reject_duplicate_ids)
+        readable = replace(readable, files=[f for f in readable.files if f not in scan.unreadable])
+    unreadable = {**known, **scan.unreadable}
+    if not readable.files:
+        path, problem = next(iter(unreadable.items()))
+        raise InputError(
+            f"none of the {len(shards.files)} input shard(s) is readable, e.g. {shards.relative(path)}: {problem.error}"
+        )
+    return readable, replace(scan, rows=scan.rows + sum(p.rows_counted for p in known.values()), unreadable=unreadable)
+
+
+def quarantine(job: Plan, unreadable: dict[str, Unreadable]) -> list[dict]:
+    """Write one ``_rejected/`` record (reason ``unreadable_shard``) per unreadable shard; their manifest entries."""
+    from pipeline.sink import write_rejected
+
+    entries = [
+        {"file": job.shards.relative(path), "error": job.cfg.redact(problem.error), "rows": problem.rows,
+         "rows_counted": problem.rows_counted}
+        for path, problem in unreadable.items()
+    ]  # fmt: skip
+    if entries:
+        ids = list(job.passthrough_schema) or [pa.field(S.GENERATED_ID, pa.string())]
+        records = []
+        for e in entries:
+            held = f"{e['rows']} rows by its footer" if e["rows"] is not None else f"{e['rows_counted']} rows read before it"
+            records.append({"source_file": e["file"], "reason": str(S.Reason.UNREADABLE_SHARD), "detail": f"{e['error']}; {held}"})
+        write_rejected(job.cfg.output.path, job.cfg.storage, S.rejected_schema(ids), records)
+    return entries
 
 
 def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = None) -> dict:
@@ -201,14 +272,13 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
     if cfg.output.mode == "overwrite" and out_fs.exists(out_root):
         out_fs.rm(out_root, recursive=True)
     out_fs.makedirs(out_root, exist_ok=True)
-    id_columns = cfg.input.id_columns if cfg.input.reject_duplicate_ids else []
-    scan = scan_input(shards, id_columns, job.footer_rows)
+    shards, scan = scan_shards(job, shards)
 
     pools, execution = job.pools, cfg.execution
     progress = Progress.remote()
     # Ray 2.60 has no named parameter for these yet (it warns that ray_remote_args are deprecated).
     retries = {"max_restarts": execution.max_actor_restarts, "max_task_retries": execution.max_task_retries}
-    ds = ray.data.read_datasource(ShardDatasource(shards, cfg.input, arrow_filesystem(shards.fs), scan.duplicates), num_cpus=READ_CPUS)
+    ds = ray.data.read_datasource(ShardDatasource(shards, cfg.input, arrow_filesystem(shards.fs), job.passthrough_schema, scan.duplicates), num_cpus=READ_CPUS)
     ds = ds.map_batches(
         TokenizeWorker,
         fn_constructor_kwargs={"model": job.model, "task": job.task, "progress": progress},
@@ -252,32 +322,40 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
         with watchdog:
             ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
         stages = stage_throughput(ray.get(progress.snapshot.remote()))
-    except BaseException:
+    except BaseException as e:
         # Once the watchdog has fired (killing the stage actors and interrupting this thread),
         # whatever comes out of the run is the stall.
         if watchdog.diagnosis is None:
-            raise
+            cause = user_error(e)
+            if cause is None:
+                raise
+            raise cause from None
         raise StallError(watchdog.diagnosis) from None
     finally:
         ray.kill(progress)
     wall = time.time() - started
     rows_in = scan.rows
+    unreadable = quarantine(job, scan.unreadable)
 
     stats = sink.stats
+    lost = sum(entry["rows_counted"] for entry in unreadable)
+    rows_rejected = stats.rows_rejected + lost
     manifest = {
         "version": __version__,
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "wall_s": round(wall, 3),
-        "input_files": len(shards.files),
+        "input_files": len(shards.files) + len(unreadable),
         "rows_in": rows_in,
         "rows_out": stats.rows_out,
-        "rows_rejected": stats.rows_rejected,
-        "rejected_by_reason": dict(stats.rejected_by_reason),
+        "rows_rejected": rows_rejected,
+        "rejected_by_reason": {**stats.rejected_by_reason, **({str(S.Reason.UNREADABLE_SHARD): lost} if unreadable else {})},
+        "partial": bool(unreadable),
+        "shards_unreadable": unreadable,
         "rows_truncated": stats.rows_truncated,
         "real_tokens": stats.real_tokens,
         "padded_tokens": stats.padded_tokens,
         "padding_efficiency": round(stats.real_tokens / stats.padded_tokens, 4) if stats.padded_tokens else None,
-        "rows_per_s": round(rows_in / wall, 2),
+        "rows_per_s": round((rows_in - lost) / wall, 2),  # rows read: not those of unreadable shards
         "tokens_per_s": round(stats.real_tokens / wall, 1),
         "files": sorted(stats.files),
         "rows_by_node": dict(stats.rows_by_node),
@@ -289,9 +367,9 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
     }
     if cfg.eval.label_column:
         manifest["eval"] = evaluation(stats.confusion)
-    if rows_in != stats.rows_out + stats.rows_rejected:
+    if rows_in != stats.rows_out + rows_rejected:
         raise RowCountError(
-            f"rows_in={rows_in} but rows_out={stats.rows_out} + rows_rejected={stats.rows_rejected}: "
+            f"rows_in={rows_in} but rows_out={stats.rows_out} + rows_rejected={rows_rejected}: "
             f"the run is not published (no {S.SUCCESS})"
         )
     publish(cfg.output.path, cfg.storage, manifest)

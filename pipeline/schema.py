@@ -50,7 +50,11 @@ class Reason(StrEnum):
     INVALID_UTF8 = "invalid_utf8"
     MALFORMED_JSON = "malformed_json"
     TEXT_TOO_LARGE = "text_too_large"
+    MISSING_ID = "missing_id"
+    BAD_ID = "bad_id"
+    BAD_LABEL = "bad_label"
     DUPLICATE_ID = "duplicate_id"
+    UNREADABLE_SHARD = "unreadable_shard"  # a whole shard, quarantined before the run: one record per shard
 
 
 def vector(dim: int, dtype: pa.DataType = pa.float32()) -> pa.DataType:

@@ -24,7 +24,7 @@ from pipeline import schema as S
 from pipeline.checkpoint import actor_tokenizer, load_model, resolve
 from pipeline.config import InputConfig, JobConfig, StorageConfig
 from pipeline.index import QUERY, IndexInfo, SearchError, load_info, open_output, search
-from pipeline.source import Shards, discover, open_shard, read_records
+from pipeline.source import Shards, discover, open_shard, read_records, visible
 from pipeline.storage import arrow_filesystem, filesystem, join
 from pipeline.tasks import ModelBatch, build
 
@@ -37,6 +37,12 @@ def job_config(output_path: str, storage: StorageConfig | None = None) -> JobCon
         raise SearchError(f"{output_path} has no {S.MANIFEST}: point at the output.path of a finished jobs.run job")
     with fs.open(path) as f:
         return JobConfig.model_validate(json.load(f)["config"])
+
+
+def check_query(query: str) -> None:
+    """``SearchError`` for a query with nothing to embed (empty, whitespace or invisible characters only)."""
+    if not isinstance(query, str) or not visible(query):
+        raise SearchError("the query is empty (or only whitespace and invisible characters): give some text to search for")
 
 
 class QueryEmbedder:
@@ -100,6 +106,7 @@ class Searcher:
 
     def search(self, query: str, k: int = 10, exact: bool = False) -> pa.Table:
         """The ``k`` rows most similar to ``query``, best first: ``score``, the id columns and the input text."""
+        check_query(query)
         hits = search(self.output_path, self.embed([query]), k, exact=exact, storage=self.storage)
         texts = fetch_texts(self.job, hits, self.storage)
         return hits.drop_columns([QUERY]).append_column(self.job.input.text_column, pa.array(texts, pa.string()))

@@ -163,6 +163,16 @@ def _rejected_rows(bad: pa.Table, schema: pa.Schema) -> pa.Table:
     return bad.rename_columns([names.get(c, c) for c in bad.column_names]).select(schema.names).cast(schema)
 
 
+def write_rejected(output_path: str, storage: StorageConfig, schema: pa.Schema, records: list[dict]) -> str:
+    """Write ``records`` (dicts of ``schema``'s columns; missing ones null) as one ``_rejected/`` file, from the
+    driver: what is quarantined before the run, such as unreadable shards. Returns the file's name."""
+    fs, root = filesystem(output_path, storage)
+    name = f"quarantined-{uuid.uuid4().hex[:8]}.parquet"
+    with fs.open(join(root, S.REJECTED_DIR, name), "wb") as f:
+        pq.write_table(pa.Table.from_pylist(records, schema=schema), f, compression="zstd")
+    return name
+
+
 def evaluation(confusion: Counter) -> dict:
     """Accuracy and confusion matrix (rows: gold, columns: predicted) from (gold, pred) counts."""
     labels = sorted({str(label) for pair in confusion for label in pair})

@@ -16,6 +16,8 @@ import glob as globlib
 import hashlib
 import json
 import posixpath
+import re
+import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,10 +28,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import DefaultFileMetadataProvider, FileBasedDatasource
+from ray.exceptions import UserCodeException
 
 from pipeline import schema as S
 from pipeline.config import InputConfig
 from pipeline.schema import Reason
+from pipeline.storage import relative_to
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
@@ -44,6 +48,11 @@ class InputError(ValueError):
     """An input shard that cannot be read as configured; names the file, column and expectation."""
 
 
+class ShardChangedError(InputError, UserCodeException):
+    """A shard that the pre-run scan read whole failed when read again, in a read task. As a
+    ``UserCodeException`` it is reported by Ray Data as a user error, without internal stack traces."""
+
+
 @dataclass(frozen=True)
 class Shards:
     """The input, resolved on the driver: files in a deterministic order and their format."""
@@ -56,7 +65,7 @@ class Shards:
     fs: fsspec.AbstractFileSystem
 
     def relative(self, path: str) -> str:
-        return posixpath.relpath(path, self.root) if self.root else posixpath.basename(path)
+        return relative_to(path, self.root)
 
 
 def infer_format(path: str) -> str:
@@ -81,7 +90,7 @@ def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthr
         raise InputError(f"input.path {cfg.path} does not exist")
     sizes = {name: info["size"] for name, info in listing.items() if info["type"] == "file"}
     files = sorted(sizes)
-    files = [f for f in files if not any(part[:1] in "_." for part in posixpath.relpath(f, root).split("/"))]
+    files = [f for f in files if not any(part[:1] in "_." for part in relative_to(f, root).split("/"))]
     if not files:
         raise InputError(f"input.path {cfg.path} holds no input files")
     fmt = cfg.format or infer_format(files[0])
@@ -92,35 +101,58 @@ def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthr
     return Shards(root=root, files=files, sizes={f: sizes[f] for f in files}, format=fmt, passthrough=passthrough, fs=fs)
 
 
-def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema | None, dict[str, int]]:
+@dataclass(frozen=True)
+class Unreadable:
+    """A shard quarantined whole, before the run, because it could not be read to its end."""
+
+    error: str
+    rows: int | None  # rows by its Parquet footer; None for JSONL, or when the footer itself is unreadable
+    rows_read: int = 0  # rows read before the error (what JSONL can tell)
+
+    @property
+    def rows_counted(self) -> int:
+        """Rows it adds to ``rows_in`` and ``rows_rejected``: its footer's count, else the rows read."""
+        return self.rows if self.rows is not None else self.rows_read
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: message`` on one line (Arrow's messages span several), at most 500 characters."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[:500]
+
+
+def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema, dict[str, int], dict[str, Unreadable]]:
     """Check every shard opens and has the configured columns with usable types (in parallel).
 
-    Returns the schema of the passthrough columns and each Parquet shard's row count from its
-    footer. JSONL has neither (None, {}): its values are checked row by row, the passthrough
-    types inferred from the data and its rows counted by ``scan_input``.
+    Returns the declared type of each passthrough column, each Parquet shard's row count from
+    its footer, and the shards that cannot even be opened (a Parquet footer or a JSONL shard's
+    first lines that do not read): those are quarantined whole, the rest run. Parquet types come
+    from the footers (and must agree); JSONL types from the first value of each column in the
+    first lines of every shard (see ``sample_jsonl``). ``InputError`` when no shard is readable
+    or the columns do not fit the config.
     """
     if shards.format != "parquet":
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda path: _probe_jsonl(shards, path), shards.files))
-        return None, {}
+        return _check_jsonl(shards, cfg)
 
-    def footer(path: str) -> pq.FileMetaData:
+    def footer(path: str) -> pq.FileMetaData | Unreadable:
         try:
             with shards.fs.open(path, "rb") as f:
                 return pq.read_metadata(f)
         except Exception as e:  # noqa: BLE001 - any failure here means the shard is unreadable
-            raise InputError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+            return Unreadable(f"not a readable Parquet file ({_describe(e)})", rows=None)
 
     with ThreadPoolExecutor(16) as pool:
-        footers = list(pool.map(footer, shards.files))
+        footers = dict(zip(shards.files, pool.map(footer, shards.files)))
+    unreadable = {path: f for path, f in footers.items() if isinstance(f, Unreadable)}
+    readable = {path: f for path, f in footers.items() if not isinstance(f, Unreadable)}
+    _require_some(shards, unreadable)
     expected = None
-    for path, file_schema in zip(shards.files, (f.schema.to_arrow_schema() for f in footers)):
+    for path, file_schema in ((path, f.schema.to_arrow_schema()) for path, f in readable.items()):
         for column in [cfg.text_column, cfg.text_pair_column]:
             if column is None:
                 continue
             if column not in file_schema.names:
                 raise InputError(f"{path}: missing text column {column!r} (has {file_schema.names})")
-            if file_schema.field(column).type not in TEXT_TYPES:
+            if _values(file_schema.field(column).type) not in TEXT_TYPES:
                 raise InputError(
                     f"{path}: column {column!r} is {file_schema.field(column).type}, expected string or binary"
                 )
@@ -132,16 +164,114 @@ def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema | None, di
             expected = passthrough
         elif not passthrough.equals(expected):
             raise InputError(f"{path}: id/label column types {passthrough} differ from other shards' {expected}")
-    return expected, {path: f.num_rows for path, f in zip(shards.files, footers)}
+    return expected, {path: f.num_rows for path, f in readable.items()}, unreadable
 
 
-def _probe_jsonl(shards: Shards, path: str) -> None:
-    """Fail early on a JSONL shard that cannot be opened or decompressed at all."""
+def _values(type: pa.DataType) -> pa.DataType:
+    """The type of the values: a dictionary-encoded column's (pandas categoricals), else ``type``."""
+    return type.value_type if pa.types.is_dictionary(type) else type
+
+
+def _require_some(shards: Shards, unreadable: dict[str, Unreadable]) -> None:
+    if len(unreadable) == len(shards.files):
+        path, problem = next(iter(unreadable.items()))
+        raise InputError(
+            f"none of the {len(shards.files)} input file(s) is readable, e.g. {path}: {problem.error}"
+        )
+
+
+SAMPLE_BYTES = 64 << 10  # what the plan reads of each JSONL shard
+SAMPLE_ROWS = 20
+
+
+def _check_jsonl(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema, dict[str, int], dict[str, Unreadable]]:
+    with ThreadPoolExecutor(16) as pool:
+        samples = dict(zip(shards.files, pool.map(lambda path: sample_jsonl(shards, path), shards.files)))
+    unreadable = {path: s for path, s in samples.items() if isinstance(s, Unreadable)}
+    _require_some(shards, unreadable)
+    records = [r for s in samples.values() if not isinstance(s, Unreadable) for r in s]
+    fields = []
+    for column in list(dict.fromkeys([cfg.text_column, cfg.text_pair_column, *shards.passthrough])):
+        if column is None:
+            continue
+        first = next((r[column] for r in records if r.get(column) is not None), None)
+        if first is None and records:
+            role = "text" if column in (cfg.text_column, cfg.text_pair_column) else "id/label"
+            raise InputError(
+                f"{role} column {column!r} has no value in any of the {len(records)} rows read from the first lines "
+                f"of each shard (they have {sorted({k for r in records for k in r})[:20]}); fix input.text_column / "
+                "input.id_columns"
+            )
+        if column in shards.passthrough:
+            if first is not None and not isinstance(first, (str, int, float)):  # bool is an int
+                raise InputError(
+                    f"column {column!r} holds JSON {type_name(first)}s (first value in the first lines of the shards); "
+                    "ids and labels must be strings, numbers or booleans"
+                )
+            fields.append(pa.field(column, json_type(first)))
+    return pa.schema(fields), {}, unreadable
+
+
+def sample_jsonl(shards: Shards, path: str) -> list[dict] | Unreadable:
+    """The JSON objects on the first lines (up to ``SAMPLE_ROWS``, within ``SAMPLE_BYTES``) of a shard;
+    ``Unreadable`` when it cannot be opened or decompressed at all."""
     try:
         with open_shard(shards, path) as f:
-            f.read(1024)
+            head = f.read(SAMPLE_BYTES)
     except Exception as e:  # noqa: BLE001 - any failure here means the shard is unreadable
-        raise InputError(f"{path}: not a readable JSONL file ({type(e).__name__}: {e})") from None
+        return Unreadable(f"not a readable JSONL file ({_describe(e)})", rows=None)
+    lines = head.split(b"\n")[:-1] if len(head) == SAMPLE_BYTES else head.split(b"\n")
+    parsed = (_parse_line(0, line) for line in lines if line.strip())
+    return [record for _, record, _ in parsed if record is not None][:SAMPLE_ROWS]
+
+
+def json_type(value: Any) -> pa.DataType:
+    """The Arrow type a JSON scalar is declared as: string, int64, float64 or bool (null: string)."""
+    if isinstance(value, bool):
+        return pa.bool_()
+    if isinstance(value, int):
+        return pa.int64()
+    if isinstance(value, float):
+        return pa.float64()
+    return pa.string()
+
+
+def coerce(value: Any, type: pa.DataType) -> tuple[Any, str | None]:
+    """``(value as type, None)`` when the conversion is lossless, else ``(None, why)``; ``value`` is not null.
+
+    JSONL values are converted to their column's declared type: an int to a string column as its
+    decimal digits (7 -> "7"), an int to a float column when the float holds it exactly. Nothing
+    else converts: no "7" -> 7, no 7.0 -> 7, no bools as numbers. Types JSON does not have (from a
+    Parquet footer, where values are typed already) pass through.
+    """
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    if pa.types.is_string(type) or pa.types.is_large_string(type):
+        if isinstance(value, str) or integer:
+            return str(value), None
+    elif pa.types.is_integer(type):
+        if integer:
+            bits = type.bit_width - pa.types.is_signed_integer(type)
+            low = -(1 << bits) if pa.types.is_signed_integer(type) else 0
+            if low <= value < 1 << bits:
+                return value, None
+            return None, f"{value} does not fit in {type}"
+    elif pa.types.is_floating(type):
+        if isinstance(value, float):
+            return value, None
+        if integer and abs(value) <= 1 << 53:
+            return float(value), None
+    elif pa.types.is_boolean(type):
+        if isinstance(value, bool):
+            return value, None
+    else:
+        return value, None
+    return None, f"{type_name(value)} {json.dumps(value, default=str)[:40]} where the column holds {type}"
+
+
+def type_name(value: Any) -> str:
+    """How JSON would call the type of a parsed value."""
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def open_shard(shards: Shards, path: str):
@@ -149,50 +279,91 @@ def open_shard(shards: Shards, path: str):
     return shards.fs.open(path, "rb", compression=None if shards.format == "parquet" else "infer")
 
 
+def projected_columns(cfg: InputConfig, passthrough: list[str]) -> list[str]:
+    """The columns the pipeline reads: text, text pair, id and label columns."""
+    return list(dict.fromkeys(c for c in [cfg.text_column, cfg.text_pair_column, *passthrough] if c))
+
+
 @dataclass(frozen=True)
 class InputScan:
     """What a pass over the input found, independently of the pipeline run."""
 
-    rows: int
+    rows: int  # rows of the readable shards, plus what the unreadable ones count (``Unreadable.rows_counted``)
     duplicates: dict[str, dict[int, str]]  # relative shard -> row -> where that id was seen first
+    unreadable: dict[str, Unreadable]  # shard path -> why it failed
 
 
-def scan_input(shards: Shards, id_columns: list[str], footer_rows: dict[str, int]) -> InputScan:
-    """Count input rows and, with ``id_columns``, find duplicate ids.
+def scan_input(
+    shards: Shards, cfg: InputConfig, types: pa.Schema, footer_rows: dict[str, int], check_duplicates: bool
+) -> InputScan:
+    """Read every shard to its end before any actor starts: count rows, find unreadable shards and,
+    with ``check_duplicates``, duplicate ids.
 
-    Parquet rows without ids to check are the ``footer_rows`` that ``check_schema`` read.
-    Otherwise one Ray task per shard counts rows (non-blank JSONL lines) and reads only the id
-    columns, returning a 16-byte hash per row; the driver keeps the first occurrence in
-    (shard, row) order and marks later ones. Its memory is ~24 bytes per input row, only when
-    ``input.reject_duplicate_ids`` is on. Tasks reserve a whole CPU: the scan runs before any
-    stage starts, and more tasks than CPUs would only start more worker processes.
+    One Ray task per shard decodes every page of the projected Parquet columns (verifying page
+    checksums where the writer stored them), or every line of a JSONL shard (a gzip stream to its
+    end, CRC included). A shard that fails is reported in ``unreadable`` with the rows read before
+    the error, and is not read again; the run quarantines it whole. Tasks hash the ids of each
+    row (16 bytes, after ``coerce``; rows without a usable id are skipped): the driver keeps the
+    first occurrence in (shard, row) order and marks later ones, ~24 bytes of memory per input row.
+    Tasks reserve a whole CPU: the scan runs before any stage starts, and more tasks than CPUs
+    would only start more worker processes.
     """
     import ray
 
-    if not id_columns and shards.format == "parquet":
-        return InputScan(sum(footer_rows[path] for path in shards.files), {})
+    columns = projected_columns(cfg, shards.passthrough)
+    id_columns = cfg.id_columns if check_duplicates else []
+    id_types = [types.field(c).type for c in id_columns]
+
+    def digest(record: dict | None, problem) -> bytes | None:
+        if record is None or problem:
+            return None
+        ids = []
+        for c, t in zip(id_columns, id_types):
+            value, why = coerce(record.get(c), t)
+            if value is None or why or (isinstance(value, str) and _has_surrogate(value)):
+                return None
+            ids.append(value)
+        return hashlib.blake2b(repr(tuple(ids)).encode(), digest_size=16).digest()
 
     @ray.remote(num_cpus=1)
-    def scan(path: str) -> tuple[int, np.ndarray, np.ndarray]:
-        with open_shard(shards, path) as f:
-            if not id_columns:
-                return sum(1 for line in f if line.strip()), np.empty(0, np.int64), np.empty(0, "V16")
-            count, rows, digests = 0, [], []
-            for row, record, _ in read_records(f, shards.format, id_columns):
-                count += 1
-                ids = tuple(record.get(c) for c in id_columns) if record else (None,)
-                if any(v is not None for v in ids):
-                    rows.append(row)
-                    digests.append(hashlib.blake2b(repr(ids).encode(), digest_size=16).digest())
-        return count, np.array(rows, np.int64), np.frombuffer(b"".join(digests), "V16")
+    def scan(path: str) -> tuple[int, np.ndarray, np.ndarray, str | None]:
+        count, rows, digests = 0, [], []
+        try:
+            with open_shard(shards, path) as f:
+                if shards.format == "parquet":
+                    for batch in _parquet_batches(f, columns):
+                        if id_columns:
+                            for row, record, problem in _parquet_records(batch.select(id_columns), count):
+                                if (d := digest(record, problem)) is not None:
+                                    rows.append(row)
+                                    digests.append(d)
+                        count += batch.num_rows
+                elif not id_columns:
+                    for line in f:
+                        count += bool(line.strip())
+                else:
+                    for row, record, problem in read_records(f, shards.format, columns):
+                        count += 1
+                        if (d := digest(record, problem)) is not None:
+                            rows.append(row)
+                            digests.append(d)
+        except Exception as e:  # noqa: BLE001 - any failure to read to the end makes the shard unreadable
+            return count, np.empty(0, np.int64), np.empty(0, "V16"), _describe(e)
+        return count, np.array(rows, np.int64), np.frombuffer(b"".join(digests), "V16"), None
 
-    results = ray.get([scan.remote(p) for p in shards.files])
-    total = sum(count for count, _, _ in results)
-    digests = np.concatenate([d for _, _, d in results])
+    results = dict(zip(shards.files, ray.get([scan.remote(p) for p in shards.files])))
+    unreadable = {
+        path: Unreadable(error, rows=footer_rows.get(path), rows_read=count)
+        for path, (count, _, _, error) in results.items()
+        if error is not None
+    }
+    total = sum(count for path, (count, *_) in results.items() if path not in unreadable)
+    total += sum(u.rows_counted for u in unreadable.values())
+    digests = np.concatenate([d for _, _, d, _ in results.values()])
     if not len(digests):
-        return InputScan(total, {})
-    rows = np.concatenate([r for _, r, _ in results])
-    shard = np.concatenate([np.full(len(r), i) for i, (_, r, _) in enumerate(results)])
+        return InputScan(total, {}, unreadable)
+    rows = np.concatenate([r for _, r, _, _ in results.values()])
+    shard = np.concatenate([np.full(len(r), i) for i, (_, r, _, _) in enumerate(results.values())])
     _, first, inverse, counts = np.unique(digests, return_index=True, return_inverse=True, return_counts=True)
     later = counts[inverse] > 1
     later[first] = False
@@ -201,17 +372,54 @@ def scan_input(shards: Shards, id_columns: list[str], footer_rows: dict[str, int
         origin = first[inverse[k]]
         where = f"{shards.relative(shards.files[shard[origin]])}:{rows[origin]}"
         duplicates.setdefault(shards.relative(shards.files[shard[k]]), {})[int(rows[k])] = where
-    return InputScan(total, duplicates)
+    return InputScan(total, duplicates, unreadable)
+
+
+def _parquet_batches(f, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Decoded row batches of the projected columns, page checksums verified where present."""
+    return pq.ParquetFile(f, page_checksum_verification=True).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns)
+
+
+def _parquet_records(batch: pa.RecordBatch, first_row: int) -> Iterator[Record]:
+    """The batch's rows as dicts; a string value that is not valid UTF-8 (Arrow does not check what
+    writers store) rejects its row as ``invalid_utf8`` instead of failing the batch."""
+    try:
+        records = [(record, None) for record in batch.to_pylist()]
+    except UnicodeDecodeError:
+        records = _decoded_records(batch)
+    for i, (record, problem) in enumerate(records):
+        yield first_row + i, record, problem
+
+
+def _decoded_records(batch: pa.RecordBatch) -> list[tuple[dict, tuple[Reason, str] | None]]:
+    """The batch's rows with each string value decoded on its own; one that is not UTF-8 becomes null."""
+    columns = {
+        name: column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
+        for name, column in zip(batch.schema.names, batch.columns)
+    }
+    binary = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}
+    strings = [name for name, column in columns.items() if column.type in binary]
+    columns.update({name: columns[name].view(binary[columns[name].type]) for name in strings})
+    records = []
+    for record in pa.RecordBatch.from_pydict(columns).to_pylist():
+        problem = None
+        for name in strings:
+            try:
+                record[name] = record[name] if record[name] is None else record[name].decode("utf-8")
+            except UnicodeDecodeError as e:
+                record[name] = None
+                problem = problem or (Reason.INVALID_UTF8, f"column {name!r}: {e}")
+        records.append((record, problem))
+    return records
 
 
 def read_records(f, fmt: str, columns: list[str]) -> Iterator[Record]:
     """Every row of one shard: Parquet projected to ``columns``; JSONL line by line, tolerant."""
     if fmt == "parquet":
         row = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
-            for record in batch.to_pylist():
-                yield row, record, None
-                row += 1
+        for batch in _parquet_batches(f, columns):
+            yield from _parquet_records(batch, row)
+            row += batch.num_rows
         return
     line_no, pending = 0, b""
     while chunk := f.read(1 << 22):
@@ -232,9 +440,27 @@ def _parse_line(line_no: int, line: bytes) -> Record:
         return line_no, None, (Reason.INVALID_UTF8, str(e))
     except ValueError as e:
         return line_no, None, (Reason.MALFORMED_JSON, str(e))
+    except RecursionError:
+        return line_no, None, (Reason.MALFORMED_JSON, "nested too deeply")
     if not isinstance(record, dict):
         return line_no, None, (Reason.MALFORMED_JSON, f"a JSON {type(record).__name__}, not an object")
     return line_no, record, None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # controls, format characters (zero-width...), spaces
+
+
+def _has_surrogate(value: str) -> bool:
+    """Whether ``value`` holds a lone UTF-16 surrogate, which UTF-8 cannot encode: a JSON ``\\ud800``
+    escape without its pair, or CESU-8 bytes, which ``json.loads`` decodes with ``surrogatepass``."""
+    return not value.isascii() and _SURROGATE.search(value) is not None
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` has a character that is not whitespace, a control or a format character
+    (zero-width space, word joiner, byte order mark...): text a reader would see."""
+    return any(unicodedata.category(c) not in INVISIBLE for c in text)
 
 
 def check_text(value: Any, max_bytes: int) -> tuple[str | None, Reason | None, str | None]:
@@ -248,10 +474,13 @@ def check_text(value: Any, max_bytes: int) -> tuple[str | None, Reason | None, s
             return None, Reason.INVALID_UTF8, str(e)
     if not isinstance(value, str):
         return None, Reason.NOT_STRING, f"got {type(value).__name__}"
+    if _has_surrogate(value):
+        at = _SURROGATE.search(value).start()
+        return None, Reason.INVALID_UTF8, f"lone UTF-16 surrogate {value[at]!r} at character {at}: not encodable"
     if len(value) > max_bytes // 4 and len(value.encode("utf-8")) > max_bytes:
         return None, Reason.TEXT_TOO_LARGE, f"{len(value.encode('utf-8'))} bytes > input.max_text_bytes={max_bytes}"
-    if not value.strip():
-        return None, Reason.EMPTY_TEXT, None
+    if not visible(value):
+        return None, Reason.EMPTY_TEXT, "only whitespace, control or format characters" if value.strip() else None
     return value, None, None
 
 
@@ -267,23 +496,38 @@ class ListedFiles(DefaultFileMetadataProvider):
 
 
 class ShardDatasource(FileBasedDatasource):
-    """Streams Parquet (projected row batches) or JSONL (line by line, tolerant) shards."""
+    """Streams Parquet (projected row batches) or JSONL (line by line, tolerant) shards.
 
-    def __init__(self, shards: Shards, cfg: InputConfig, filesystem, duplicates: dict[str, dict[int, str]]):
+    ``types`` declares each passthrough column's type (``check_schema``): values are converted
+    to it (``coerce``) or their row is rejected, so every block has the same schema.
+    """
+
+    def __init__(
+        self,
+        shards: Shards,
+        cfg: InputConfig,
+        filesystem,
+        types: pa.Schema,
+        duplicates: dict[str, dict[int, str]],
+    ):
         super().__init__(shards.files, filesystem=filesystem, meta_provider=ListedFiles(shards.sizes))
         self._shards = shards
         self._cfg = cfg
+        self._types = types
         self._duplicates = duplicates
 
     def _open_input_source(self, filesystem, path: str, **open_args):
-        if self._shards.format == "parquet":  # Parquet needs random access for its footer.
-            return filesystem.open_input_file(path)
-        return super()._open_input_source(filesystem, path, **open_args)
+        try:
+            if self._shards.format == "parquet":  # Parquet needs random access for its footer.
+                return filesystem.open_input_file(path)
+            return super()._open_input_source(filesystem, path, **open_args)
+        except Exception as e:  # noqa: BLE001 - see _changed
+            raise self._changed(path, e) from None
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         relative = self._shards.relative(path)
         batch: list[Record] = []
-        for item in read_records(f, self._shards.format, self._columns()):
+        for item in self._guarded(read_records(f, self._shards.format, self._columns()), path):
             batch.append(item)
             if len(batch) == READ_BATCH_ROWS:
                 yield self._block(relative, batch)
@@ -291,9 +535,21 @@ class ShardDatasource(FileBasedDatasource):
         if batch:
             yield self._block(relative, batch)
 
+    def _guarded(self, records: Iterator[Record], path: str) -> Iterator[Record]:
+        try:
+            yield from records
+        except Exception as e:  # noqa: BLE001 - see _changed
+            raise self._changed(path, e) from None
+
+    def _changed(self, path: str, e: Exception) -> ShardChangedError:
+        """``scan_input`` read every shard to its end before the run: one that fails now changed since."""
+        return ShardChangedError(
+            f"input shard {self._shards.relative(path)} became unreadable during the run ({_describe(e)}), after the "
+            "pre-run scan had read it whole: was it replaced or deleted? Nothing was published; run the job again"
+        )
+
     def _columns(self) -> list[str]:
-        cols = [self._cfg.text_column, self._cfg.text_pair_column, *self._shards.passthrough]
-        return list(dict.fromkeys(c for c in cols if c))
+        return projected_columns(self._cfg, self._shards.passthrough)
 
     def _block(self, relative: str, items: list[Record]) -> pa.Table:
         cfg = self._cfg
@@ -301,19 +557,20 @@ class ShardDatasource(FileBasedDatasource):
         generated_ids, rows, texts, pairs, errors, details = [], [], [], [], [], []
         duplicates = self._duplicates.get(relative, {})
         for row, record, parse_error in items:
-            if row in duplicates:
-                parse_error = (Reason.DUPLICATE_ID, f"id already at {duplicates[row]}")
+            record = record or {}
             rows.append(row)
             generated_ids.append(f"{relative}:{row}")
-            record = record or {}
+            error = parse_error
             for c in self._shards.passthrough:
-                columns[c].append(record.get(c))
-            if parse_error:
-                text, pair, error = None, None, parse_error
-            else:
+                value, problem = self._passthrough(c, record.get(c))
+                columns[c].append(value)
+                error = error or problem
+            if not error and row in duplicates:
+                error = (Reason.DUPLICATE_ID, f"id already at {duplicates[row]}")
+            text = pair = None
+            if not error:
                 text, reason, detail = check_text(record.get(cfg.text_column), cfg.max_text_bytes)
                 error = (reason, detail) if reason else None
-                pair = None
                 if cfg.text_pair_column and not error:
                     pair, reason, detail = check_text(record.get(cfg.text_pair_column), cfg.max_text_bytes)
                     error = (reason, f"text pair: {detail or reason}") if reason else None
@@ -327,10 +584,7 @@ class ShardDatasource(FileBasedDatasource):
         if not cfg.id_columns:
             table[S.GENERATED_ID] = pa.array(generated_ids, pa.string())
         for c, values in columns.items():
-            try:
-                table[c] = pa.array(values)
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-                raise InputError(f"{relative}: column {c!r} mixes value types ({e})") from None
+            table[c] = pa.array(values, self._types.field(c).type)
         table[S.SOURCE_FILE] = pa.array([relative] * len(items), pa.string())
         table[S.SOURCE_ROW] = pa.array(rows, pa.int64())
         table[S.TEXT] = pa.array(texts, pa.string())
@@ -339,3 +593,20 @@ class ShardDatasource(FileBasedDatasource):
         table[S.ERROR] = pa.array(errors, pa.string())
         table[S.ERROR_DETAIL] = pa.array(details, pa.string())
         return pa.table(table)
+
+    def _passthrough(self, column: str, value: Any) -> tuple[Any, tuple[Reason, str] | None]:
+        """The value to write for an id or label column, and the rejection it causes (if any).
+
+        A null or absent id is ``missing_id``; an id or label that does not convert losslessly to its
+        column's type is ``bad_id`` / ``bad_label``; a string UTF-8 cannot encode is ``invalid_utf8``.
+        Rejected values are written as null.
+        """
+        is_id = column in self._cfg.id_columns
+        if value is None:
+            return None, (Reason.MISSING_ID, f"no value in id column {column!r}") if is_id else None
+        value, why = coerce(value, self._types.field(column).type)
+        if why:
+            return None, (Reason.BAD_ID if is_id else Reason.BAD_LABEL, f"column {column!r}: {why}")
+        if isinstance(value, str) and _has_surrogate(value):
+            return None, (Reason.INVALID_UTF8, f"column {column!r} holds a lone UTF-16 surrogate")
+        return value, None

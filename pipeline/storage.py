@@ -97,7 +97,7 @@ def filesystem(path: str, storage: StorageConfig | None = None) -> tuple[fsspec.
         )
         return fs, path[len("s3://") :]
     if is_remote(path):
-        raise ValueError(f"unsupported storage scheme in {path!r}: use a local path or s3://")
+        raise StorageError(f"unsupported storage scheme in {path}: use a local path or s3://")
     local = path[len("file://") :] if path.startswith("file://") else path
     return LocalFileSystem(auto_mkdir=True), os.path.abspath(os.path.expanduser(local))
 
@@ -119,6 +119,20 @@ def join(root: str, *parts: str) -> str:
         if part.startswith("/") or ".." in part.split("/"):
             raise ValueError(f"refusing to write outside {root!r}: path part {part!r}")
     return "/".join([root.rstrip("/"), *parts])
+
+
+def relative_to(path: str, root: str) -> str:
+    """``path`` relative to ``root``, by text alone: object-store keys (``bucket/key``) are not files, so
+    nothing here consults the process's working directory (``posixpath.relpath`` calls ``os.getcwd``).
+
+    ``root`` itself, or an empty root, gives the last path segment.
+    """
+    root = root.rstrip("/")
+    if root and path.startswith(root + "/"):
+        return path[len(root) + 1 :]
+    if root and path != root:
+        raise ValueError(f"{path!r} is not under {root!r}")
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 # --- access checks -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -150,3 +151,27 @@ def test_backfill_and_date_validation(ray_session, job, tmp_path, capsys):
         assert len(published_ids(version)) == 9
     assert main(["--config", job["config"], "--date", "2026-13-01"]) == 2
     assert "--date expects YYYY-MM-DD" in capsys.readouterr().err
+
+
+def test_an_unreadable_shard_is_quarantined_and_left_pending(ray_session, job, capsys):
+    """A shard that cannot be read is recorded in _rejected/ and the run exits 3, but the ledger does not list it."""
+    write_shard(job["events"], "a", 30)
+    write_shard(job["events"], "b", 30)
+    shard = job["events"] / "b.parquet"
+    data = bytearray(shard.read_bytes())
+    footer = len(data) - 8 - struct.unpack("<I", data[-8:-4])[0]
+    data[4:footer] = b"\xff" * (footer - 4)  # the footer still reads; the pages do not
+    shard.write_bytes(bytes(data))
+
+    assert main(["--config", job["config"], "--date", DATE]) == 3
+    printed = capsys.readouterr()
+    assert "PARTIAL: 1 unreadable shard(s) quarantined and left pending: ['b.parquet']" in printed.out
+    [version] = version_dirs(job["scores"])
+    assert set(json.loads((version / "_ledger.json").read_text())["shards"]) == {"a.parquet"}
+    rejected = pq.read_table(version / S.REJECTED_DIR).to_pylist()
+    [record] = [r for r in rejected if r["reason"] == "unreadable_shard"]
+    assert record["source_file"] == "b.parquet" and "30 rows by its footer" in record["detail"]
+
+    # Not in the ledger, so pending: the next run scores it (as any new shard) once it reads.
+    ids = published_ids(version) + [r["doc_id"] for r in rejected if r["doc_id"]]
+    assert sorted(ids) == sorted(f"a-{i}" for i in range(30))

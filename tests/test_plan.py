@@ -134,3 +134,13 @@ def test_writes_never_leave_the_output_root():
     for part in ("../escape", "a/../../b", "/etc/passwd"):
         with pytest.raises(ValueError, match="refusing to write outside"):
             join("/data/out", part)
+
+
+def test_position_limits_count_the_padding_offset_of_roberta_like_models():
+    from transformers import BertConfig, RobertaConfig, XLMRobertaConfig
+
+    from pipeline.checkpoint import position_limit
+
+    assert position_limit(BertConfig(max_position_embeddings=512)) == 512
+    assert position_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert position_limit(XLMRobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512

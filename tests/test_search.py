@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import WORDS
@@ -170,6 +171,28 @@ def test_unfinished_outputs_wrong_queries_and_clashing_ids_are_refused(tmp_path,
     write_output(tmp_path / "clash", synthetic[0][:10], parts=1, id_column=S.SCORE)
     with pytest.raises(SearchError, match=r"\['score'\] .* clash"):
         search(str(tmp_path / "clash"), synthetic[1][:1], K, exact=True)
+
+
+def test_k_below_one_is_refused_and_k_beyond_the_rows_returns_every_row_once(tmp_path, synthetic):
+    vectors, queries = synthetic
+    ids = write_output(tmp_path, vectors[:300], parts=2)
+    with pytest.raises(SearchError, match="k must be at least 1, got 0"):
+        search(str(tmp_path), queries[:1], 0)
+    build_index(str(tmp_path))
+    for k in (500, 10_000_000):  # 500: the index, its beam capped at the 300 rows; 10M: exact, part by part
+        for exact in (False, True):
+            hits = search(str(tmp_path), queries[:2], k, exact=exact)
+            for q in (0, 1):
+                found = hits.filter(pc.equal(hits[QUERY], q))["doc_id"].to_pylist()
+                assert len(found) == len(set(found)) and set(found) <= set(ids) and len(found) >= 290, (k, exact)
+
+
+def test_empty_queries_are_refused_before_anything_loads(tmp_path, tiny_output, capsys):
+    for query in ("", "  \n", "\u200b\u2060"):
+        assert search_job.main(["--embeddings", str(tmp_path / "nothing-here"), "--query", query]) == 2
+        assert "error: the query is empty" in capsys.readouterr().err
+    with pytest.raises(SearchError, match="the query is empty"):
+        Searcher(str(tiny_output)).search(" ", k=3)
 
 
 def test_clis_explain_unusable_outputs(tmp_path, capsys):

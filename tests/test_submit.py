@@ -14,7 +14,7 @@ import pytest
 from cluster import LocalCluster
 from ray.job_submission import JobInfo, JobStatus
 
-from jobs.submit import build_entrypoint, build_runtime_env, outcome, parse_args
+from jobs.submit import build_entrypoint, build_runtime_env, main, outcome, parse_args, shown_entrypoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,25 @@ def test_entrypoint_runs_the_module_with_config_overrides_and_args_quoted() -> N
         "python", "-m", "jobs.nightly", "--config", "configs/my job.yaml",
         "--set", "model.dtype=bfloat16", "--set", "input.path=s3://b/x y/", "--date", "2026-01-01",
     ]  # fmt: skip
+
+
+def test_the_printed_entrypoint_masks_secrets(monkeypatch) -> None:
+    monkeypatch.setenv("MY_API_TOKEN", "tok-PLANTED-1234")
+    args = parse_args(
+        ["--address", "http://h:8265", "--config", "c.yaml", "--set", "storage.secret=s3cr3t-PLANTED",
+         "--set", "storage.key=AKIA-PLANTED", "--set", "output.path=s3://b/tok-PLANTED-1234/out"]
+    )  # fmt: skip
+    shown = shown_entrypoint(args)
+    assert "PLANTED" not in shown
+    assert "storage.secret=***" in shown and "storage.key=***" in shown and "output.path=s3://b/***/out" in shown
+    assert "s3cr3t-PLANTED" in build_entrypoint(args.config, args.overrides)  # the job itself gets the value
+
+
+def test_a_malformed_set_fails_before_submitting(capsys) -> None:
+    # Nothing listens on port 9: the submission would fail with "could not submit", not this.
+    assert main(["--address", "http://127.0.0.1:9", "--config", "c.yaml", "--set", "storage.secret=[s3cr3t-PLANTED"]) == 2
+    err = capsys.readouterr().err
+    assert "--set storage.secret: the value is not valid YAML" in err and "PLANTED" not in err
 
 
 def test_runtime_env_holds_only_the_fields_given() -> None:
@@ -72,8 +91,10 @@ def test_cli_rejects_inconsistent_arguments(argv: list[str]) -> None:
     ("info", "line"),
     [
         (JobInfo(JobStatus.SUCCEEDED, "e", driver_exit_code=0), "job j SUCCEEDED"),
+        (JobInfo(JobStatus.FAILED, "e", message="...logs...", driver_exit_code=1),
+         "job j FAILED: the driver exited with code 1"),
         (JobInfo(JobStatus.FAILED, "e", message="...logs...", driver_exit_code=3),
-         "job j FAILED: the driver exited with code 3"),
+         "job j PARTIAL: it published, but quarantined input shards it could not read (driver exit code 3)"),
         (JobInfo(JobStatus.FAILED, "e", message="runtime env setup failed"), "job j FAILED: runtime env setup failed"),
         (JobInfo(JobStatus.STOPPED, "e", message="Job was intentionally stopped."),
          "job j STOPPED: Job was intentionally stopped."),
