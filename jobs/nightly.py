@@ -2,10 +2,12 @@
 
 ``${DATE}`` in the config (e.g. ``input.path: s3://bucket/events/dt=${DATE}/``) is the
 date being scored. Rerunning a finished date is a no-op; new shards of a date are scored
-alone; a killed run is finished or redone by the next one (see ``pipeline.nightly``).
+alone; a killed run is finished or resumed by the next one; one driver per date at a time
+(see ``pipeline.nightly``).
 
     python -m jobs.nightly --config configs/nightly_s3.yaml --date 2026-11-20
     python -m jobs.nightly --config configs/nightly_s3.yaml --backfill 2026-11-01 2026-11-20
+    python -m jobs.nightly --config configs/nightly_s3.yaml --date 2026-11-20 --dry-run
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 
 from jobs.run import USER_ERRORS
 from pipeline.config import load_config
-from pipeline.nightly import date_range, parse_date, score_date
+from pipeline.nightly import date_range, describe_date, parse_date, score_date
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     when = parser.add_mutually_exclusive_group(required=True)
     when.add_argument("--date", help="the date to score, YYYY-MM-DD")
     when.add_argument("--backfill", nargs=2, metavar=("START", "END"), help="score every date in [START, END]")
+    parser.add_argument("--dry-run", action="store_true", help="print what each date's run would do; start nothing")
     return parser.parse_args(argv)
 
 
@@ -33,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dates = date_range(*args.backfill) if args.backfill else [parse_date(args.date)]
         for date in dates:
-            score_date(load_config(args.config, args.overrides, variables={"DATE": date}), date)
+            cfg = load_config(args.config, args.overrides, variables={"DATE": date})
+            if args.dry_run:
+                print(describe_date(cfg, date))
+            else:
+                score_date(cfg, date)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

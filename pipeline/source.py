@@ -28,10 +28,12 @@ import pyarrow.parquet as pq
 from ray.data.datasource import DefaultFileMetadataProvider, FileBasedDatasource
 
 from pipeline import schema as S
+from pipeline.commit import Ranges, covered
 from pipeline.config import InputConfig
 from pipeline.schema import Reason
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
+SUFFIXES = {"parquet": (".parquet", ".pq"), "jsonl": JSONL_SUFFIXES}
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
 READ_BATCH_ROWS = 2048
 
@@ -46,29 +48,45 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Shards:
-    """The input, resolved on the driver: files in a deterministic order and their format."""
+    """The input, resolved on the driver: files in a deterministic order, each with its format."""
 
     root: str  # ids are file paths relative to this
     files: list[str]
     sizes: dict[str, int]  # from the one listing; read tasks reuse it instead of listing again
-    format: str
+    formats: dict[str, str]  # file -> "parquet" or "jsonl"
     passthrough: list[str]  # columns copied to the output unchanged
     fs: fsspec.AbstractFileSystem
+    skipped: tuple[str, ...] = ()  # files under the input that are not shards (README, .csv), relative
 
     def relative(self, path: str) -> str:
         return posixpath.relpath(path, self.root) if self.root else posixpath.basename(path)
 
+    def format_of(self, path: str) -> str:
+        return self.formats[path]
 
-def infer_format(path: str) -> str:
-    if path.endswith((".parquet", ".pq")):
-        return "parquet"
-    if path.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    raise InputError(f"cannot infer the format of {path}: set input.format to parquet or jsonl")
+    def describe(self) -> str:
+        """E.g. ``3 parquet file(s)``, or ``3 file(s): 2 jsonl, 1 parquet``."""
+        counts: dict[str, int] = {}
+        for path in self.files:
+            counts[self.formats[path]] = counts.get(self.formats[path], 0) + 1
+        if len(counts) == 1:
+            return f"{len(self.files)} {next(iter(counts))} file(s)"
+        return f"{len(self.files)} file(s): " + ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items()))
+
+
+def infer_format(path: str) -> str | None:
+    """A file's shard format by its extension; None for files that are not shards."""
+    return next((fmt for fmt, suffixes in SUFFIXES.items() if path.endswith(suffixes)), None)
 
 
 def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthrough: list[str]) -> Shards:
-    """List the shards under ``path`` (file, directory or glob), skipping ``_``/``.`` names."""
+    """List the shards under ``path`` (file, directory or glob), skipping ``_``/``.`` names.
+
+    Each file is read by its extension; with ``input.format`` set, shards of the other format are an
+    error. Files that are not shards at all are returned as ``skipped``, never silently dropped. A
+    single file named by ``input.path`` is read as ``input.format`` whatever its extension.
+    """
+    single = False
     if globlib.has_magic(path):
         listing = fs.glob(path, detail=True)
         root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
@@ -76,7 +94,7 @@ def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthr
         listing = fs.find(path, detail=True)
         root = path.rstrip("/")
     elif fs.isfile(path):
-        listing, root = {path: fs.info(path)}, posixpath.dirname(path)
+        listing, root, single = {path: fs.info(path)}, posixpath.dirname(path), True
     else:
         raise InputError(f"input.path {cfg.path} does not exist")
     sizes = {name: info["size"] for name, info in listing.items() if info["type"] == "file"}
@@ -84,24 +102,44 @@ def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthr
     files = [f for f in files if not any(part[:1] in "_." for part in posixpath.relpath(f, root).split("/"))]
     if not files:
         raise InputError(f"input.path {cfg.path} holds no input files")
-    fmt = cfg.format or infer_format(files[0])
-    wanted = (".parquet", ".pq") if fmt == "parquet" else JSONL_SUFFIXES
-    files = [f for f in files if f.endswith(wanted)]
-    if not files:
-        raise InputError(f"input.path {cfg.path} holds no {fmt} files")
-    return Shards(root=root, files=files, sizes={f: sizes[f] for f in files}, format=fmt, passthrough=passthrough, fs=fs)
+    formats = {f: cfg.format if single and cfg.format else infer_format(f) for f in files}
+    if single and formats[path] is None:
+        raise InputError(f"cannot infer the format of {path}: set input.format to parquet or jsonl")
+    if cfg.format:
+        other = [posixpath.relpath(f, root) for f, fmt in formats.items() if fmt not in (None, cfg.format)]
+        if other:
+            raise InputError(
+                f"input.format is {cfg.format}, but {len(other)} file(s) under {cfg.path} are shards of another "
+                f"format: {other[:5]}. Move them away, or unset input.format to read each file by its extension"
+            )
+    shards = [f for f in files if formats[f]]
+    skipped = [posixpath.relpath(f, root) for f in files if not formats[f]]
+    if not shards:
+        raise InputError(f"input.path {cfg.path} holds no Parquet or JSONL shards (only {skipped[:5]})")
+    return Shards(
+        root=root,
+        files=shards,
+        sizes={f: sizes[f] for f in shards},
+        formats={f: formats[f] for f in shards},
+        passthrough=passthrough,
+        fs=fs,
+        skipped=tuple(skipped),
+    )
 
 
 def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema | None, dict[str, int]]:
     """Check every shard opens and has the configured columns with usable types (in parallel).
 
     Returns the schema of the passthrough columns and each Parquet shard's row count from its
-    footer. JSONL has neither (None, {}): its values are checked row by row, the passthrough
-    types inferred from the data and its rows counted by ``scan_input``.
+    footer. JSONL has neither: its values are checked row by row, its rows counted by
+    ``scan_input``, and without Parquet shards the passthrough types are inferred from the data
+    (schema None).
     """
-    if shards.format != "parquet":
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda path: _probe_jsonl(shards, path), shards.files))
+    jsonl = [path for path in shards.files if shards.format_of(path) == "jsonl"]
+    parquet = [path for path in shards.files if shards.format_of(path) == "parquet"]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda path: _probe_jsonl(shards, path), jsonl))
+    if not parquet:
         return None, {}
 
     def footer(path: str) -> pq.FileMetaData:
@@ -112,9 +150,9 @@ def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema | None, di
             raise InputError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
 
     with ThreadPoolExecutor(16) as pool:
-        footers = list(pool.map(footer, shards.files))
+        footers = list(pool.map(footer, parquet))
     expected = None
-    for path, file_schema in zip(shards.files, (f.schema.to_arrow_schema() for f in footers)):
+    for path, file_schema in zip(parquet, (f.schema.to_arrow_schema() for f in footers)):
         for column in [cfg.text_column, cfg.text_pair_column]:
             if column is None:
                 continue
@@ -132,7 +170,7 @@ def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema | None, di
             expected = passthrough
         elif not passthrough.equals(expected):
             raise InputError(f"{path}: id/label column types {passthrough} differ from other shards' {expected}")
-    return expected, {path: f.num_rows for path, f in zip(shards.files, footers)}
+    return expected, {path: f.num_rows for path, f in zip(parquet, footers)}
 
 
 def _probe_jsonl(shards: Shards, path: str) -> None:
@@ -146,7 +184,7 @@ def _probe_jsonl(shards: Shards, path: str) -> None:
 
 def open_shard(shards: Shards, path: str):
     """A binary file object for one shard (JSONL decompressed by extension)."""
-    return shards.fs.open(path, "rb", compression=None if shards.format == "parquet" else "infer")
+    return shards.fs.open(path, "rb", compression=None if shards.format_of(path) == "parquet" else "infer")
 
 
 @dataclass(frozen=True)
@@ -169,8 +207,9 @@ def scan_input(shards: Shards, id_columns: list[str], footer_rows: dict[str, int
     """
     import ray
 
-    if not id_columns and shards.format == "parquet":
-        return InputScan(sum(footer_rows[path] for path in shards.files), {})
+    counted = {path: footer_rows[path] for path in shards.files if not id_columns and path in footer_rows}
+    if len(counted) == len(shards.files):
+        return InputScan(sum(counted.values()), {})
 
     @ray.remote(num_cpus=1)
     def scan(path: str) -> tuple[int, np.ndarray, np.ndarray]:
@@ -178,7 +217,7 @@ def scan_input(shards: Shards, id_columns: list[str], footer_rows: dict[str, int
             if not id_columns:
                 return sum(1 for line in f if line.strip()), np.empty(0, np.int64), np.empty(0, "V16")
             count, rows, digests = 0, [], []
-            for row, record, _ in read_records(f, shards.format, id_columns):
+            for row, record, _ in read_records(f, shards.format_of(path), id_columns):
                 count += 1
                 ids = tuple(record.get(c) for c in id_columns) if record else (None,)
                 if any(v is not None for v in ids):
@@ -186,8 +225,9 @@ def scan_input(shards: Shards, id_columns: list[str], footer_rows: dict[str, int
                     digests.append(hashlib.blake2b(repr(ids).encode(), digest_size=16).digest())
         return count, np.array(rows, np.int64), np.frombuffer(b"".join(digests), "V16")
 
-    results = ray.get([scan.remote(p) for p in shards.files])
-    total = sum(count for count, _, _ in results)
+    # With id columns every shard is scanned, so results[i] is shards.files[i]; without, no digests.
+    results = ray.get([scan.remote(p) for p in shards.files if p not in counted])
+    total = sum(counted.values()) + sum(count for count, _, _ in results)
     digests = np.concatenate([d for _, _, d in results])
     if not len(digests):
         return InputScan(total, {})
@@ -267,25 +307,42 @@ class ListedFiles(DefaultFileMetadataProvider):
 
 
 class ShardDatasource(FileBasedDatasource):
-    """Streams Parquet (projected row batches) or JSONL (line by line, tolerant) shards."""
+    """Streams Parquet (projected row batches) or JSONL (line by line, tolerant) shards.
 
-    def __init__(self, shards: Shards, cfg: InputConfig, filesystem, duplicates: dict[str, dict[int, str]]):
+    ``skip`` (relative shard -> row ranges, ``pipeline.commit``) holds rows a killed run already
+    wrote: they are not read again. Blocks hold at most ``block_rows`` rows.
+    """
+
+    def __init__(
+        self,
+        shards: Shards,
+        cfg: InputConfig,
+        filesystem,
+        duplicates: dict[str, dict[int, str]],
+        skip: dict[str, Ranges] | None = None,
+        block_rows: int = READ_BATCH_ROWS,
+    ):
         super().__init__(shards.files, filesystem=filesystem, meta_provider=ListedFiles(shards.sizes))
         self._shards = shards
         self._cfg = cfg
         self._duplicates = duplicates
+        self._skip = skip or {}
+        self._block_rows = block_rows
 
     def _open_input_source(self, filesystem, path: str, **open_args):
-        if self._shards.format == "parquet":  # Parquet needs random access for its footer.
+        if self._shards.format_of(path) == "parquet":  # Parquet needs random access for its footer.
             return filesystem.open_input_file(path)
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         relative = self._shards.relative(path)
+        skip = self._skip.get(relative, [])
         batch: list[Record] = []
-        for item in read_records(f, self._shards.format, self._columns()):
+        for item in read_records(f, self._shards.format_of(path), self._columns()):
+            if skip and covered(skip, item[0]):
+                continue
             batch.append(item)
-            if len(batch) == READ_BATCH_ROWS:
+            if len(batch) == self._block_rows:
                 yield self._block(relative, batch)
                 batch = []
         if batch:
