@@ -36,7 +36,7 @@ A kill before 3 leaves the previous manifest in force (its files are untouched; 
 unlisted, so manifest readers never see them, and ``_SUCCESS`` is absent, so plain readers stop). The
 next run resumes the killed run's receipts, wherever their files are. A kill after 3 leaves the new
 manifest in force; the next driver that takes the lease repeats 4 and 5 for it (it knows what to delete
-from the manifest's ``run``, ``resumed_from`` and ``superseded``) before anything else.
+from the manifest's ``staged_runs`` and ``superseded``) before anything else.
 
 **What overwrite deletes.** Only files this pipeline wrote: those the previous manifest lists, after
 the new manifest replaced it, and staging that killed runs left (``_staging/``, plus parts their
@@ -161,7 +161,7 @@ def check_location(output: str, input_path: str) -> None:
         raise OutputError(f"output.path {output!r} contains '..': write the path without '..' segments")
     scheme, out = _normalized(output)
     if scheme == "s3" and "/" not in out:
-        raise OutputError(f"output.path {output} is a bucket root: write under a prefix of its own, e.g. s3://{out}/scores/")
+        raise OutputError(f"output.path {output} is a bucket root: write under a prefix, e.g. s3://{out}/scores/")
     if scheme == "file" and out == "/":
         raise OutputError("output.path is the filesystem root: choose a directory of its own")
     if scheme == "file" and out == _normalized("~")[1]:
@@ -394,7 +394,8 @@ class Table:
             by_run.setdefault(run, set()).add(rest)
         runs = {}
         for run, files in sorted(by_run.items()):
-            wanted = [self.path(S.STAGING, run, f) for f in sorted(files) if f.startswith(f"{S.RECEIPTS}/") and f.endswith(".json")]
+            receipts_dir = f"{S.RECEIPTS}/"
+            wanted = [self.path(S.STAGING, run, f) for f in sorted(files) if f.startswith(receipts_dir) and f.endswith(".json")]
             receipts = []
             for data in (self.fs.cat(wanted, on_error="omit") if wanted else {}).values():
                 try:
@@ -592,7 +593,9 @@ class Writer:
     table's parent (nightly versions).
     """
 
-    def __init__(self, uri: str, cfg: JobConfig, *, lease_uri: str | None = None, current: bool = False, log: Log = print):
+    def __init__(
+        self, uri: str, cfg: JobConfig, *, lease_uri: str | None = None, current: bool = False, log: Log = print
+    ):
         self.table = Table(uri, cfg.storage)
         self.cfg, self.current, self.log = cfg, current, log
         self.run_id = new_run_id()
@@ -611,7 +614,7 @@ class Writer:
             self.manifest = self.table.manifest()
             self.staged = self.table.staged_runs()
             if self.manifest is not None:
-                consumed = {self.manifest["run"], *self.manifest["resumed_from"]} & set(self.staged)
+                consumed = set(self.manifest["staged_runs"]) & set(self.staged)
                 if self._finish(consumed):
                     self.log(f"{self.table.uri}: finished the interrupted commit of run {self.manifest['run']}")
         except BaseException:
@@ -646,12 +649,12 @@ class Writer:
                     kept.append(receipt)
                     for shard, ranges in receipt.rows.items():
                         skip[shard] = merge_ranges(skip.get(shard, []), ranges)
-        info = {"run": self.run_id, "identity": identity, "sizes": sizes, "host": HOST, "pid": os.getpid(), "started_at": _iso()}
-        self.table.write_json(info, S.STAGING, self.run_id, S.RUN_FILE)
+        info = {"run": self.run_id, "identity": identity, "sizes": sizes, "host": HOST, "pid": os.getpid()}
+        self.table.write_json({**info, "started_at": _iso()}, S.STAGING, self.run_id, S.RUN_FILE)
         resume = Resume(kept, skip)
         if kept:
             runs = sorted({r.run for r in kept})
-            self.log(f"{self.table.uri}: resuming run(s) {', '.join(runs)}: keeping {resume.rows} rows in {len(kept)} part(s)")
+            self.log(f"{self.table.uri}: resuming run(s) {', '.join(runs)}: keeping {resume.rows} rows, {len(kept)} part(s)")
         return resume
 
     def commit(self, manifest: dict, receipts: list[Receipt], *, replace: bool) -> dict:
@@ -667,7 +670,7 @@ class Writer:
                 if join(receipt.run, name) in staged:
                     table.move(join(S.STAGING, receipt.run, name), name)
                 elif name not in present:
-                    raise RuntimeError(f"{name} of run {receipt.run} is neither staged nor in {table.uri}: not committing")
+                    raise RuntimeError(f"{name} of run {receipt.run} is neither staged nor in {table.uri}")
         self._fault("moved")
         previous = files_of(self.manifest) if self.manifest else {}
         files = {} if replace else dict(previous)
@@ -680,6 +683,7 @@ class Writer:
             "run": self.run_id,
             "committed_at": _iso(),
             "resumed_from": sorted({r.run for r in receipts} - {self.run_id}),
+            "staged_runs": sorted({*self.staged, self.run_id}),  # their staging is deleted after the commit point
             "files": {n: rows for n, rows in sorted(files.items()) if not n.startswith(rejected)},
             "rejected_files": {n: rows for n, rows in sorted(files.items()) if n.startswith(rejected)},
             "superseded": sorted(set(previous) - set(files)),
@@ -707,7 +711,7 @@ class Writer:
             del self.staged[run]
         if everything or not self.staged:
             table.remove_tree(S.STAGING)
-        waiting = [f for s in self.staged.values() for r in s.receipts for f in r.files if f in present and f not in listed]
+        waiting = [f for s in self.staged.values() for r in s.receipts for f in r.files if f in present - listed]
         done = bool(stale or consumed)
         if not waiting:
             if table.read(S.SUCCESS) is None:

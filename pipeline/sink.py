@@ -92,7 +92,7 @@ class _PartWriter:
         return True
 
 
-class ParquetSink(Datasink["Receipt | None"]):
+class ParquetSink(Datasink[Receipt | None]):
     """Writes inference results; see the module docstring."""
 
     def __init__(

@@ -40,7 +40,8 @@ def wait_until(condition: Callable[[], bool], driver: subprocess.Popen, timeout:
     while not condition():
         if driver.poll() is not None or time.time() > deadline:
             driver.kill()
-            raise AssertionError(f"driver exited with {driver.poll()} before the condition held:\n{driver.stdout.read()[-4000:]}")
+            output = driver.stdout.read()[-4000:]
+            raise AssertionError(f"driver exited with {driver.poll()} before the condition held:\n{output}")
         time.sleep(0.1)
 
 

@@ -93,7 +93,8 @@ def test_rerun_is_a_noop_new_shards_alone_are_scored_and_changes_make_new_versio
     )
     assert not (version / S.STAGING).exists()
     # The date directory reads as its _CURRENT version.
-    assert sorted(read_output(str(job["scores"]), columns=["doc_id"])["doc_id"].to_pylist()) == sorted(published_ids(version))
+    by_date = read_output(str(job["scores"]), columns=["doc_id"])["doc_id"].to_pylist()
+    assert sorted(by_date) == sorted(published_ids(version))
 
     # A different config is a different version; the published one is untouched.
     assert main(["--config", job["config"], "--date", DATE, "--set", "model.max_length=32"]) == 0
@@ -119,7 +120,8 @@ def test_killed_runs_are_resumed_row_by_row_and_a_crash_after_the_commit_point_i
 
     # The next driver takes the dead one's lease over at once (its process is gone), resumes its parts,
     # commits, and dies right after the commit point.
-    code, log = finish(start("jobs.nightly", job["config"], "--date", DATE, overrides=(*small_parts, "faults.crash_at=committed")))
+    crashing = start("jobs.nightly", job["config"], "--date", DATE, overrides=(*small_parts, "faults.crash_at=committed"))
+    code, log = finish(crashing)
     assert code == CRASH_EXIT_CODE and "took over the lease" in log, log
     manifest = manifest_of(version)
     [run] = manifest["runs"].values()

@@ -98,7 +98,9 @@ LOCAL_CASES = {
 
 
 @pytest.mark.parametrize("case", LOCAL_CASES)
-def test_unsafe_local_outputs_are_refused_and_nothing_is_touched(ray_session, tiny_models, tmp_path, monkeypatch, capsys, case):
+def test_unsafe_local_outputs_are_refused_and_nothing_is_touched(
+    ray_session, tiny_models, tmp_path, monkeypatch, capsys, case
+):
     work = tmp_path / "work"
     home = work / "home"
     (home / ".ssh").mkdir(parents=True)
@@ -274,7 +276,8 @@ def test_on_s3_one_driver_writes_at_a_time_and_overwrite_replaces_only_its_own_f
         client.upload_file(str(shard), s3_bucket, f"data/in/{shard.name}")
     out = f"s3://{s3_bucket}/data/in-scores"  # shares a name prefix with the input, not a directory
     client.put_object(Bucket=s3_bucket, Key="data/in-scores-old/keep.parquet", Body=b"an older output")
-    raw = job(f"s3://{s3_bucket}/data/in", out, tiny_models["sequence-classification"], storage={"endpoint_url": s3_server.endpoint_url})
+    storage_section = {"endpoint_url": s3_server.endpoint_url}
+    raw = job(f"s3://{s3_bucket}/data/in", out, tiny_models["sequence-classification"], storage=storage_section)
     storage = load_config(raw=raw).storage
     config = write_config(tmp_path / "job.yaml", raw)
     lease = lambda: client.list_objects_v2(Bucket=s3_bucket, Prefix=f"data/in-scores/{S.LEASE}/").get("Contents")  # noqa: E731
@@ -336,7 +339,9 @@ LEASE_SCRIPT = textwrap.dedent(
 )
 
 
-def lease_processes(location: str, endpoint: str, runs: list[str], ttl: float, go: Path, start: Path | str = "") -> list[subprocess.Popen]:
+def lease_processes(
+    location: str, endpoint: str, runs: list[str], ttl: float, go: Path, start: Path | str = ""
+) -> list[subprocess.Popen]:
     """Processes running LEASE_SCRIPT, one per run id, returned once all are ready to take the lease."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     processes = [
@@ -408,7 +413,9 @@ def test_a_stopped_holder_loses_its_lease_after_the_ttl_and_cannot_commit(tmp_pa
 # ---- no shard silently skipped ------------------------------------------------------------------------------
 
 
-def test_mixed_shard_formats_are_all_scored_and_other_files_are_listed_as_skipped(ray_session, tiny_models, tmp_path, capsys):
+def test_mixed_shard_formats_are_all_scored_and_other_files_are_listed_as_skipped(
+    ray_session, tiny_models, tmp_path, capsys
+):
     root = tmp_path / "day"
     write_shards(root, 1, 10)  # 0.parquet
     (root / "1.jsonl").write_text("".join(json.dumps({"doc_id": f"j-{i}", "text": "the match"}) + "\n" for i in range(7)))
@@ -420,7 +427,8 @@ def test_mixed_shard_formats_are_all_scored_and_other_files_are_listed_as_skippe
     config = write_config(tmp_path / "job.yaml", raw)
 
     code, out = run_main(config, "--dry-run", capsys=capsys)
-    assert code == 0 and "3 file(s): 2 jsonl, 1 parquet" in out and "skipped, not shards: ['README.md', 'labels.csv']" in out, out
+    assert code == 0 and "3 file(s): 2 jsonl, 1 parquet" in out, out
+    assert "skipped, not shards: ['README.md', 'labels.csv']" in out, out
     manifest = run_job(load_config(raw=raw))
     assert manifest["rows_in"] == 22 and manifest["files_skipped"] == ["README.md", "labels.csv"]
     assert len(all_ids(str(tmp_path / "out"))) == 22
