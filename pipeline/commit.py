@@ -126,6 +126,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROTOCOL = 1  # manifests carry it; a manifest without it comes from an older layout
+LEGACY_LEDGER = "_ledger.json"  # nightly versions of older releases: their commit record
 HOST = socket.gethostname()
 CRASH_EXIT_CODE = 17  # faults.crash_at
 Log = Callable[[str], None]
@@ -340,12 +341,14 @@ class Table:
             return None
 
     def manifest(self) -> dict | None:
+        """The commit record; None if nothing was committed. Outputs of older releases are refused."""
         data = self.read(S.MANIFEST)
         manifest = None if data is None else json.loads(data)
-        if manifest is not None and manifest.get("protocol") != PROTOCOL:
+        legacy = manifest is None and self.read(LEGACY_LEDGER) is not None
+        if legacy or (manifest is not None and manifest.get("protocol") != PROTOCOL):
             raise OutputError(
-                f"{self.uri} was written by an older encoder-batch (its {S.MANIFEST} has no commit protocol): "
-                "move it away or delete it, or write to a new output.path"
+                f"{self.uri} was written by an older encoder-batch, before its commit protocol: move it away or "
+                "delete it, or write to a new output.path"
             )
         return manifest
 
@@ -754,7 +757,7 @@ def inspect_output(
     if table.fs.isfile(table.root):
         raise OutputError(f"output.path {uri} is a file: point it at a directory")
     names = [n for n in table.names() if not n.startswith(ACCESS_PROBE_PREFIX)]
-    manifest = table.manifest() if S.MANIFEST in names else None
+    manifest = table.manifest() if names else None
     if names and manifest is None and not {S.STAGING, S.LEASE} & set(names):
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         raise OutputError(

@@ -94,6 +94,8 @@ LOCAL_CASES = {
     "filesystem root": ("/", "data/in", "overwrite", "is the filesystem root"),
     "dot-dot": ("data/../home", "data/in", "overwrite", "contains '..'"),
     "a file": ("data/notes.txt", "data/in", "overwrite", "notes.txt is not a writable directory"),
+    "an older release's output": ("old/run", "data/in", "overwrite", "written by an older encoder-batch"),
+    "an older release's nightly version": ("old/nightly", "data/in", "overwrite", "written by an older encoder-batch"),
 }
 
 
@@ -109,6 +111,10 @@ def test_unsafe_local_outputs_are_refused_and_nothing_is_touched(
     (home / "projects" / "thesis.tex").write_text("years of work")
     write_shards(work / "data" / "in", 2, 10)
     (work / "data" / "notes.txt").write_text("keep me")
+    for old, record in [("run", S.MANIFEST), ("nightly", "_ledger.json")]:  # before the commit protocol
+        (work / "old" / old).mkdir(parents=True)
+        (work / "old" / old / record).write_text(json.dumps({"files": ["part-00000-ab12.parquet"]}))
+        (work / "old" / old / "part-00000-ab12.parquet").write_text("rows")
     monkeypatch.setenv("HOME", str(home))
     output, input_path, mode, message = LOCAL_CASES[case]
     resolve = lambda p: p if p.startswith(("/", "~")) else str(work / p)  # noqa: E731
