@@ -225,7 +225,7 @@ def test_a_rerun_with_another_config_discards_the_killed_runs_parts(ray_session,
 
 
 def test_a_run_killed_at_75_percent_resumes_row_by_row_and_index_and_search_see_each_row_once(
-    ray_session, tiny_models, tmp_path
+    ray_session, tiny_models, tmp_path, capsys
 ):
     ids = write_shards(tmp_path / "in", 2, 40)  # shards of 40 rows, parts of 5-20: a shard spans several parts
     out = tmp_path / "out"
@@ -239,7 +239,8 @@ def test_a_run_killed_at_75_percent_resumes_row_by_row_and_index_and_search_see_
     assert 60 <= receipted < 80  # so at least one shard is half written
     assert not (out / S.MANIFEST).exists() and not (out / S.SUCCESS).exists()
 
-    manifest = run_job(load_config(raw=raw))  # takes the dead driver's lease over at once: its pid is gone
+    manifest = run_job(load_config(raw=raw))
+    assert f"took over the lease of {out} from run " in capsys.readouterr().out  # at once: its process is gone
     assert manifest["rows_resumed"] >= receipted >= 60  # every receipted part kept (and any that landed late)
     assert manifest["rows_resumed"] + manifest["rows_scored"] == 80 and manifest["rows_scored"] <= 0.3 * 80
     assert manifest["rows_out"] + manifest["rows_rejected"] == manifest["rows_in"] == 80
@@ -271,6 +272,22 @@ def test_a_second_driver_on_the_same_output_is_refused_naming_the_holder(ray_ses
     assert code == 0, log
     assert all_ids(str(out)) == ids  # one run's rows, once
     assert Lease(str(out), None, "", 1).state() == "free"
+
+
+def test_a_driver_paused_past_its_lease_ttl_loses_the_lease_and_does_not_commit(ray_session, tiny_models, tmp_path):
+    write_shards(tmp_path / "in", 2, 10)
+    out, go = tmp_path / "out", tmp_path / "go"
+    raw = job(str(tmp_path / "in"), str(out), tiny_models["sequence-classification"], execution={"lease_ttl_s": 3})
+    config = write_config(tmp_path / "job.yaml", raw)
+    with holding("jobs.run", config, held=lambda: any((out / S.LEASE).glob("*.json"))) as paused:
+        time.sleep(3.5)  # its lease is stale now, though its process lives
+        [taker] = lease_processes(str(out), "", ["taker"], 60, go)
+        wait_until(lambda: taker.stdout.readline().startswith("took over"), taker, timeout=60)
+    code, log = finish(paused)  # it finishes scoring, then finds the lease gone right before committing
+    assert code == 2 and "lost the lease" in log and "to run taker" in log and "it does not commit" in log, log
+    assert not (out / S.MANIFEST).exists() and not (out / S.SUCCESS).exists()
+    go.write_text("")
+    assert finish(taker, timeout=60)[0] == 0
 
 
 def test_on_s3_one_driver_writes_at_a_time_and_overwrite_replaces_only_its_own_files(
