@@ -510,6 +510,7 @@ class RayJob:
 
         shards, out = self.work_dir / workload.name / "input", self.work_dir / workload.name / "output"
         write_shards(shards, workload.texts)
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing resumed from an earlier, killed one
         config = load_config(raw=self.raw_config(shards, out, len(workload.texts)))
         start = time.perf_counter()
         manifest = run_job(config)

@@ -62,6 +62,7 @@ def summary(manifest: dict) -> str:
         ("status", f"PARTIAL: {len(unreadable)} unreadable shard(s) quarantined whole" if unreadable else "complete"),
         *((f"  unreadable {u['file']}", u["error"]) for u in unreadable),
         ("rows in / out / rejected", f"{manifest['rows_in']} / {manifest['rows_out']} / {manifest['rows_rejected']}"),
+        ("rows kept / scored", f"{manifest['rows_resumed']} kept from a killed run / {manifest['rows_scored']} scored"),
         ("rejected by reason", manifest["rejected_by_reason"] or "-"),
         ("rows truncated", manifest["rows_truncated"]),
         ("wall time", f"{manifest['wall_s']:.1f} s"),
