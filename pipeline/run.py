@@ -7,9 +7,11 @@ prints. ``run_job`` executes the plan with Ray Data and returns the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -197,7 +199,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
     import ray
 
     from pipeline.infer import InferWorker
-    from pipeline.progress import Progress, StallError, Watchdog, stage_throughput
+    from pipeline.progress import Progress, ProgressLog, StallError, Watchdog, stage_throughput
     from pipeline.sink import ParquetSink, evaluation, publish
     from pipeline.source import ShardDatasource
     from pipeline.storage import arrow_filesystem
@@ -216,10 +218,12 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
     scan = scan_input(shards, id_columns, job.footer_rows)
 
     pools, execution = job.pools, cfg.execution
-    progress = Progress.remote()
-    # Ray 2.60 has no named parameter for these yet (it warns that ray_remote_args are deprecated).
-    retries = {"max_restarts": execution.max_actor_restarts, "max_task_retries": execution.max_task_retries}
+    # Stage actors keep Ray Data's fault tolerance (restart, retry the batch); Progress bounds the restarts.
+    progress = Progress.remote(execution.max_actor_restarts)
     ds = ray.data.read_datasource(ShardDatasource(shards, cfg.input, arrow_filesystem(shards.fs), scan.duplicates), num_cpus=READ_CPUS)
+    interactive = sys.stdout.isatty()
+    if not interactive:  # a log gets ProgressLog's lines, not a block of progress bars every 10 s
+        ds.context.enable_progress_bars = False
     ds = ds.map_batches(
         TokenizeWorker,
         fn_constructor_kwargs={"model": job.model, "progress": progress},
@@ -227,7 +231,6 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
         batch_format="pyarrow",
         num_cpus=pools.tokenize_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=pools.tokenize[0], max_size=pools.tokenize[1]),
-        **retries,
     )
     ds = ds.map_batches(
         InferWorker,
@@ -245,7 +248,6 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
         num_cpus=pools.infer_cpus,
         num_gpus=pools.infer_gpus,
         compute=ray.data.ActorPoolStrategy(min_size=pools.infer[0], max_size=pools.infer[1]),
-        **retries,
     )
     sink = ParquetSink(
         cfg.output.path,
@@ -259,7 +261,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
     )
     watchdog = Watchdog(progress, execution.stall_timeout_s, pools.describe())
     try:
-        with watchdog:
+        with watchdog, contextlib.nullcontext() if interactive else ProgressLog(progress, scan.rows):
             ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
         stages = stage_throughput(ray.get(progress.snapshot.remote()))
     except BaseException:

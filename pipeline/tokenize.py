@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import ray
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, actor_tokenizer
+from pipeline.progress import register
 
 
 def ragged(sequences: list[list[int]], valid: np.ndarray, n: int, dtype=np.int32) -> pa.ListArray:
@@ -35,7 +35,7 @@ class TokenizeWorker:
     def __init__(self, model: ResolvedModel, progress):
         self.tokenizer = actor_tokenizer(model)
         self.progress = progress
-        progress.register.remote(ray.get_runtime_context().current_actor)
+        register(progress, "tokenizer")
         self.max_length = model.max_length
         self.offsets = model.task == "token-classification"
 
