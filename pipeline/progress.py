@@ -11,8 +11,8 @@ A driver thread watches the actor; when no stage has moved for
 ``execution.stall_timeout_s`` it kills the stage actors (a stuck call would otherwise keep
 its actor, and its CPUs, alive) and interrupts the run, which raises ``StallError`` naming
 the last progress of each stage and the resources the cluster has left. When stdout is not
-a terminal, ``ProgressLog`` logs one line of rows per stage every interval instead of Ray
-Data's progress bars.
+a terminal, the watchdog also logs one line of rows per stage every interval instead of
+Ray Data's progress bars.
 """
 
 from __future__ import annotations
@@ -90,11 +90,41 @@ def stage_throughput(snapshot: dict[str, tuple[int, float, float]]) -> dict[str,
     }
 
 
-class Watchdog:
-    """Context manager: interrupts the main thread when no stage beats for ``timeout_s``."""
+STAGES = ("tokenize", "infer", "write")  # the stages that beat, in data-flow order
 
-    def __init__(self, progress, timeout_s: float, expected: str, poll_s: float = 1.0):
+
+def progress_line(snapshot: dict[str, tuple[int, float, float]], rows: int, elapsed_s: float) -> str:
+    """Rows done per stage out of ``rows``, e.g. ``[1:30] of 2225 rows: tokenized 2225, inferred 1024 (11.4/s), written 0``.
+
+    Parts are written once they hold ``output.rows_per_file`` rows, so "written" moves in steps.
+    """
+    done = {stage: snapshot.get(stage, (0, 0.0, 0.0))[0] for stage in STAGES}
+    minutes, seconds = divmod(int(elapsed_s), 60)
+    return (
+        f"[{minutes}:{seconds:02d}] of {rows} rows: tokenized {done['tokenize']}, "
+        f"inferred {done['infer']} ({done['infer'] / max(elapsed_s, 1e-9):.1f}/s), written {done['write']}"
+    )
+
+
+class Watchdog:
+    """Context manager: interrupts the main thread when no stage beats for ``timeout_s``.
+
+    With ``log_every_s`` it also logs ``progress_line`` (out of ``rows``) that often: for output that
+    is not a terminal (a CI log, a file, ``ray job submit``), where the run turns Ray Data's progress
+    bars off, one line per interval instead of a block of bars.
+    """
+
+    def __init__(
+        self,
+        progress,
+        timeout_s: float,
+        expected: str,
+        poll_s: float = 1.0,
+        rows: int = 0,
+        log_every_s: float | None = None,
+    ):
         self.progress, self.timeout_s, self.expected, self.poll_s = progress, timeout_s, expected, poll_s
+        self.rows, self.log_every_s = rows, log_every_s
         self.diagnosis: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="stall-watchdog")
@@ -110,11 +140,15 @@ class Watchdog:
 
     def _watch(self) -> None:
         stages: dict[str, tuple[int, float, float]] = {}
+        logged = self._started
         while not self._stop.wait(self.poll_s):
             try:  # the watchdog itself must never block or die: a silent progress actor is no progress
                 stages = ray.get(self.progress.snapshot.remote(), timeout=self.timeout_s)
             except Exception:  # noqa: BLE001
                 pass
+            if self.log_every_s and time.time() - logged >= self.log_every_s:
+                logged = time.time()
+                log.info(progress_line(stages, self.rows, logged - self._started))
             last = max([t for _, t, _ in stages.values()] + [self._started])
             if time.time() - last > self.timeout_s:
                 self.diagnosis = self._diagnose(stages)
@@ -135,49 +169,3 @@ class Watchdog:
             f"Progress so far: {seen or 'none'}. Cluster resources free: {ray.available_resources()}. "
             f"Pools need: {self.expected}. Check that every pool can be scheduled and that actors are not stuck"
         )
-
-
-STAGES = ("tokenize", "infer", "write")  # the stages that beat, in data-flow order
-
-
-def progress_line(snapshot: dict[str, tuple[int, float, float]], rows: int, elapsed_s: float) -> str:
-    """Rows done per stage out of ``rows``, e.g. ``[1:30] of 2225 rows: tokenized 2225, inferred 1024 (11.4/s), written 0``.
-
-    Parts are written once they hold ``output.rows_per_file`` rows, so "written" moves in steps.
-    """
-    done = {stage: snapshot.get(stage, (0, 0.0, 0.0))[0] for stage in STAGES}
-    minutes, seconds = divmod(int(elapsed_s), 60)
-    return (
-        f"[{minutes}:{seconds:02d}] of {rows} rows: tokenized {done['tokenize']}, "
-        f"inferred {done['infer']} ({done['infer'] / max(elapsed_s, 1e-9):.1f}/s), written {done['write']}"
-    )
-
-
-class ProgressLog:
-    """Context manager: logs ``progress_line`` every ``interval_s`` while a job runs.
-
-    For output that is not a terminal (a CI log, a file, ``ray job submit``), where the run
-    turns Ray Data's progress bars off: one line per interval instead of a block of bars.
-    """
-
-    def __init__(self, progress, rows: int, interval_s: float = 30.0):
-        self.progress, self.rows, self.interval_s = progress, rows, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._log, daemon=True, name="progress-log")
-
-    def __enter__(self) -> ProgressLog:
-        self._started = time.time()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _log(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:  # a progress line is not worth failing or blocking the run for
-                snapshot = ray.get(self.progress.snapshot.remote(), timeout=self.interval_s)
-            except Exception:  # noqa: BLE001
-                continue
-            log.info(progress_line(snapshot, self.rows, time.time() - self._started))

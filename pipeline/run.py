@@ -7,7 +7,6 @@ prints. ``run_job`` executes the plan with Ray Data and returns the manifest.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -199,7 +198,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
     import ray
 
     from pipeline.infer import InferWorker
-    from pipeline.progress import Progress, ProgressLog, StallError, Watchdog, stage_throughput
+    from pipeline.progress import Progress, StallError, Watchdog, stage_throughput
     from pipeline.sink import ParquetSink, evaluation, publish
     from pipeline.source import ShardDatasource
     from pipeline.storage import arrow_filesystem
@@ -222,7 +221,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
     progress = Progress.remote(execution.max_actor_restarts)
     ds = ray.data.read_datasource(ShardDatasource(shards, cfg.input, arrow_filesystem(shards.fs), scan.duplicates), num_cpus=READ_CPUS)
     interactive = sys.stdout.isatty()
-    if not interactive:  # a log gets ProgressLog's lines, not a block of progress bars every 10 s
+    if not interactive:  # a log gets the watchdog's progress lines, not a block of progress bars every 10 s
         ds.context.enable_progress_bars = False
     ds = ds.map_batches(
         TokenizeWorker,
@@ -259,9 +258,11 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
         cfg.output.rows_per_file,
         progress,
     )
-    watchdog = Watchdog(progress, execution.stall_timeout_s, pools.describe())
+    watchdog = Watchdog(
+        progress, execution.stall_timeout_s, pools.describe(), rows=scan.rows, log_every_s=None if interactive else 30
+    )
     try:
-        with watchdog, contextlib.nullcontext() if interactive else ProgressLog(progress, scan.rows):
+        with watchdog:
             ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
         stages = stage_throughput(ray.get(progress.snapshot.remote()))
     except BaseException:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from pipeline.progress import Progress, ProgressLog, progress_line
+from pipeline.progress import Progress, Watchdog, progress_line
 
 
 def test_progress_line_shows_rows_per_stage_in_data_flow_order():
@@ -14,11 +14,12 @@ def test_progress_line_shows_rows_per_stage_in_data_flow_order():
     assert progress_line({}, 10, 0) == "[0:00] of 10 rows: tokenized 0, inferred 0 (0.0/s), written 0"
 
 
-def test_progress_log_logs_a_line_per_interval_from_the_progress_actor(ray_session, caplog):
+def test_the_watchdog_logs_a_progress_line_per_interval(ray_session, caplog):
     progress = Progress.remote(3)
     progress.beat.remote("tokenize", 50, 0.1)
+    watchdog = Watchdog(progress, 60, "-", poll_s=0.1, rows=100, log_every_s=0.5)
     try:
-        with caplog.at_level(logging.INFO, logger="pipeline.progress"), ProgressLog(progress, 100, interval_s=0.5):
+        with caplog.at_level(logging.INFO, logger="pipeline.progress"), watchdog:
             time.sleep(2.2)
     finally:
         ray_session.kill(progress)
