@@ -33,8 +33,8 @@ for run in $(seq "$runs"); do
         exit 1
     fi
     packages=$(.venv/bin/pip list --format=freeze | wc -l)
-    printf 'run %d: %d s (%d:%02d), %d packages, no backtracking\n' \
-        "$run" "$seconds" $((seconds / 60)) $((seconds % 60)) "$packages"
+    printf 'run %d: %d s (%d:%02d), %d packages, no backtracking; load average %s (this machine is shared)\n' \
+        "$run" "$seconds" $((seconds / 60)) $((seconds % 60)) "$packages" "$(cut -d' ' -f1-3 /proc/loadavg)"
     cd "$repo"
     rm -rf "$work"
 done
