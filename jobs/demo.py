@@ -109,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print("1/5 sharding the BBC News corpus into data/bbc ...")
     bbc.prepare(Path("data/bbc"))
-    print("2/5 building the topic classifier (cached after the first run; ~2 minutes to build) ...")
+    print("2/5 building the topic classifier (cached after the first run; 2-5 minutes to build on 2 cores) ...")
     classifier = make_classifier.build_classifier(make_classifier.default_out_dir())
     info = classifier / make_classifier.INFO_FILE
     held_out = json.loads(info.read_text())["accuracy"]
     print(f"    {classifier}: held-out accuracy {held_out:.3f} (how it was trained: {info})")
     print("3/5 embedding and scoring every article on Ray (a progress line every 30 s when not on a terminal) ...")
+    print("    Ray logs a line marked E about actor arguments in the object store: Ray Data's, harmless (README: Quick start)")
     print("    embedding: configs/bbc_embed.yaml")
     embed = run_job(load_config("configs/bbc_embed.yaml", args.overrides))
     print("    scoring: configs/bbc_classify.yaml")

@@ -24,7 +24,6 @@ import time
 
 import ray
 
-
 log = logging.getLogger(__name__)
 
 
