@@ -6,10 +6,10 @@
 #
 # Use it to upgrade: widen or raise a range in pyproject.toml (or just rerun to take the newest
 # releases the ranges allow), regenerate, run the suite. This resolution is unconstrained, so it
-# may backtrack (boto3, which moto needs, releases ahead of
-# the botocore range aiobotocore allows); installs from constraints.txt never do. torch is
-# pinned to the version the README installs first (the local-version tag, e.g. +cpu, is dropped,
-# so a CUDA build of the same version satisfies the pin).
+# may backtrack (boto3, which moto needs, releases ahead of the botocore range aiobotocore
+# allows); installs from constraints.txt never do. torch is pinned to the version the README
+# installs first (the local-version tag, e.g. +cpu, is dropped, so a CUDA build of the same
+# version satisfies the pin).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 torch_pin="$(grep -m1 -o 'torch==[0-9][0-9.]*' "$repo/.ci/run")"
