@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from jobs import argument_parser, bbc, log_to_stdout, make_classifier
+from jobs.search import render
+from pipeline import read_output
 from pipeline import schema as S
 from pipeline.config import load_config
-from jobs.search import render
 from pipeline.index import build_index
 from pipeline.run import run_job
 from pipeline.search import Searcher
@@ -61,14 +62,13 @@ def plot_confusion(evaluation: dict, path: Path) -> Figure:
     return fig
 
 
-def plot_projection(embeddings: Path, path: Path) -> Figure:
-    """First two principal components of the embeddings, coloured by gold topic."""
+def plot_projection(table: pa.Table, path: Path) -> Figure:
+    """First two principal components of the ``embedding`` column of ``table``, coloured by its gold ``topic``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = pq.read_table(embeddings, columns=["topic", S.EMBEDDING])
     vectors = np.stack(table[S.EMBEDDING].to_numpy(zero_copy_only=False))
     centred = vectors - vectors.mean(axis=0)
     _, singular, components = np.linalg.svd(centred, full_matrices=False)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     confusion_png = Path(classify["config"]["output"]["path"]) / "_confusion_matrix.png"
     projection_png = Path(embed["config"]["output"]["path"]) / "_projection.png"
     plot_confusion(classify["eval"], confusion_png)
-    plot_projection(Path(embed["config"]["output"]["path"]), projection_png)
+    plot_projection(read_output(embed["config"]["output"]["path"], columns=["topic", S.EMBEDDING]), projection_png)
 
     print("\n" + summary([("embed", embed), ("classify", classify)]))
     print(f"accuracy: over every scored article, the classifier's training articles included (held-out: {held_out:.3f})")

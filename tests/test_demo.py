@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from jobs.demo import plot_confusion, plot_projection
 from pipeline import schema as S
@@ -18,8 +17,7 @@ def test_the_projection_labels_its_axes_with_the_variance_they_explain(tmp_path)
         "topic": [["sport", "tech", "politics"][i % 3] for i in range(60)],
         S.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), 8),
     })
-    pq.write_table(table, tmp_path / "part-0.parquet")
-    [ax] = plot_projection(tmp_path, tmp_path / "projection.png").axes
+    [ax] = plot_projection(table, tmp_path / "projection.png").axes
     centred = vectors - vectors.mean(axis=0)
     share = np.linalg.svd(centred, compute_uv=False) ** 2 / np.sum(centred**2)
     assert ax.get_xlabel() == f"PC1 ({share[0]:.1%} of variance)" and ax.get_ylabel() == f"PC2 ({share[1]:.1%} of variance)"
