@@ -13,7 +13,8 @@ Layout under ``output.path``::
 Protocol, each step safe to kill at any point:
 1. Roll forward: publish runs the ledger commits but did not finish moving; delete
    staging directories the ledger does not know (runs killed before committing).
-2. Score only the shards the ledger does not list, into ``_staging/<run>/``.
+2. Score only the shards the ledger does not list, into ``_staging/<run>/``, with the calibration
+   of the version's first run if the task has one (``Task.calibrated_like``: int8 ranges).
 3. Commit: remove ``_SUCCESS``, then write the ledger naming the run, its files and its
    shards (one atomic write). Before this point a kill leaves the shards pending; after
    it the run is kept and step 1 finishes it. No shard is ever scored into two runs.
@@ -31,7 +32,7 @@ import os
 import posixpath
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import fsspec
 import ray
@@ -164,6 +165,10 @@ def score_date(cfg: JobConfig, date: str, log=print) -> dict:
     recovered = partition.roll_forward()
     if recovered:
         log(f"dt={date}: finished publishing interrupted run(s) {recovered}")
+    first = min(partition.ledger["runs"], default=None)  # run ids start with their time
+    if first is not None:  # later runs into this version apply its first run's calibration (int8 ranges)
+        with partition.fs.open(partition.path(S.MANIFEST_DIR, f"{first}.json")) as f:
+            job = replace(job, task=job.task.calibrated_like(json.load(f)["model"]))
 
     shards = {job.shards.relative(f): (f, shard_signature(job.shards.fs, f)) for f in job.shards.files}
     done = partition.ledger["shards"]

@@ -18,8 +18,9 @@ import pyarrow as pa
 from pipeline import __version__
 from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, resolve
-from pipeline.config import ConfigError, JobConfig
-from pipeline.source import InputError, InputScan, Shards, Unreadable, check_schema, discover, scan_input
+from pipeline.config import ConfigError, InputConfig, JobConfig
+from pipeline.source import (InputError, InputScan, Shards, Unreadable, check_schema, check_text, discover, open_shard,
+                             read_records, scan_input)
 from pipeline.storage import check_access, filesystem, join
 from pipeline.tasks import Task, build
 
@@ -119,9 +120,8 @@ class Plan:
             + (f" schema={self.passthrough_schema}" if self.passthrough_schema else ""),
             f"model    {self.model.source} @ {self.model.fingerprint} ({self.model.architecture}, "
             f"max_length {self.model.max_length}, dtype {self.cfg.model.dtype})",
-            f"task     {self.task.name} ({self.task.auto_model}"
-            + "".join(f", {key} {value}" for key, value in self.task.metadata().items())
-            + ")",
+            f"task     {self.task.name} ({self.task.auto_model})",
+            *(f"         {line}" for line in self.task.describe()),
         ]
         if self.model.id2label:
             lines.append(f"labels   {self.model.id2label}")
@@ -246,39 +246,16 @@ def quarantine(job: Plan, unreadable: dict[str, Unreadable]) -> list[dict]:
     return entries
 
 
-def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = None) -> dict:
-    """Run the job on the current Ray cluster (started locally if none); return the manifest.
-
-    ``files`` restricts the input to these shards (as listed by ``plan``), e.g. the ones
-    a nightly run has not scored yet. ``job`` is a plan already made for the same input and
-    model (a nightly run plans before it picks its shards and output): it is not made again,
-    only its output is taken from ``cfg`` and its pools sized for this cluster.
-    """
+def model_stages(ds, job: Plan, progress):
+    """``ds`` (source rows) through the tokenize and model actor pools of ``job``: the task's columns."""
     import ray
 
     from pipeline.infer import InferWorker
-    from pipeline.progress import Progress, StallError, Watchdog, stage_throughput
-    from pipeline.sink import ParquetSink, evaluation, publish
-    from pipeline.source import ShardDatasource
-    from pipeline.storage import arrow_filesystem
     from pipeline.tokenize import TokenizeWorker
 
-    if not ray.is_initialized():
-        ray.init()
-    job = plan(cfg) if job is None else replace(job, cfg=cfg, pools=size_pools(cfg, *cluster_resources()))
-    shards = replace(job.shards, files=files) if files is not None else job.shards
-    started = time.time()
-    out_fs, out_root = filesystem(cfg.output.path, cfg.storage)
-    if cfg.output.mode == "overwrite" and out_fs.exists(out_root):
-        out_fs.rm(out_root, recursive=True)
-    out_fs.makedirs(out_root, exist_ok=True)
-    shards, scan = scan_shards(job, shards)
-
-    pools, execution = job.pools, cfg.execution
-    progress = Progress.remote()
+    cfg, pools = job.cfg, job.pools
     # Ray 2.60 has no named parameter for these yet (it warns that ray_remote_args are deprecated).
-    retries = {"max_restarts": execution.max_actor_restarts, "max_task_retries": execution.max_task_retries}
-    ds = ray.data.read_datasource(ShardDatasource(shards, cfg.input, arrow_filesystem(shards.fs), job.passthrough_schema, scan.duplicates), num_cpus=READ_CPUS)
+    retries = {"max_restarts": cfg.execution.max_actor_restarts, "max_task_retries": cfg.execution.max_task_retries}
     ds = ds.map_batches(
         TokenizeWorker,
         fn_constructor_kwargs={"model": job.model, "task": job.task, "progress": progress},
@@ -288,7 +265,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
         compute=ray.data.ActorPoolStrategy(min_size=pools.tokenize[0], max_size=pools.tokenize[1]),
         **retries,
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         InferWorker,
         fn_constructor_kwargs={
             "model": job.model,
@@ -306,21 +283,103 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
         compute=ray.data.ActorPoolStrategy(min_size=pools.infer[0], max_size=pools.infer[1]),
         **retries,
     )
-    sink = ParquetSink(
-        cfg.output.path,
-        cfg.storage,
-        job.output_schema(pa.schema([])),
-        shards.passthrough,
-        job.passthrough_schema,
-        cfg.eval.label_column,
-        job.task.evaluates,
-        cfg.output.rows_per_file,
-        progress,
-    )
+
+
+CALIBRATION_SHARDS = 16  # a calibration sample takes the first rows of this many shards, spread over the input
+
+
+def sample_texts(shards: Shards, cfg: InputConfig, rows: int) -> list[str]:
+    """Up to ``rows`` valid texts of the input, read on the driver, the same on every run: the first ones
+    of ``CALIBRATION_SHARDS`` shards spread evenly over the listing, then of the others while it is short."""
+    step = max(1, math.ceil(len(shards.files) / CALIBRATION_SHARDS))
+    spread = shards.files[::step]
+    quota = math.ceil(rows / len(spread))
+    texts: list[str] = []
+    for path in [*spread, *(f for f in shards.files if f not in spread)]:
+        taken = 0
+        with open_shard(shards, path) as f:
+            for _, record, problem in read_records(f, shards.format, [cfg.text_column]):
+                text, reason, _ = check_text((record or {}).get(cfg.text_column), cfg.max_text_bytes)
+                if problem is None and reason is None:
+                    texts.append(text)
+                    taken += 1
+                if taken == quota or len(texts) == rows:
+                    break
+        if len(texts) == rows:
+            break
+    return texts
+
+
+def calibrate(job: Plan, shards: Shards, progress) -> Plan:
+    """``job`` with its task calibrated (``Task.calibration``) on a sample of the input, scored by the
+    same tokenize and model actors as the run; ``job`` itself when the task needs no calibration."""
+    import ray
+
+    calibration = job.task.calibration()
+    if calibration is None:
+        return job
+    rows, probe = calibration
+    texts = sample_texts(shards, job.cfg.input, rows)
+    if not texts:  # not one valid row: nothing will be scored, so nothing needs calibrating
+        return job
+    sample = pa.table({S.TEXT: pa.array(texts, pa.string()), S.ERROR: pa.nulls(len(texts), pa.string())})
+    scored = model_stages(ray.data.from_arrow(sample), replace(job, task=probe), progress)
+    table = pa.concat_tables(ray.get(scored.to_arrow_refs()))
+    outputs = {}
+    for f in probe.fields():
+        column = table[f.name].combine_chunks()
+        if isinstance(f.type, pa.FixedSizeListType):
+            outputs[f.name] = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, f.type.list_size)
+        else:
+            outputs[f.name] = column.to_pylist()
+    return replace(job, task=job.task.calibrated(outputs))
+
+
+def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = None) -> dict:
+    """Run the job on the current Ray cluster (started locally if none); return the manifest.
+
+    ``files`` restricts the input to these shards (as listed by ``plan``), e.g. the ones
+    a nightly run has not scored yet. ``job`` is a plan already made for the same input and
+    model (a nightly run plans before it picks its shards and output): it is not made again,
+    only its output is taken from ``cfg`` and its pools sized for this cluster.
+    """
+    import ray
+
+    from pipeline.progress import Progress, StallError, Watchdog, stage_throughput
+    from pipeline.sink import ParquetSink, evaluation, publish
+    from pipeline.source import ShardDatasource
+    from pipeline.storage import arrow_filesystem
+
+    if not ray.is_initialized():
+        ray.init()
+    job = plan(cfg) if job is None else replace(job, cfg=cfg, pools=size_pools(cfg, *cluster_resources()))
+    shards = replace(job.shards, files=files) if files is not None else job.shards
+    started = time.time()
+    out_fs, out_root = filesystem(cfg.output.path, cfg.storage)
+    if cfg.output.mode == "overwrite" and out_fs.exists(out_root):
+        out_fs.rm(out_root, recursive=True)
+    out_fs.makedirs(out_root, exist_ok=True)
+    shards, scan = scan_shards(job, shards)
+
+    pools, execution = job.pools, cfg.execution
+    progress = Progress.remote()
     watchdog = Watchdog(progress, execution.stall_timeout_s, pools.describe())
     try:
         with watchdog:
-            ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
+            job = calibrate(job, shards, progress)
+            ds = ray.data.read_datasource(ShardDatasource(shards, cfg.input, arrow_filesystem(shards.fs), job.passthrough_schema, scan.duplicates), num_cpus=READ_CPUS)
+            sink = ParquetSink(
+                cfg.output.path,
+                cfg.storage,
+                job.output_schema(pa.schema([])),
+                shards.passthrough,
+                job.passthrough_schema,
+                cfg.eval.label_column,
+                job.task.evaluates,
+                cfg.output.rows_per_file,
+                progress,
+            )
+            model_stages(ds, job, progress).write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
         stages = stage_throughput(ray.get(progress.snapshot.remote()))
     except BaseException as e:
         # Once the watchdog has fired (killing the stage actors and interrupting this thread),

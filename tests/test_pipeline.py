@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoMode
 
 from pipeline import schema as S
 from pipeline.config import load_config
-from pipeline.tasks.embedding import pool
+from pipeline.embedding import pool
 from pipeline.run import run_job
 
 
@@ -159,7 +159,8 @@ def test_embeddings_from_jsonl_match_forward_pass(ray_session, tiny_models, json
         name, line = row[S.GENERATED_ID].rsplit(":", 1)
         text = json.loads(lines[name][int(line) - 1])["text"]
         out, inputs = forward(model_dir, AutoModel, text)
-        expected = pool(out.last_hidden_state, inputs["attention_mask"], pooling, pooling == "mean")[0].numpy()
+        expected = pool(out.last_hidden_state, inputs["attention_mask"], pooling)
+        expected = (torch.nn.functional.normalize(expected, dim=-1) if pooling == "mean" else expected)[0].numpy()
         np.testing.assert_allclose(row[S.EMBEDDING], expected, atol=1e-4)
 
 

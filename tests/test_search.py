@@ -32,7 +32,6 @@ from pipeline.schema import INDEX_DIR
 from pipeline.index import INFO_FILE, QUERY, SearchError, build_index, load_info, open_output, search
 from pipeline.run import run_job
 from pipeline.search import QueryEmbedder, Searcher, fetch_texts, job_config
-from pipeline.tasks.embedding import Embedding
 
 K = 10
 RECALL_BAR = 0.95
@@ -62,9 +61,10 @@ def write_output(
     root: Path, vectors: np.ndarray, *, parts: int = 3, embedding_dtype: str = "float32", id_column: str = "doc_id"
 ) -> list[str]:
     """An embedding output as the pipeline writes it: id + stats + vectors in ``parts`` files, metadata, _SUCCESS."""
-    metadata = {"task": "embedding", "model_path": "synthetic", "model_revision": "0", "normalize": False}
-    task = Embedding(hidden_size=vectors.shape[1], pooling="mean", normalize=False, dtype=embedding_dtype)
-    schema = S.output_schema([pa.field(id_column, pa.string())], task.fields(), metadata)
+    metadata = {"task": "embedding", "model_path": "synthetic", "model_revision": "0", "normalize": False,
+                "precision": embedding_dtype}
+    field = pa.field(S.EMBEDDING, S.vector(vectors.shape[1], pa.from_numpy_dtype(np.dtype(embedding_dtype))))
+    schema = S.output_schema([pa.field(id_column, pa.string())], [field], metadata)
     ids = [f"doc-{i:05d}" for i in range(len(vectors))]
     root.mkdir(parents=True, exist_ok=True)
     for p, rows in enumerate(np.array_split(np.arange(len(vectors)), parts)):
@@ -252,7 +252,7 @@ def test_query_embedder_reproduces_the_pipeline_vectors(tiny_output):
     texts = fetch_texts(job_config(str(tiny_output)), output.select(["doc_id"]))
     embed = QueryEmbedder(str(tiny_output))
 
-    assert (embed.task.pooling, embed.task.normalize, embed.max_length) == ("cls", False, 16)
+    assert (embed.chain.pooling, embed.chain.normalize, embed.max_length) == (("cls",), False, 16)
     stored = np.stack(output[S.EMBEDDING].to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(embed(texts), stored, atol=1e-5)
 
