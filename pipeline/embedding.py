@@ -84,6 +84,14 @@ def _read_json(path: Path, name: str) -> Any:
         raise _refuse(f"{name}: {path.name} is not readable JSON ({e})") from None
 
 
+def _optional_json(path: Path, name: str) -> dict[str, Any]:
+    """A module's JSON object config, {} when the file is absent (sentence-transformers' defaults)."""
+    config = _read_json(path, name) if path.is_file() else {}
+    if not isinstance(config, dict):
+        raise _refuse(f"{name}: {path.name} is not a JSON object")
+    return config
+
+
 # ---- what a checkpoint's sentence-transformers files say (driver) -----------------------------------
 
 
@@ -123,7 +131,8 @@ class Dense:
                 with torch.no_grad():
                     residual.weight.copy_(torch.from_numpy(self.residual))
                 residual = residual.to(x.device).eval()
-            self._on_device[key] = (linear.to(x.device).eval(), activation_module(self.activation).to(x.device), residual)
+            activation = activation_module(self.activation).to(x.device)
+            self._on_device[key] = (linear.to(x.device).eval(), activation, residual)
         linear, activation, residual = self._on_device[key]
         out = activation(linear(x))
         if self.use_residual:
@@ -196,7 +205,9 @@ def max_seq_length(directory: Path) -> int | None:
     return int(length) if length else None
 
 
-def read_checkpoint(directory: Path, name: str, hidden_size: int, allow_pickle: bool) -> SentenceTransformersConfig | None:
+def read_checkpoint(
+    directory: Path, name: str, hidden_size: int, allow_pickle: bool
+) -> SentenceTransformersConfig | None:
     """The sentence-transformers chain of the checkpoint in ``directory`` (``name`` in messages); None when
     it has no ``modules.json``. ``CheckpointError`` names any module or option the pipeline cannot reproduce."""
     if not (directory / "modules.json").is_file():
@@ -204,7 +215,6 @@ def read_checkpoint(directory: Path, name: str, hidden_size: int, allow_pickle: 
     entries = _read_json(directory / "modules.json", name)
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise _refuse(f"{name}: modules.json is not a list of modules")
-    entries = sorted(entries, key=lambda e: int(e.get("idx", 0)))
     kinds = [_module_kind(e) for e in entries]
     supported = "Transformer, Pooling, Dense, Normalize and Dropout (a no-op at inference)"
     for entry, kind in zip(entries, kinds):
@@ -234,11 +244,11 @@ def read_checkpoint(directory: Path, name: str, hidden_size: int, allow_pickle: 
             width = dense.out_features
             steps.append(dense)
         elif kind == "Normalize":
-            config = _read_json(directory / path / "config.json", name) if (directory / path / "config.json").is_file() else {}
+            config = _optional_json(directory / path / "config.json", name)
             if {config.get("module_input_name"), config.get("module_output_name")} - {None, "sentence_embedding"}:
                 raise _refuse(f"{name}: {path} normalises {config}, not the sentence embedding; not reproducible here")
             steps.append(Normalize(f"checkpoint {path}"))
-    model = _read_json(directory / "config_sentence_transformers.json", name) if (directory / "config_sentence_transformers.json").is_file() else {}
+    model = _optional_json(directory / "config_sentence_transformers.json", name)
     if model.get("model_type", "SentenceTransformer") != "SentenceTransformer":
         raise _refuse(f"{name} is a sentence-transformers {model['model_type']}, not a SentenceTransformer: it does "
                       "not produce one dense vector per text")
@@ -270,7 +280,7 @@ def _check_transformer(directory: Path, name: str) -> bool:
         problems.append(f"transformer_task {config['transformer_task']!r}")
     modality = config.get("modality_config")
     if modality is not None and {k: {"method": v.get("method"), "method_output_name": v.get("method_output_name")}
-                                 for k, v in modality.items()} != TEXT_MODALITY:
+                                 for k, v in modality.items() if isinstance(v, dict)} != TEXT_MODALITY:
         detail = " (text goes through the tokenizer's chat template)" if "message" in modality else ""
         problems.append(f"modality_config {sorted(modality)}{detail}")
     if config.get("module_output_name", "token_embeddings") != "token_embeddings":
@@ -290,7 +300,7 @@ def _check_transformer(directory: Path, name: str) -> bool:
 
 def _pooling(directory: Path, name: str, hidden_size: int) -> tuple[tuple[str, ...], bool]:
     """(modes, include_prompt) from a Pooling module's config, legacy per-mode flags included."""
-    config = dict(_read_json(directory / "config.json", name))
+    config = _optional_json(directory / "config.json", name)
     legacy = [key for key in LEGACY_POOLING_FLAGS if key in config]
     if "pooling_mode" in config:
         mode = config.pop("pooling_mode")
@@ -307,12 +317,14 @@ def _pooling(directory: Path, name: str, hidden_size: int) -> tuple[tuple[str, .
         raise _refuse(f"{name}: {directory.name}/config.json sets {what}, which this pipeline does not reproduce "
                       f"(it pools with {', '.join(POOLING_MODES)} and include_prompt)")
     if int(dimension) != hidden_size:
-        raise _refuse(f"{name}: {directory.name} pools {dimension}-dimensional token embeddings, but the model's are {hidden_size}")
+        raise _refuse(
+            f"{name}: {directory.name} pools {dimension}-dimensional token embeddings, but the model's are {hidden_size}"
+        )
     return modes, bool(include_prompt)
 
 
 def _dense(directory: Path, name: str, source: str, allow_pickle: bool) -> Dense:
-    config = dict(_read_json(directory / "config.json", name))
+    config = _optional_json(directory / "config.json", name)
     if {config.pop("module_input_name", None), config.pop("module_output_name", None)} - {None, "sentence_embedding"}:
         raise _refuse(f"{name}: the Dense module reads or writes another feature than the sentence embedding")
     activation = config.pop("activation_function", "torch.nn.modules.activation.Tanh")
@@ -320,7 +332,10 @@ def _dense(directory: Path, name: str, source: str, allow_pickle: bool) -> Dense
         raise _refuse(f"{name}: activation {activation!r} is not a torch.nn module: sentence-transformers replaces it "
                       "with Tanh unless trusted with remote code, and this pipeline runs neither")
     activation_module(activation)
-    in_features, out_features = int(config.pop("in_features")), int(config.pop("out_features"))
+    try:
+        in_features, out_features = int(config.pop("in_features")), int(config.pop("out_features"))
+    except (KeyError, TypeError, ValueError):
+        raise _refuse(f"{name}: the Dense config does not give in_features and out_features") from None
     bias, use_residual = bool(config.pop("bias", True)), bool(config.pop("use_residual", False))
     if config:
         raise _refuse(f"{name}: Dense option(s) {sorted(config)} are not reproduced by this pipeline")
@@ -459,8 +474,10 @@ class EmbeddingChain:
     def describe(self) -> list[str]:
         """The chain, one part per line with where it came from (``--dry-run``, Parquet metadata)."""
         s = self.sources
-        lines = [f"prompt {self.prompt!r} ({self.prompt_length} tokens; {s['prompt']})" if self.prompt else f"prompt none ({s['prompt']})"]
-        lines.append(f"pooling {'+'.join(self.pooling)} ({s['pooling']}), include_prompt {str(self.include_prompt).lower()} ({s['include_prompt']})")
+        prompt = f"{self.prompt!r} ({self.prompt_length} tokens; {s['prompt']})" if self.prompt else f"none ({s['prompt']})"
+        include = str(self.include_prompt).lower()
+        lines = [f"prompt {prompt}",
+                 f"pooling {'+'.join(self.pooling)} ({s['pooling']}), include_prompt {include} ({s['include_prompt']})"]
         lines += [step.describe() for step in self.steps]
         lines.append(f"normalize {str(self.normalize).lower()} ({s['normalize']})")
         if self.dimensions:
@@ -474,7 +491,8 @@ class EmbeddingChain:
         lines.append(f"queries: prompt {self.query_prompt!r} ({s['query_prompt']})" if self.query_prompt else
                      f"queries: no prompt ({s['query_prompt']})")
         if self.similarity not in (None, "cosine"):
-            lines.append(f"similarity {self.similarity} (checkpoint config_sentence_transformers.json): jobs.search ranks by cosine")
+            lines.append(f"similarity {self.similarity} (checkpoint config_sentence_transformers.json): "
+                         "jobs.search ranks by cosine")
         return lines
 
     def metadata(self) -> dict[str, Any]:
@@ -617,7 +635,9 @@ def exclude_prompt(attention_mask: torch.Tensor, prompt_length: int) -> torch.Te
     return mask
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, ...] | str, exclude: int = 0) -> torch.Tensor:
+def pool(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, ...] | str, exclude: int = 0
+) -> torch.Tensor:
     """sentence-transformers' ``Pooling`` over padded token states: each mode in turn, concatenated.
     ``exclude``: prompt tokens left out (``include_prompt: false``)."""
     import torch

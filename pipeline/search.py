@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+from pydantic import ValidationError
 
 from pipeline import embedding
 from pipeline import schema as S
@@ -39,7 +40,15 @@ def job_config(output_path: str, storage: StorageConfig | None = None) -> JobCon
     if not fs.exists(path):
         raise SearchError(f"{output_path} has no {S.MANIFEST}: point at the output.path of a finished jobs.run job")
     with fs.open(path) as f:
-        return JobConfig.model_validate(json.load(f)["config"])
+        config = json.load(f)["config"]
+    try:
+        return JobConfig.model_validate(config)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        raise SearchError(
+            f"{output_path} was written with a config this version cannot read ({'.'.join(map(str, first['loc']))}: "
+            f"{first['msg']}): re-run its embedding job with this version"
+        ) from None
 
 
 def check_query(query: str) -> None:

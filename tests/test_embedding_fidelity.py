@@ -360,6 +360,16 @@ def test_ubinary_bit_identical_and_hamming_search_with_rescoring(checkpoints, sh
     assert hits[False] == hits[True] == [[f"d{h['corpus_id']:02d}" for h in found] for found in expected]
     info = json.loads((tmp_path / "out" / S.INDEX_DIR / "index.json").read_text())
     assert (info["kind"], info["metric"], info["dim"]) == ("binary-flat", "hamming", 32)
+    # without rescoring: the 10 nearest by Hamming distance (ties in any order), scored 1 - 2 x distance / bits
+    query_bits = quantize_embeddings(model.encode_query(QUERIES), "ubinary")
+    distances = np.unpackbits(query_bits[:, None, :] ^ want[None, :, :], axis=2).sum(axis=2)
+    searcher = Searcher(str(tmp_path / "out"))
+    for q, query in enumerate(QUERIES):
+        for exact in (False, True):
+            hits = searcher.search(query, k=10, exact=exact, rescore_multiplier=0)
+            found = distances[q, [int(d[1:]) for d in hits["doc_id"].to_pylist()]]
+            assert sorted(found) == sorted(distances[q])[:10]
+            np.testing.assert_allclose(hits[S.SCORE].to_numpy(), 1 - 2 * found / 32, rtol=1e-6)
 
 
 def test_binary_bit_identical(checkpoints, shard, texts, tmp_path, ray_session):

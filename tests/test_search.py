@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,18 @@ def test_query_embedder_refuses_a_changed_checkpoint(tmp_path, tiny_output):
     pq.write_table(table.replace_schema_metadata({S.METADATA_KEY: json.dumps(stale)}), changed / part.name)
     with pytest.raises(SearchError, match="another vector space"):
         QueryEmbedder(str(changed))
+
+
+def test_an_output_of_an_older_config_is_refused_with_one_line(tmp_path, tiny_output, capsys):
+    """Outputs written before output.embedding.dtype became precision: a clear line, not a traceback."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_output, old)
+    manifest = json.loads((old / S.MANIFEST).read_text())
+    manifest["config"]["output"]["embedding"]["dtype"] = "float32"
+    (old / S.MANIFEST).write_text(json.dumps(manifest))
+    assert search_job.main(["--embeddings", str(old), "--query", "goal"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read (output.embedding" in err and "re-run its embedding job" in err and "Traceback" not in err
 
 
 # ---- the real model on a stratified BBC subset --------------------------------------------------------
