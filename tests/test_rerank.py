@@ -143,3 +143,26 @@ def test_nightly_ranks_a_date_once(ray_session, tiny_models, tmp_path):
     for row in table.to_pylist():
         ranks[row["qid"]].append(row[S.RANK])
     assert all(sorted(r) == list(range(1, len(r) + 1)) for q, r in ranks.items() if q is not None)
+
+
+def test_search_reranks_the_dense_top_k_with_the_rerank_head(ray_session, tiny_models, tmp_path, capsys):
+    from jobs.search import main
+    from pipeline.search import RERANK_SCORE, Searcher
+
+    rng = random.Random(11)
+    texts = [sentence(rng) for _ in range(16)]
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(16)], "text": texts}), tmp_path / "docs.parquet")
+    run_job(load_config(raw={"input": {"path": str(tmp_path / "docs.parquet"), "id_columns": ["doc_id"]},
+                             "model": {"path": str(tiny_models["embedding"]), "task": "embedding"},
+                             "output": {"path": str(tmp_path / "emb")}}))
+    query = "the team won the cup"
+    dense = Searcher(str(tmp_path / "emb")).search(query, k=6)
+    hits = Searcher(str(tmp_path / "emb"), rerank_model=str(tiny_models["rerank"])).search(query, k=6)
+    assert sorted(hits["doc_id"].to_pylist()) == sorted(dense["doc_id"].to_pylist())  # the dense top 6, reordered
+    expected = cross_encoder(tiny_models["rerank"]).predict([(query, t) for t in hits["text"].to_pylist()])
+    assert hits[RERANK_SCORE].to_numpy() == pytest.approx(expected, abs=1e-4)
+    assert list(expected) == sorted(expected, reverse=True)
+    assert main(["--embeddings", str(tmp_path / "emb"), "--query", query, "--rerank-model", str(tiny_models["rerank"])]) == 0
+    assert RERANK_SCORE in capsys.readouterr().out
+    assert main(["--embeddings", str(tmp_path / "emb"), "--query", query, "--rerank-model", str(tiny_models["embedding"])]) == 2
+    assert "has no rerank head" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from pipeline import schema as S
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, load_config
 from pipeline.run import plan, run_job
+from pipeline.search import Searcher
 from pipeline.tasks.sparse_embedding import SPARSE_TYPE
 
 DATE = "2026-11-20"
@@ -74,6 +75,23 @@ def test_a_masked_lm_checkpoint_encodes_as_sparse_encoder(ray_session, tiny_mode
     table = read_output(str(tmp_path / "out"))
     assert sum(table[S.TRUNCATED].to_pylist()) > 0
     assert assert_equal_to_reference(table, source, tiny_models["sparse-embedding"]) > 28 * 10
+
+    # Search: the query through the job's SPLADE head, hits by dot product, as SparseEncoder would rank them.
+    from sentence_transformers import SparseEncoder
+
+    from jobs.search import main
+
+    encoder = SparseEncoder(str(tiny_models["sparse-embedding"]), device="cpu")
+    query = "the team won the cup match"
+    ids = table["doc_id"].to_pylist()
+    documents = encoder.encode([source[i] for i in ids], convert_to_tensor=True).to_dense()
+    expected = (documents @ encoder.encode_query([query], convert_to_tensor=True).to_dense().T).squeeze(1).numpy()
+    hits = Searcher(str(tmp_path / "out")).search(query, k=5)
+    order = np.argsort(-expected, kind="stable")[:5]
+    assert hits["doc_id"].to_pylist() == [ids[i] for i in order]
+    np.testing.assert_allclose(hits[S.SCORE].to_numpy(), expected[order], rtol=1e-4, atol=1e-4)
+    assert main(["--embeddings", str(tmp_path / "out"), "--query", query, "-k", "3"]) == 0
+    assert main(["--embeddings", str(tmp_path / "out"), "--query", query, "--prompt", "q: "]) == 2
 
 
 def test_a_saved_sparse_encoder_with_its_pooling_and_top_k_runs_nightly(ray_session, tiny_models, tmp_path):

@@ -16,7 +16,7 @@ order of its ``documents``. Rows whose group value is null get a null rank.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +80,11 @@ class Rerank(Task):
 
     @classmethod
     def from_job(cls, cfg: JobConfig, model: ResolvedModel) -> Rerank:
+        return replace(cls.for_checkpoint(model), group_column=cfg.input.group_column)
+
+    @classmethod
+    def for_checkpoint(cls, model: ResolvedModel) -> Rerank:
+        """Scores of the cross-encoder ``model`` without ranks (also ``pipeline.search.Reranker``'s head)."""
         from pipeline.config import ConfigError
 
         if len(model.id2label) != 1:
@@ -87,7 +92,7 @@ class Rerank(Task):
                 f"rerank needs a cross-encoder with one output (a relevance logit); {model.source} has "
                 f"{len(model.id2label)} labels {list(model.id2label.values())}: use model.task: sequence-classification"
             )
-        return cls(activation_path(Path(model.local_dir), model.source), cfg.input.group_column)
+        return cls(activation_path(Path(model.local_dir), model.source), None)
 
     def head(self, outputs: Any, batch: ModelBatch) -> Columns:
         from pipeline.embedding import activation_module
