@@ -156,8 +156,9 @@ def _faiss():
     return faiss
 
 
-def _committed_schema(output_path: str, storage: StorageConfig | None) -> tuple[Any, pa.Schema]:
-    """(the committed output at ``output_path``, its first part's schema); ``SearchError`` when there is none."""
+def _committed(output_path: str, storage: StorageConfig | None, task: str | None = None) -> tuple[Any, pa.Schema, dict[str, Any]]:
+    """(the committed output at ``output_path``, its first part's schema, its metadata); ``SearchError`` when
+    there is none, or when ``task`` is given and the output holds another task's."""
     try:
         committed = committed_output(output_path, storage)
     except OutputError as e:
@@ -165,27 +166,24 @@ def _committed_schema(output_path: str, storage: StorageConfig | None) -> tuple[
     if not committed.files:
         raise SearchError(f"{output_path} holds no part files: every input row was rejected")
     with committed.fs.open(join(committed.root, committed.files[0]), "rb") as f:
-        return committed, pq.read_schema(f)
+        schema = pq.read_schema(f)
+    metadata = _metadata(schema)
+    if task is not None and metadata.get("task") != task:
+        raise SearchError(
+            f"{output_path} holds {metadata.get('task', 'unknown')} output, not embeddings: search needs a job run "
+            "with model.task: embedding or sparse-embedding"
+        )
+    return committed, schema, metadata
 
 
 def output_task(output_path: str, storage: StorageConfig | None = None) -> str:
     """The task that wrote the finished output at ``output_path`` (its file-level metadata)."""
-    return str(_metadata(_committed_schema(output_path, storage)[1]).get("task", "unknown"))
-
-
-def _refuse_task(output_path: str, task: str) -> SearchError:
-    return SearchError(
-        f"{output_path} holds {task} output, not embeddings: search needs a job run with model.task: "
-        "embedding or sparse-embedding"
-    )
+    return str(_committed(output_path, storage)[2].get("task", "unknown"))
 
 
 def open_output(output_path: str, storage: StorageConfig | None = None) -> EmbeddingOutput:
     """The finished embedding output at ``output_path``, as its manifest lists it; ``SearchError`` for anything else."""
-    committed, schema = _committed_schema(output_path, storage)
-    metadata = _metadata(schema)
-    if metadata.get("task") != "embedding":
-        raise _refuse_task(output_path, metadata.get("task", "unknown"))
+    committed, schema, metadata = _committed(output_path, storage, "embedding")
     names = schema.names
     width = schema.field(S.EMBEDDING).type.list_size
     dim = metadata.get("dimensions", width)
@@ -224,10 +222,7 @@ class SparseOutput:
 
 def open_sparse_output(output_path: str, storage: StorageConfig | None = None) -> SparseOutput:
     """The finished sparse-embedding output at ``output_path``; ``SearchError`` for anything else."""
-    committed, schema = _committed_schema(output_path, storage)
-    metadata = _metadata(schema)
-    if metadata.get("task") != "sparse-embedding":
-        raise _refuse_task(output_path, metadata.get("task", "unknown"))
+    committed, schema, metadata = _committed(output_path, storage, "sparse-embedding")
     names = schema.names
     return SparseOutput(committed.fs, committed.root, committed.files, names[: names.index(S.NUM_TOKENS)],
                         int(metadata["vocab_size"]), metadata)
@@ -237,13 +232,19 @@ def sparse_search(output_path: str, queries: np.ndarray, k: int = 10, storage: S
     """The ``k`` rows of a sparse-embedding output with the largest dot product with each query vector
     (dense float32, queries x vocabulary), best first: exact, one part at a time (a scan; no index).
     Columns as ``search``'s, ``score`` being the dot product (sentence-transformers' SparseEncoder similarity)."""
+    output = _searchable(open_sparse_output, output_path, storage, k)
+    return _exact_search(output, np.asarray(queries, dtype=np.float32), k)
+
+
+def _searchable(opener, output_path: str, storage: StorageConfig | None, k: int):
+    """``opener(output_path, storage)``, refused (``SearchError``) for ``k`` < 1 or id columns named like hit columns."""
     if k < 1:
         raise SearchError(f"k must be at least 1, got {k}")
-    output = open_sparse_output(output_path, storage)
+    output = opener(output_path, storage)
     clashes = sorted({QUERY, S.SCORE} & set(output.id_columns))
     if clashes:
         raise SearchError(f"id column(s) {clashes} of {output_path} clash with the hits' own columns; rename them")
-    return _exact_search(output, np.asarray(queries, dtype=np.float32), k)
+    return output
 
 
 def build_index(output_path: str, storage: StorageConfig | None = None) -> IndexInfo:
@@ -311,12 +312,7 @@ def search(
     Raises ``SearchError`` when the index is stale (the output's parts changed since it was built)
     or ``k`` is below 1.
     """
-    if k < 1:
-        raise SearchError(f"k must be at least 1, got {k}")
-    output = open_output(output_path, storage)
-    clashes = sorted({QUERY, S.SCORE} & set(output.id_columns))
-    if clashes:
-        raise SearchError(f"id column(s) {clashes} of {output_path} clash with the hits' own columns; rename them")
+    output = _searchable(open_output, output_path, storage, k)
     queries = _normalized(queries)
     if queries.shape[1] != output.dim:
         raise SearchError(f"query vectors have {queries.shape[1]} dimensions, the embeddings {output.dim}")

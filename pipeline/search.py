@@ -120,7 +120,7 @@ class QueryEmbedder:
         self.max_length = resolved.max_length
         if prompt_name is not None:
             if prompt_name not in task.chain.prompts:
-                raise SearchError(f"prompt name {prompt_name!r} is not one of {metadata['model_path']}'s prompts: "
+                raise SearchError(f"prompt name {prompt_name!r} is not one of {model.path}'s prompts: "
                                   f"{sorted(task.chain.prompts) or 'it has none'}")
             prompt = task.chain.prompts[prompt_name]
         length = None if prompt is None else embedding.prompt_length(self.tokenizer, prompt, self.max_length)

@@ -121,6 +121,16 @@ def save_tiny(directory: Path, task: str, *, safe: bool = True, **config_kwargs)
     return directory
 
 
+def copy_checkpoint(source: Path, target: Path, **files: str) -> Path:
+    """A copy of the checkpoint ``source`` at ``target`` with ``files`` (name -> text) written into it."""
+    import shutil
+
+    shutil.copytree(source, target)
+    for name, text in files.items():
+        (target / name).write_text(text)
+    return target
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One tiny checkpoint per task: {'sequence-classification': dir, 'token-classification': dir, ...}."""

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import WORDS, sentence
+from conftest import WORDS, copy_checkpoint, sentence
 
 from pipeline import read_output
 from pipeline import schema as S
@@ -120,11 +120,8 @@ def test_rerank_refuses_what_it_cannot_reproduce(tiny_models, tmp_path):
     five_labels = {**base, "model": {"path": str(tiny_models["sequence-classification"]), "task": "rerank"}}
     with pytest.raises(ConfigError, match="rerank needs a cross-encoder with one output .* 5 labels"):
         plan(load_config(raw=five_labels))
-    custom = tmp_path / "custom"
-    custom.mkdir()
-    for f in Path(tiny_models["rerank"]).iterdir():
-        (custom / f.name).write_bytes(f.read_bytes())
-    (custom / "config_sentence_transformers.json").write_text('{"activation_fn": "my_package.Squash"}')
+    custom = copy_checkpoint(tiny_models["rerank"], tmp_path / "custom",
+                             **{"config_sentence_transformers.json": '{"activation_fn": "my_package.Squash"}'})
     with pytest.raises(CheckpointError, match="activation 'my_package.Squash' is not a torch class"):
         plan(load_config(raw={**base, "model": {"path": str(custom), "task": "rerank"}}))
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import build_vocab, sentence
+from conftest import build_vocab, copy_checkpoint, sentence
 
 from pipeline import read_output
 from pipeline import schema as S
@@ -125,10 +125,8 @@ def test_sparse_embedding_refuses_what_it_cannot_reproduce(tiny_models, tmp_path
         load_config(raw={**base, "input": {**base["input"], "text_pair_column": "text"}})
     with pytest.raises(CheckpointError, match="has no sparse-embedding head"):
         plan(load_config(raw={**base, "model": {"path": str(tiny_models["embedding"]), "task": "sparse-embedding"}}))
-    prompted = tmp_path / "prompted"
-    prompted.mkdir()
-    for f in Path(tiny_models["sparse-embedding"]).iterdir():
-        (prompted / f.name).write_bytes(f.read_bytes())
-    (prompted / "config_sentence_transformers.json").write_text('{"model_type": "SparseEncoder", "prompts": {"document": "doc: "}}')
+    st_config = '{"model_type": "SparseEncoder", "prompts": {"document": "doc: "}}'
+    prompted = copy_checkpoint(tiny_models["sparse-embedding"], tmp_path / "prompted",
+                               **{"config_sentence_transformers.json": st_config})
     with pytest.raises(CheckpointError, match="sets prompts"):
         plan(load_config(raw={**base, "model": {"path": str(prompted), "task": "sparse-embedding"}}))
