@@ -628,16 +628,16 @@ class Writer:
     def __exit__(self, *exc: object) -> None:
         self.lease.release()
 
-    def resume(self, identity: dict, sizes: dict[str, int]) -> Resume:
+    def resume(self, identity: dict, sizes: dict[str, int], keep: bool = True) -> Resume:
         """Keep the receipted parts of killed runs with this ``identity`` that hold rows of these shards
-        (relative name -> size) only, unchanged in size; discard other staged runs. Records this run's own
-        ``_run.json``."""
+        (relative name -> size) only, unchanged in size; discard other staged runs (all of them without
+        ``keep``: a task whose columns depend on a whole group of rows). Records this run's own ``_run.json``."""
         present = self.table.part_files()
         kept: list[Receipt] = []
         skip: dict[str, Ranges] = {}
         for run in sorted(self.staged):
             staged = self.staged[run]
-            why = staged.mismatch(identity)
+            why = staged.mismatch(identity) or (None if keep else "the task ranks rows within groups, so a group's rows are scored in one run")
             if why:
                 self.log(f"{self.table.uri}: discarding the staged output of run {run}: {why}")
                 self._discard(run, present)

@@ -57,6 +57,11 @@ class InputConfig(_Strict):
     )
     text_column: str = Field("text", description="Column holding the text to encode (string, or binary holding UTF-8).")
     text_pair_column: str | None = Field(None, description="Optional second text for pair inputs (e.g. NLI, reranking).")
+    group_column: str | None = Field(
+        None,
+        description="rerank: column naming each row's query (its group); adds `rank`, 1 = best score within the "
+        "group, computed after inference over every row of the group. Copied to the output like an id column.",
+    )
     id_columns: list[str] = Field(
         default_factory=list,
         description="Columns copied unchanged to the output. When empty, a deterministic `id` "
@@ -216,6 +221,12 @@ class OutputConfig(_Strict):
     )
     cls_embedding: bool = Field(False, description="sequence-classification: also write the final layer's CLS vector.")
     embedding: EmbeddingOutputConfig = Field(default_factory=EmbeddingOutputConfig, description="Embedding task output.")
+    sparse_top_k: int | None = Field(
+        None,
+        gt=0,
+        description="sparse-embedding: keep each vector's k largest weights (sentence-transformers' "
+        "max_active_dims). Default: the checkpoint's max_active_dims, else every non-zero weight.",
+    )
     rows_per_file: int = Field(
         100_000,
         gt=0,
@@ -300,6 +311,9 @@ class JobConfig(_Strict):
             raise ValueError(f"{task.name} takes a single text; remove input.text_pair_column")
         if task.inputs.pair == "required" and not self.input.text_pair_column:
             raise ValueError(f"{task.name} needs input.text_pair_column: the column holding {task.inputs.pair_role}")
+        if self.input.group_column and not task.inputs.group:
+            grouped = " or ".join(t.name for t in tasks.REGISTRY.values() if t.inputs.group)
+            raise ValueError(f"input.group_column is for model.task: {grouped}")
         if (self.input.prompt is not None or self.input.prompt_name is not None) and not task.inputs.prompt:
             prompted = " or ".join(t.name for t in tasks.REGISTRY.values() if t.inputs.prompt)
             raise ValueError(f"input.prompt and input.prompt_name are for model.task: {prompted}")

@@ -107,7 +107,7 @@ def score_date(cfg: JobConfig, date: str, log=print) -> dict:
             log(f"dt={date}: already complete ({len(ledger)} shards, {version}); nothing to do")
             return {"date": date, "version": version, "status": "complete", "new_shards": 0}
         log(f"dt={date}: scoring {len(pending)} new shard(s) of {total} as run {writer.run_id} ({version})")
-        resume = writer.resume(job.identity(), {s: sig["size"] for s, (_, sig) in pending.items()})
+        resume = writer.resume(job.identity(), {s: sig["size"] for s, (_, sig) in pending.items()}, keep=job.task.group_by is None)
         shards = replace(job.shards, files=[path for path, _ in pending.values()])
         run, receipts = execute(job, shards, writer, resume)
         # A shard quarantined as unreadable is not scored: it stays pending, and the next run tries it again.

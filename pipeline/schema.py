@@ -39,6 +39,8 @@ CLS_EMBEDDING = "cls_embedding"
 EMBEDDING = "embedding"
 TOKEN_LABELS = "token_labels"
 ENTITIES = "entities"
+RANK = "rank"  # rerank: int32 rank within the row's input.group_column group, 1 = best
+SPARSE_EMBEDDING = "sparse_embedding"
 
 
 class Reason(StrEnum):

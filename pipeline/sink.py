@@ -144,6 +144,8 @@ class ParquetSink(Datasink[Receipt | None]):
         for block in blocks:
             started = time.perf_counter()
             table = BlockAccessor.for_block(block).to_arrow()
+            if not table.num_rows:  # a shuffle's empty partitions (Task.group_by) may not even carry the columns
+                continue
             origins.append(table.select([S.SOURCE_FILE, S.SOURCE_ROW]))
             if data is None:
                 schema, rejected_schema = self._schemas(table)

@@ -120,10 +120,12 @@ def test_every_registered_task_writes_the_fields_it_declares(ray_session, tiny_m
     if name not in tiny_models:
         pytest.fail(f"add a tiny checkpoint for {name!r} to conftest.tiny_models")
     rng = random.Random(5)
-    pq.write_table(pa.table({"text": [sentence(rng) for _ in range(12)]}), tmp_path / "in.parquet")
+    columns = {"text": [sentence(rng) for _ in range(12)], "pair": [sentence(rng) for _ in range(12)]}
+    pq.write_table(pa.table(columns), tmp_path / "in.parquet")
+    pair = {"text_pair_column": "pair"} if tasks.REGISTRY[name].inputs.pair == "required" else {}
     cfg = load_config(
         raw={
-            "input": {"path": str(tmp_path / "in.parquet")},
+            "input": {"path": str(tmp_path / "in.parquet"), **pair},
             "model": {"path": str(tiny_models[name]), "task": name},
             "output": {"path": str(tmp_path / "out")},
         }

@@ -11,6 +11,8 @@ declares what the stages need from it; its instance computes its head and output
 - ``auto_model``, ``head_suffix``, ``optional_weights``: the ``transformers`` Auto class the model
   actors load, the architecture suffix a checkpoint needs to have the trained head (checked
   before anything starts), and the weights it may lack without running random layers;
+- ``group_by`` and ``finish_group``: columns computed over a group of rows after inference (a rank
+  within a query's group), wherever the group's rows were scored;
 - ``head``: model outputs of one micro-batch -> output columns, reduced on the device so only
   the columns leave it (``pipeline.infer`` calls it under ``torch.inference_mode()``);
 - ``fields`` and ``metadata``: its output columns (Arrow types; ``pipeline.schema`` assembles
@@ -51,6 +53,7 @@ class Inputs:
     pair: Literal["forbidden", "optional", "required"] = "optional"  # input.text_pair_column
     pair_role: str = "the second text"  # what the pair is to this task, for messages (e.g. "the document")
     prompt: bool = False  # takes input.prompt / input.prompt_name
+    group: bool = False  # takes input.group_column (see Task.group_by)
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,17 @@ class Task(ABC):
 
         Runs in the model actor under ``torch.inference_mode()``, on the model's device: reduce
         there (softmax, argmax, pooling) and move only the results to the CPU."""
+
+    @property
+    def group_by(self) -> str | None:
+        """An input column whose groups the task finishes together after inference (``finish_group``),
+        wherever their rows were read and scored; None (the default): every row stands alone."""
+        return None
+
+    def finish_group(self, rows: pa.Table) -> pa.Table:
+        """``rows`` (every row of one ``group_by`` group, scored, rejected ones included) with the
+        columns that depend on the whole group added (e.g. a rank)."""
+        raise NotImplementedError(f"{self.name} does not group rows")
 
     @abstractmethod
     def fields(self) -> list[pa.Field]:
