@@ -47,6 +47,7 @@ NUM_CHUNKS = "num_chunks"  # int32: chunks of the document
 CHAR_START = "char_start"  # int32: the chunk is text[char_start:char_end] of the original text
 CHAR_END = "char_end"
 CHUNK_TEXT = "chunk_text"  # with output.chunk_text
+CHUNK = "chunk"  # pipeline.search: the best chunk's text, quoted from its document
 
 
 class Reason(StrEnum):

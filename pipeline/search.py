@@ -140,12 +140,18 @@ class Searcher:
         self.index_info: IndexInfo | None = load_info(output_path, storage)  # None: every search is exact
 
     def search(self, query: str, k: int = 10, exact: bool = False, rescore_multiplier: int = RESCORE_MULTIPLIER) -> pa.Table:
-        """The ``k`` rows most similar to ``query``, best first: ``score``, the id columns and the input text."""
+        """The ``k`` rows most similar to ``query``, best first: ``score``, the id columns and the input text.
+        Over chunk rows: the ``k`` best documents, each with its best chunk's place and span and, in ``chunk``,
+        that chunk's text quoted from the document."""
         check_query(query)
         hits = search(self.output_path, self.embed([query]), k, exact=exact, storage=self.storage,
                       rescore_multiplier=rescore_multiplier)
         texts = fetch_texts(self.job, hits, self.storage)
-        return hits.drop_columns([QUERY]).append_column(self.job.input.text_column, pa.array(texts, pa.string()))
+        hits = hits.drop_columns([QUERY])
+        if S.CHAR_START in hits.column_names:
+            spans = zip(texts, hits[S.CHAR_START].to_pylist(), hits[S.CHAR_END].to_pylist())
+            hits = hits.append_column(S.CHUNK, pa.array([t[a:b] if t is not None else None for t, a, b in spans], pa.string()))
+        return hits.append_column(self.job.input.text_column, pa.array(texts, pa.string()))
 
 
 def fetch_texts(job: JobConfig, ids: pa.Table, storage: StorageConfig | None = None) -> list[str | None]:
