@@ -218,8 +218,9 @@ class Receipt:
         return files
 
     @property
-    def total_rows(self) -> int:
-        return self.data_rows + self.rejected_rows
+    def input_rows(self) -> int:
+        """Input rows behind the part: its data and rejected rows, unless a row wrote several (chunks)."""
+        return sum(end - start for ranges in self.rows.values() for start, end in ranges)
 
     def write(self, fs: fsspec.AbstractFileSystem, staging_root: str) -> None:
         """Write the receipt into its run's staging directory, in one atomic step: last thing a write task does."""
@@ -309,7 +310,7 @@ class StagedRun:
         return f"{' and '.join(differ)} differ{'s' if len(differ) == 1 else ''}" if differ else None
 
     def rows(self) -> int:
-        return sum(r.total_rows for r in self.receipts)
+        return sum(r.input_rows for r in self.receipts)
 
 
 class Table:
@@ -586,7 +587,7 @@ class Resume:
 
     @property
     def rows(self) -> int:
-        return sum(r.total_rows for r in self.receipts)
+        return sum(r.input_rows for r in self.receipts)
 
 
 class Writer:

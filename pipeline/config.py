@@ -84,6 +84,15 @@ class InputConfig(_Strict):
     prompt: str | None = Field(
         None, description="embedding: a literal prompt prepended to every text, instead of prompt_name."
     )
+    long_text: Literal["truncate", "chunk", "aggregate"] = Field(
+        "truncate",
+        description="Texts longer than model.chunk_size tokens. truncate: cut at model.max_length (`truncated` "
+        "says so). chunk (embedding): one output row per chunk of whole words, overlapping by model.chunk_overlap "
+        "tokens, with chunk_index, num_chunks, char_start, char_end. aggregate (embedding, sequence-classification): "
+        "one row per text, the token-count-weighted mean of its chunks' vectors or logits. token-classification "
+        "with chunk or aggregate: entities over the whole text from windows overlapping by model.chunk_overlap, "
+        "merged as the HF pipeline's stride does (README: Long documents).",
+    )
 
     @model_validator(mode="after")
     def _one_prompt(self) -> InputConfig:
@@ -109,6 +118,14 @@ class ModelConfig(_Strict):
         gt=0,
         description="Truncation length in tokens. Default: the model's limit (sentence-transformers' max_seq_length "
         "when the checkpoint ships one, else the tokenizer/position-embedding limit).",
+    )
+    chunk_size: int | None = Field(
+        None, gt=0, description="input.long_text chunk/aggregate: tokens per chunk or window, special tokens and "
+        "prompt included. Default: max_length. At most max_length."
+    )
+    chunk_overlap: int = Field(
+        32, ge=0, description="input.long_text chunk/aggregate: tokens consecutive chunks or windows share; less "
+        "than chunk_size minus the special tokens and prompt."
     )
     allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights. Off: only safetensors load.")
     trust_remote_code: bool = Field(False, description="Allow checkpoints that execute their own modelling code.")
@@ -227,6 +244,7 @@ class OutputConfig(_Strict):
         description="sparse-embedding: keep each vector's k largest weights (sentence-transformers' "
         "max_active_dims). Default: the checkpoint's max_active_dims, else every non-zero weight.",
     )
+    chunk_text: bool = Field(False, description="input.long_text chunk: also write each chunk's text (`chunk_text`).")
     rows_per_file: int = Field(
         100_000,
         gt=0,

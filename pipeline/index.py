@@ -108,6 +108,14 @@ class EmbeddingOutput:
     dim: int  # dimensions of the vectors (binary: bits, 8 per stored byte)
     width: int  # values per stored vector
     metadata: dict[str, Any]
+    rows: int  # rows in the parts, as the manifest lists them
+
+    @property
+    def documents(self) -> list[str] | None:
+        """Chunk rows (``input.long_text: chunk``): the id columns naming a chunk's document; else None."""
+        if self.metadata.get("long_text") != "chunk":
+            return None
+        return [c for c in self.id_columns if c not in {f.name for f in S.chunk_fields(text=True)}]
 
     @property
     def precision(self) -> str:
@@ -187,7 +195,11 @@ def open_output(output_path: str, storage: StorageConfig | None = None) -> Embed
     names = schema.names
     width = schema.field(S.EMBEDDING).type.list_size
     dim = metadata.get("dimensions", width)
-    return EmbeddingOutput(committed.fs, committed.root, committed.files, names[: names.index(S.NUM_TOKENS)], dim, width, metadata)
+    ids = names[: names.index(S.NUM_TOKENS)]
+    if metadata.get("long_text") == "chunk":  # a hit names its chunk and the characters it quotes
+        ids += [f.name for f in S.chunk_fields(text=False)]
+    rows = sum(committed.manifest["files"].values())
+    return EmbeddingOutput(committed.fs, committed.root, committed.files, ids, dim, width, metadata, rows)
 
 
 @dataclass(frozen=True)
@@ -306,7 +318,8 @@ def search(
     """The ``k`` rows most similar to each float query vector, best first.
 
     Columns: ``query`` (position in ``queries``), ``score`` (cosine similarity), then the output's id
-    columns. Uses ``_index/`` unless ``exact`` is set, there is none, or ``k`` exceeds ``MAX_INDEX_K``
+    columns. Over chunk rows (``input.long_text: chunk``): the ``k`` documents with the most similar chunks,
+    each with its best chunk (``chunk_index``, ``num_chunks``, ``char_start``, ``char_end``). Uses ``_index/`` unless ``exact`` is set, there is none, or ``k`` exceeds ``MAX_INDEX_K``
     (the beam would have to be as wide as ``k``); then every row is scored. ``k`` larger than the
     number of rows returns every row. Binary outputs: see the module docstring (``rescore_multiplier``).
     Raises ``SearchError`` when the index is stale (the output's parts changed since it was built)
@@ -319,6 +332,33 @@ def search(
     if rescore_multiplier < 0:
         raise SearchError(f"rescore_multiplier must be 0 (no rescoring) or more, got {rescore_multiplier}")
     info = None if exact else load_info(output_path, storage)
+    if output.documents is None:
+        return _search(output, queries, k, info, rescore_multiplier)
+    # Chunk rows: the best chunk of each document, deduplicated by document. Fetch more chunks until k
+    # documents are found or every chunk was scored.
+    fetch = k
+    while True:
+        fetch = min(fetch * 4, output.rows)
+        hits = _best_per_document(_search(output, queries, fetch, info, rescore_multiplier), output.documents)
+        query = hits[QUERY].to_numpy()
+        if fetch >= output.rows or np.bincount(query, minlength=len(queries)).min() >= k:
+            rank = np.arange(len(query)) - np.searchsorted(query, query)
+            return hits.filter(pa.array(rank < k))
+
+
+def _best_per_document(hits: pa.Table, documents: list[str]) -> pa.Table:
+    """Of each query's hits (best first), the first of each document."""
+    hits = hits.sort_by([(QUERY, "ascending"), (S.SCORE, "descending")])
+    seen, keep = set(), []
+    for row in hits.select([QUERY, *documents]).to_pylist():
+        key = tuple(row.values())
+        keep.append(key not in seen)
+        seen.add(key)
+    return hits.filter(pa.array(keep, pa.bool_()))
+
+
+def _search(output: EmbeddingOutput, queries: np.ndarray, k: int, info: IndexInfo | None, rescore_multiplier: int) -> pa.Table:
+    """The ``k`` rows most similar to each query (see ``search``)."""
     if output.binary:
         return _binary_search(output, queries, k, rescore_multiplier, None if info is None else _check_fresh(output, info))
     if info is None or min(k, info.rows) > MAX_INDEX_K:

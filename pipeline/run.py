@@ -345,6 +345,7 @@ def execute(job: Plan, shards: Shards, writer: Writer, resume: Resume) -> tuple[
         "rows_in": scan.rows,
         "rows_out": stats.rows_out,
         "rows_rejected": stats.rows_rejected,
+        **({"documents_out": stats.rows_out, "chunks_out": stats.chunks_out} if job.task.chunked else {}),
         "rows_resumed": resume.rows,
         "rows_scored": rows_scored,
         "rejected_by_reason": dict(stats.rejected_by_reason),

@@ -236,8 +236,11 @@ class Searcher:
     def search(self, query: str, k: int = 10, exact: bool = False, rescore_multiplier: int = RESCORE_MULTIPLIER) -> pa.Table:
         """The ``k`` rows most similar to ``query``, best first: ``score``, the id columns and the input text.
 
-        With a reranker, the ``k`` hits are scored again by it (``rerank_score``) and ordered by that score,
-        best first; hits whose text the input no longer has go last, without one."""
+        Over chunk rows: the ``k`` best documents, each with its best chunk's place and span and, in ``chunk``,
+        that chunk's text quoted from the document.
+
+        With a reranker, the ``k`` hits are scored again by it (``rerank_score``, on the hit's chunk over chunk
+        rows) and ordered by that score, best first; hits whose text the input no longer has go last, without one."""
         check_query(query)
         vectors = self.embed([query])
         if self.sparse:
@@ -246,13 +249,18 @@ class Searcher:
             hits = search(self.output_path, vectors, k, exact=exact, storage=self.storage,
                           rescore_multiplier=rescore_multiplier)
         texts = fetch_texts(self.job, hits, self.storage)
-        hits = hits.drop_columns([QUERY]).append_column(self.job.input.text_column, pa.array(texts, pa.string()))
+        hits = hits.drop_columns([QUERY])
+        if S.CHAR_START in hits.column_names:
+            spans = zip(texts, hits[S.CHAR_START].to_pylist(), hits[S.CHAR_END].to_pylist())
+            hits = hits.append_column(S.CHUNK, pa.array([t[a:b] if t is not None else None for t, a, b in spans], pa.string()))
+        hits = hits.append_column(self.job.input.text_column, pa.array(texts, pa.string()))
         if self.rerank is None:
             return hits
-        found = [i for i, text in enumerate(texts) if text is not None]
-        scores = np.full(len(texts), np.nan, dtype=np.float32)
-        scores[found] = self.rerank(query, [texts[i] for i in found])
-        order = sorted(range(len(texts)), key=lambda i: (np.isnan(scores[i]), -np.nan_to_num(scores[i])))
+        passages = hits[S.CHUNK].to_pylist() if S.CHUNK in hits.column_names else texts
+        found = [i for i, text in enumerate(passages) if text is not None]
+        scores = np.full(len(passages), np.nan, dtype=np.float32)
+        scores[found] = self.rerank(query, [passages[i] for i in found])
+        order = sorted(range(len(passages)), key=lambda i: (np.isnan(scores[i]), -np.nan_to_num(scores[i])))
         hits = hits.append_column(RERANK_SCORE, pa.array(scores, pa.float32(), mask=np.isnan(scores)))
         return hits.take(pa.array(order, pa.int64()))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.tasks.base import Columns, Inputs, ModelBatch, Task, Tokenization
+from pipeline.tasks.base import Columns, Inputs, ModelBatch, Sequences, Task, Tokenization, Windows
 from pipeline.tasks.embedding import Embedding
 from pipeline.tasks.rerank import Rerank
 from pipeline.tasks.sequence_classification import SequenceClassification
@@ -28,4 +28,4 @@ def build(cfg: JobConfig, model: ResolvedModel) -> Task:
     return REGISTRY[cfg.model.task].from_job(cfg, model)
 
 
-__all__ = ["REGISTRY", "Columns", "Inputs", "ModelBatch", "Task", "Tokenization", "build"]
+__all__ = ["REGISTRY", "Columns", "Inputs", "ModelBatch", "Sequences", "Task", "Tokenization", "Windows", "build"]

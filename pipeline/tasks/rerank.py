@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schema as S
+from pipeline.sequences import LongText
 from pipeline.tasks.base import Columns, Inputs, ModelBatch, Task
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class Rerank(Task):
 
     @classmethod
     def from_job(cls, cfg: JobConfig, model: ResolvedModel) -> Rerank:
+        LongText.from_job(cfg, model, cls.name, ("truncate",))  # refuses chunk and aggregate
         return replace(cls.for_checkpoint(model), group_column=cfg.input.group_column)
 
     @classmethod

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from pipeline import schema as S
+from pipeline.sequences import LongText
 from pipeline.tasks.base import Columns, Inputs, ModelBatch, Task
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ class SparseEmbedding(Task):
 
     @classmethod
     def from_job(cls, cfg: JobConfig, model: ResolvedModel) -> SparseEmbedding:
+        LongText.from_job(cfg, model, cls.name, ("truncate",))  # refuses chunk and aggregate
         chain = read_sparse_checkpoint(Path(model.local_dir), model.source)
         config = json.loads((Path(model.local_dir) / "config.json").read_text())
         return cls(chain, int(config["vocab_size"]), cfg.output.sparse_top_k or chain.max_active_dims)
