@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
+from pipeline import fidelity
 from pipeline import schema as S
 from pipeline.tasks.base import Columns, ModelBatch, Task
 
@@ -51,6 +53,13 @@ class SequenceClassification(Task):
         if self.cls_embedding:
             columns[S.CLS_EMBEDDING] = outputs.hidden_states[-1][:, 0].float().cpu().numpy()
         return columns
+
+    def fidelity(self, outputs: Columns, reference: Columns) -> dict[str, float | None]:
+        """Label agreement (gated) and the largest difference of any logit."""
+        return {
+            "label_agreement": fidelity.agreement(outputs[S.LABEL_ID], reference[S.LABEL_ID]),
+            "max_logit_diff": float(np.abs(np.asarray(outputs[S.LOGITS]) - reference[S.LOGITS]).max(initial=0.0)),
+        }
 
     def fields(self) -> list[pa.Field]:
         fields = [
