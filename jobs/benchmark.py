@@ -6,6 +6,7 @@
     python -m jobs.benchmark --task rerank             # (a) vs (f) CrossEncoder.predict on (query, article) pairs
     python -m jobs.benchmark --scaling                 # (a) with 1 model actor vs 2, one thread each
     python -m jobs.benchmark --scan-cost               # reading 1,000 shards whole before a run vs footers only
+    python -m jobs.benchmark --backends                # torch vs OpenVINO / ONNX Runtime / int8, see below
 
 Every contender runs, one after another, on the same texts, checkpoint, dtype, max_length (256),
 torch thread count (``--threads``, default all cores) and malloc settings (``keep_freed_memory``):
@@ -75,6 +76,14 @@ them to 197k tokens, 4.6 TFLOP. 2 AVX-512 cores peak at ~150 GFLOP/s fp32, so at
 each in-process contender takes 25-75 s and (a) adds 10-20 s of actor start-up per job: about
 5 minutes in all on an idle machine (--dtype bfloat16 adds (d) in fp32, ~30 s).
 
+Backends (--backends, embedding only, the last of --sets: mixed by default): the same loop as (d) with
+its forward pass run by torch fp32/bf16, OpenVINO fp32/bf16/static int8 (NNCF) and ONNX Runtime
+fp32/dynamic int8/static int8 (``torch.onnx.export``, QDQ), static int8 calibrated on the first 256 rows of
+the set; then sentence-transformers ``encode`` with ``backend="torch"`` (fp32, bf16), ``"onnx"`` and
+``"openvino"``. A runtime that is not installed or cannot load is a row saying why. Timed rounds
+(``--repeats``) take turns so that a busy machine's drift hits every backend alike; the best round counts.
+Fidelity: the fidelity gate's figures against torch fp32 (``pipeline.fidelity``).
+
 sequence-classification: ``--model`` defaults to the topic classifier that
 ``python -m jobs.make_classifier`` writes (``$ENCODER_BATCH_CACHE/bbc-topic-minilm``, cache default
 ``~/.cache/encoder-batch``). Without it, a copy of MiniLM with a seeded random 5-label head is saved
@@ -102,9 +111,10 @@ import torch
 import transformers
 
 from jobs import argument_parser, bbc
-from pipeline.config import InferenceConfig
+from pipeline.config import FidelityThresholds, InferenceConfig
 from pipeline.infer import CPU_TOKEN_BUDGET, keep_freed_memory, micro_batches
 from pipeline.embedding import pool
+from pipeline.fidelity import cosines, embedding_fidelity
 
 log = logging.getLogger("benchmark")
 
@@ -236,9 +246,7 @@ def ratios(results: list[Result], baseline: str) -> dict[tuple[str, str], float]
 def fidelity(task: str, outputs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """Cosine min/mean of embeddings, or top-label agreement of logits, against ``reference``."""
     if task == "embedding":
-        a = outputs / np.linalg.norm(outputs, axis=1, keepdims=True)
-        b = reference / np.linalg.norm(reference, axis=1, keepdims=True)
-        cos = np.sum(a * b, axis=1)
+        cos = cosines(outputs, reference)
         return {"cos_min": float(cos.min()), "cos_mean": float(cos.mean())}
     if task == "rerank":
         return {"score_max_abs_diff": float(np.abs(outputs - reference).max())}
@@ -754,6 +762,232 @@ def format_scan_cost(rows: list[dict]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
 
 
+# ---- CPU backends ----------------------------------------------------------------------------
+
+# Model runtimes against torch on the same micro-batches (sorted, token budget: contender d's loop),
+# embedding task only. Each returns (forward, skipped): forward maps padded (input_ids, attention_mask)
+# int64 arrays to last_hidden_state; skipped says why the backend cannot run here (not installed).
+Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
+CALIBRATION_ROWS = 256  # static int8: calibrated on the first rows of the job's own input, as the fidelity gate samples
+
+
+def export_onnx(spec: Spec, path: Path) -> Path:
+    """MiniLM as ONNX (``torch.onnx.export``, TorchScript exporter: dynamo's needs onnxscript), dynamic batch and length."""
+    from transformers import AutoModel
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = AutoModel.from_pretrained(spec.model, attn_implementation="eager").eval()
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.ones((2, 16), dtype=torch.long)
+    torch.onnx.export(
+        LastHiddenState(), (ids, torch.ones_like(ids)), str(path), input_names=["input_ids", "attention_mask"],
+        output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+        dynamic_axes={name: {0: "batch", 1: "tokens"} for name in ("input_ids", "attention_mask", "last_hidden_state")},
+    )  # fmt: skip
+    return path
+
+
+def calibration_batches(spec: Spec, texts: list[str]) -> list[dict[str, np.ndarray]]:
+    """The first ``CALIBRATION_ROWS`` texts as the micro-batches the model would see."""
+    tokenizer = load_tokenizer(spec)
+    ids = tokenizer(texts[:CALIBRATION_ROWS], truncation=True, max_length=spec.max_length).input_ids
+    lengths = np.array([len(x) for x in ids])
+    order = np.argsort(-lengths, kind="stable")
+    batches = []
+    for part in micro_batches(lengths[order], CPU_TOKEN_BUDGET, PADDING_FLOOR):
+        input_ids, mask = pad([ids[i] for i in order[part]], tokenizer.pad_token_id)
+        batches.append({"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})
+    return batches
+
+
+def torch_backend(dtype: str) -> Callable[[Spec, Path, list[str]], Forward]:
+    def load(spec: Spec, work: Path, texts: list[str]) -> Forward:
+        model = load_model(replace(spec, dtype=dtype))
+
+        def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.float().numpy()
+
+        return forward
+
+    return load
+
+
+def openvino_backend(precision: str) -> Callable[[Spec, Path, list[str]], Forward]:
+    """OpenVINO: ``convert_model`` from torch; f32 or bf16 inference precision, or NNCF static int8
+    (``nncf.quantize``, transformer preset) calibrated on the job's own rows, computed in f32 otherwise."""
+
+    def load(spec: Spec, work: Path, texts: list[str]) -> Forward:
+        import openvino as ov
+
+        ov_model = ov.convert_model(export_onnx(spec, work / "minilm.onnx"))
+        if precision == "int8":
+            import nncf
+
+            batches = calibration_batches(spec, texts)
+            ov_model = nncf.quantize(ov_model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches))
+        hint = {"bf16": "bf16"}.get(precision, "f32")
+        config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": spec.threads, "PERFORMANCE_HINT": "LATENCY"}
+        compiled = ov.Core().compile_model(ov_model, "CPU", config)
+
+        def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            return compiled({"input_ids": ids, "attention_mask": mask})[0]
+
+        return forward
+
+    return load
+
+
+def onnxruntime_backend(quantize: str | None) -> Callable[[Spec, Path, list[str]], Forward]:
+    """ONNX Runtime on ``torch.onnx.export``'s graph: fp32, dynamic int8, or static int8 (QDQ, per-channel
+    weights, MinMax ranges calibrated on the job's own rows)."""
+
+    def load(spec: Spec, work: Path, texts: list[str]) -> Forward:
+        import onnxruntime as ort
+        from onnxruntime import quantization as q
+
+        path = export_onnx(spec, work / "minilm.onnx")
+        if quantize == "dynamic":
+            path = q.quantize_dynamic(path, work / "minilm-dynamic.onnx", weight_type=q.QuantType.QInt8) or work / "minilm-dynamic.onnx"
+        elif quantize == "static":
+
+            class Reader(q.CalibrationDataReader):
+                def __init__(self) -> None:
+                    self.batches = iter(calibration_batches(spec, texts))
+
+                def get_next(self) -> dict | None:
+                    return next(self.batches, None)
+
+            # Symbolic shape inference cannot follow the exported attention mask's shapes: optimise only.
+            q.quant_pre_process(str(path), str(work / "minilm-pre.onnx"), skip_symbolic_shape=True)
+            q.quantize_static(
+                work / "minilm-pre.onnx", work / "minilm-static.onnx", Reader(), quant_format=q.QuantFormat.QDQ,
+                per_channel=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+            )  # fmt: skip
+            path = work / "minilm-static.onnx"
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = spec.threads, 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+        def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            return session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
+
+        return forward
+
+    return load
+
+
+# name -> (module it needs, loader); torch fp32 first: it is the reference.
+BACKENDS: dict[str, tuple[str, Callable[[Spec, Path, list[str]], Forward]]] = {
+    "torch fp32": ("torch", torch_backend("float32")),
+    "torch bf16": ("torch", torch_backend("bfloat16")),
+    "openvino fp32": ("openvino", openvino_backend("f32")),
+    "openvino bf16": ("openvino", openvino_backend("bf16")),
+    "openvino static int8 (nncf)": ("nncf", openvino_backend("int8")),
+    "onnxruntime fp32": ("onnxruntime", onnxruntime_backend(None)),
+    "onnxruntime dynamic int8": ("onnxruntime", onnxruntime_backend("dynamic")),
+    "onnxruntime static int8": ("onnxruntime", onnxruntime_backend("static")),
+}
+ST_BACKENDS = {"st torch fp32": ("torch", "float32"), "st torch bf16": ("torch", "bfloat16"),
+               "st onnx": ("onnx", "float32"), "st openvino": ("openvino", "float32")}  # fmt: skip
+
+
+def encode_with(spec: Spec, forward: Forward) -> Encode:
+    """Contender d's loop (tokenize once, sort, micro-batches in the token budget) around ``forward``."""
+    tokenizer = load_tokenizer(spec)
+
+    def encode(w: Workload) -> np.ndarray:
+        ids = tokenizer(w.texts, truncation=True, max_length=spec.max_length, return_attention_mask=False).input_ids
+        lengths = np.array([len(x) for x in ids])
+        order = np.argsort(-lengths, kind="stable")
+        parts = []
+        for part in micro_batches(lengths[order], CPU_TOKEN_BUDGET, PADDING_FLOOR):
+            input_ids, mask = pad([ids[i] for i in order[part]], tokenizer.pad_token_id)
+            hidden = torch.from_numpy(np.asarray(forward(input_ids.numpy(), mask.numpy()), dtype=np.float32))
+            parts.append(torch.nn.functional.normalize(pool(hidden, mask, "mean"), dim=-1).numpy())
+        return np.concatenate(parts)[np.argsort(order)]
+
+    return encode
+
+
+def st_encode(spec: Spec, backend: str, dtype: str) -> Encode:
+    """sentence-transformers ``encode`` with its own ``backend`` (onnx/openvino export through optimum)."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(spec.model, device="cpu", backend=backend)
+    if backend == "torch":
+        st = st.to(getattr(torch, dtype))
+    st.max_seq_length = spec.max_length
+
+    def encode(w: Workload) -> np.ndarray:
+        vectors = st.encode(w.texts, batch_size=BATCH_SIZE, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+        return vectors.float().numpy()
+
+    return encode
+
+
+def backends(spec: Spec, workload: Workload, work: Path, repeats: int) -> list[dict]:
+    """Every backend on ``workload``: rows/s (best of ``repeats`` rounds, the backends taking turns in each, so
+    that a busy machine's drift hits them alike), ratio to torch fp32, and the fidelity gate's figures
+    against torch fp32 (cosine min/mean, recall@10 of the sample against itself); one row per backend, with
+    ``skipped`` instead where it cannot run here."""
+    import importlib.util
+
+    work.mkdir(parents=True, exist_ok=True)
+    gate = FidelityThresholds()
+    loaders = {name: (module, lambda load=load: encode_with(spec, load(spec, work, workload.texts))) for name, (module, load) in BACKENDS.items()}
+    loaders |= {name: ("sentence_transformers", lambda b=b, d=d: st_encode(spec, b, d)) for name, (b, d) in ST_BACKENDS.items()}
+    rows, encoders = {}, {}
+    for name, (module, load) in loaders.items():
+        if importlib.util.find_spec(module) is None:
+            rows[name] = {"backend": name, "skipped": f"{module} is not installed"}
+            continue
+        try:
+            start = time.perf_counter()
+            encoders[name] = load()
+            rows[name] = {"backend": name, "rows": len(workload.texts), "setup_s": time.perf_counter() - start}
+        except Exception as e:  # an optional runtime that cannot load here: say why, keep measuring the rest
+            rows[name] = {"backend": name, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+            log.info("%-28s skipped: %s", name, rows[name]["skipped"])
+            continue
+        encoders[name](workload.head(WARMUP_ROWS))
+    outputs = {}
+    for round_ in range(repeats):
+        for name, encode in encoders.items():
+            start = time.perf_counter()
+            outputs[name] = encode(workload)
+            wall = time.perf_counter() - start
+            rows[name]["wall_s"] = min(wall, rows[name].get("wall_s", wall))
+            log.info("round %d %-28s %8.1f rows/s", round_ + 1, name, len(workload.texts) / wall)
+    reference = outputs["torch fp32"]
+    for name, row in rows.items():
+        if name in outputs:
+            figures = embedding_fidelity(outputs[name], reference)
+            row["rows_per_s"] = row["rows"] / row["wall_s"]
+            row |= figures | {"passes_gate": figures["cosine_min"] >= gate.cosine_min and figures["recall_at_10"] >= gate.recall_at_10}
+            row["vs_torch_fp32"] = row["rows_per_s"] / rows["torch fp32"]["rows_per_s"]  # the first row
+    return list(rows.values())
+
+
+def format_backends(rows: list[dict]) -> str:
+    """Markdown table of ``backends``' rows, as the README shows it."""
+    lines = ["| backend | rows/s | vs torch fp32 | cosine min / mean | recall@10 | default gate |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['backend']} | skipped: {r['skipped']} | | | | |")
+        else:
+            lines.append(
+                f"| {r['backend']} | {r['rows_per_s']:.1f} | {r['vs_torch_fp32']:.2f}x | {r['cosine_min']:.4f} / "
+                f"{r['cosine_mean']:.4f} | {r['recall_at_10']:.3f} | {'pass' if r['passes_gate'] else 'FAIL'} |"
+            )
+    return "\n".join(lines)
+
+
 # ---- main -----------------------------------------------------------------------------------
 
 
@@ -831,9 +1065,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scan-cost", action="store_true", help="instead: the pre-run scan of every shard, see above")
     parser.add_argument("--scan-shards", type=int, default=1000, help="--scan-cost: shards (default: 1000)")
     parser.add_argument("--scan-rows", type=int, default=20, help="--scan-cost: articles per shard (default: 20)")
+    parser.add_argument("--backends", action="store_true", help="instead: CPU runtimes and int8, one set (mixed), see above")
+    parser.add_argument("--repeats", type=int, default=3, help="--backends: timed rounds, best kept (default: 3)")
     parser.add_argument("--out", type=Path, default=Path("out/benchmark"), help="default: out/benchmark")
     args = parser.parse_args()
-    for flag in ("rows", "threads", "scan_shards", "scan_rows"):
+    if args.backends and args.task != "embedding":
+        parser.error("--backends measures the embedding task (cosine and recall@10 against torch fp32)")
+    for flag in ("rows", "threads", "scan_shards", "scan_rows", "repeats"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     for chosen, allowed, flag in ((args.sets, SETS, "--sets"), (args.contenders, CONTENDERS, "--contenders")):
@@ -878,6 +1116,16 @@ def main() -> None:
     spec = Spec(args.task, args.model or default_model(args.task, args.out), args.dtype, args.threads)
     tokenizer = load_tokenizer(spec)
     texts = corpus_sets(args.sets, args.rows)
+    if args.backends:
+        name = args.sets[-1]  # mixed by default
+        workload = Workload.tokenized(name, texts[name], tokenizer, spec.max_length)
+        rows = backends(spec, workload, args.out / "backends", args.repeats)
+        settings = {"set": name, "rows": args.rows, "threads": args.threads, "max_length": spec.max_length, "repeats": args.repeats}
+        report = {"machine": machine_info(), "settings": settings, "results": rows}
+        (args.out / "backends.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(format_backends(rows))
+        print(f"{name} set, {args.rows} rows, {args.threads} threads, best of {args.repeats}. Written: {args.out}/backends.json")
+        return
     sets = [Workload.tokenized(name, rows, tokenizer, spec.max_length, pairs=spec.task == "rerank") for name, rows in texts.items()]
     constructors, baseline = plan(args, spec)
     dtypes = list(dict.fromkeys([spec.dtype, "float32"]))

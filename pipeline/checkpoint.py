@@ -328,9 +328,14 @@ def load_model(resolved: ResolvedModel, task: tasks.Task, device: str, dtype: st
     return model.to(device).eval()
 
 
+def compute_dtype(dtype: str, device: str) -> str:
+    """``model.dtype`` as it computes on ``device``: auto is float16 on CUDA, float32 elsewhere."""
+    if dtype == "auto":
+        return "float16" if device.startswith("cuda") else "float32"
+    return dtype
+
+
 def torch_dtype(dtype: str, device: str):
     import torch
 
-    if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)
+    return getattr(torch, compute_dtype(dtype, device))

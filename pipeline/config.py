@@ -101,6 +101,38 @@ class InputConfig(_Strict):
         return self
 
 
+class FidelityThresholds(_Strict):
+    """The least a reduced-precision run must keep of the float32 reference on the calibration sample
+    (``pipeline.fidelity``); the task decides which of these its outputs are measured by."""
+
+    label_agreement: float = Field(
+        0.995,
+        ge=0,
+        le=1,
+        description="sequence-classification: share of sample rows whose label matches float32's; "
+        "token-classification: share of tokens whose label does.",
+    )
+    cosine_min: float = Field(
+        0.99,
+        ge=-1,
+        le=1,
+        description="embedding, sparse-embedding: lowest cosine between a sample row's vector and float32's.",
+    )
+    recall_at_10: float = Field(
+        0.98,
+        ge=0,
+        le=1,
+        description="embedding, sparse-embedding: mean overlap of each sample row's 10 nearest neighbours in the "
+        "sample with float32's.",
+    )
+    order_agreement: float = Field(
+        0.99,
+        ge=0,
+        le=1,
+        description="rerank: share of sample row pairs whose scores the run orders as float32 does.",
+    )
+
+
 class ModelConfig(_Strict):
     path: str = Field(
         description="Hub id (org/name), local save_pretrained directory, s3:// prefix, or pkg://<python package>/<dir> "
@@ -112,6 +144,18 @@ class ModelConfig(_Strict):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights/compute dtype. auto = float16 on GPU, float32 on CPU."
+    )
+    min_fidelity: FidelityThresholds = Field(
+        default_factory=FidelityThresholds,
+        description="Fidelity gate: a run that does not compute in float32 first scores model.fidelity_rows rows "
+        "of its input in float32 and in its own dtype, records the agreement in the manifest (`fidelity`) and "
+        "fails, before it writes anything, if a figure is below its threshold (see README: Fidelity gate).",
+    )
+    fidelity_rows: int = Field(
+        256,
+        ge=0,
+        description="Rows of the input (the first valid ones, spread over up to 16 shards) the fidelity gate "
+        "scores twice. 0 turns the gate off (recorded in the manifest).",
     )
     max_length: int | None = Field(
         None,
@@ -359,7 +403,11 @@ class JobConfig(_Strict):
         relevant = self.model_dump(
             mode="json",
             include={"input", "model", "output", "eval"},
-            exclude={"input": {"path"}, "output": {"path", "mode", "rows_per_file"}},
+            exclude={
+                "input": {"path"},
+                "model": {"min_fidelity", "fidelity_rows"},
+                "output": {"path", "mode", "rows_per_file"},
+            },
         )
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -93,6 +93,18 @@ def with_run(previous: dict | None, run_id: str, run: dict, receipts: list[Recei
     return {**{k: run[k] for k in SHARED}, **totals, "rejected_by_reason": dict(reasons), "shards": ledger, "runs": runs}
 
 
+def check_dtype(job: Plan, model: dict, date: str, version: str) -> None:
+    """Refuse to add runs in another dtype to a version (``model.dtype: auto`` is float16 on a GPU
+    cluster and float32 on a CPU one, under the same version name): one version, one precision."""
+    scored = model.get("dtype")
+    if scored != job.dtype:
+        raise ConfigError(
+            f"dt={date}: {version} was scored in {scored}, but this run would compute in {job.dtype} "
+            f"(model.dtype: {job.cfg.model.dtype}); a version never mixes precisions. Set model.dtype: {scored} "
+            "(on a cluster that has what it needs), or delete the version directory to rescore the day"
+        )
+
+
 def score_date(cfg: JobConfig, date: str, log=print) -> dict:
     """Score the shards of ``date`` that its version's ledger does not list yet; see the module docstring."""
     if not ray.is_initialized():
@@ -101,7 +113,8 @@ def score_date(cfg: JobConfig, date: str, log=print) -> dict:
     day, version, uri = locations(cfg, job, date)
     inspect_output(uri, cfg.storage, identity=job.identity(), mode=None, lease_uri=day)  # refuses foreign content
     with Writer(uri, cfg, lease_uri=day, current=True, log=log) as writer:
-        if writer.manifest:  # every run into a version applies the same calibration (int8 ranges)
+        if writer.manifest:  # every run into a version applies the same calibration (int8 ranges) and dtype
+            check_dtype(job, writer.manifest["model"], date, version)
             job = replace(job, task=job.task.calibrated_like(writer.manifest["model"]))
         ledger = writer.manifest["shards"] if writer.manifest else {}
         pending, total = pending_shards(job, ledger, date, version)

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from pipeline import __version__
 from pipeline import schema as S
-from pipeline.checkpoint import ResolvedModel, resolve
+from pipeline.checkpoint import ResolvedModel, compute_dtype, resolve
 from pipeline.commit import OutputError, Receipt, Resume, Writer, check_location, inspect_output
 from pipeline.config import ConfigError, InputConfig, JobConfig
 from pipeline.source import (
@@ -37,7 +37,7 @@ from pipeline.source import (
     scan_input,
 )
 from pipeline.storage import check_access, filesystem
-from pipeline.tasks import Task, build
+from pipeline.tasks import Columns, Task, build
 
 READ_CPUS = 0.25  # read and write tasks are I/O bound; a small share keeps them schedulable beside the actors
 WRITE_CPUS = 0.25
@@ -46,6 +46,10 @@ TOKENIZE_CPUS = 0.25  # a fast (Rust) tokenizer keeps up with a model actor on a
 
 class RowCountError(RuntimeError):
     """Rows in != rows out + rows rejected: something was lost, so the run is not published."""
+
+
+class FidelityError(ConfigError):
+    """A reduced-precision run kept less of float32's outputs on its sample than ``model.min_fidelity`` asks."""
 
 
 @dataclass(frozen=True)
@@ -106,10 +110,22 @@ class Plan:
     pools: Pools
     unreadable: dict[str, Unreadable] = field(default_factory=dict)  # shards that do not even open
     output: tuple[str, ...] = ()  # what a run would do at output.path (``commit.inspect_output``)
+    fidelity: dict | None = None  # what the fidelity gate measured (``fidelity_gate``), for the manifest
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the model actors compute in: model.dtype, with auto resolved for this cluster."""
+        return compute_dtype(self.cfg.model.dtype, "cuda" if self.pools.infer_gpus else "cpu")
 
     def identity(self) -> dict:
-        """What a resumed run must share with the killed one it resumes (``pipeline.commit``)."""
-        return {"model_revision": self.model.fingerprint, "config_hash": self.cfg.fingerprint(), "input_path": self.cfg.input.path}
+        """What a resumed run must share with the killed one it resumes (``pipeline.commit``); the dtype
+        too, as ``auto`` computes in float16 on a GPU cluster and in float32 on a CPU one."""
+        return {
+            "model_revision": self.model.fingerprint,
+            "config_hash": self.cfg.fingerprint(),
+            "input_path": self.cfg.input.path,
+            "dtype": self.dtype,
+        }
 
     def metadata(self) -> dict:
         """File-level Parquet metadata: what produced these rows (secrets masked)."""
@@ -121,7 +137,7 @@ class Plan:
             "config_hash": cfg.fingerprint(),
             "version": __version__,
             "max_length": self.model.max_length,
-            "dtype": cfg.model.dtype,
+            "dtype": self.dtype,
             "text_column": cfg.input.text_column,
             **self.task.metadata(),
         })
@@ -140,7 +156,7 @@ class Plan:
             + f" passthrough={self.shards.passthrough or [S.GENERATED_ID + ' (generated)']}"
             + (f" schema={self.passthrough_schema}" if self.passthrough_schema else ""),
             f"model    {self.model.source} @ {self.model.fingerprint} ({self.model.architecture}, "
-            f"max_length {self.model.max_length}, dtype {self.cfg.model.dtype})",
+            f"max_length {self.model.max_length}, dtype {self.dtype})",
             f"task     {self.task.name} ({self.task.auto_model})",
             *(f"         {line}" for line in self.task.describe()),
         ]
@@ -361,6 +377,7 @@ def execute(job: Plan, shards: Shards, writer: Writer, resume: Resume) -> tuple[
         "rows_by_actor_process": dict(stats.rows_by_actor),
         "stages": stages,
         "model": job.metadata(),
+        "fidelity": job.fidelity or {"dtype": job.dtype, "skipped": "every row was kept from a killed run"},
         "pools": job.pools.describe(),
         "config": cfg.public_dict(),
     }
@@ -394,6 +411,7 @@ def _stream(job: Plan, shards: Shards, writer: Writer, scan: InputScan, resume: 
     )
     try:
         with watchdog:
+            job = fidelity_gate(job, shards, progress)
             job = calibrate(job, shards, progress)
             # Blocks no larger than a part: a part (and so what a killed run leaves to redo) holds about rows_per_file rows.
             block_rows = min(READ_BATCH_ROWS, cfg.output.rows_per_file)
@@ -430,8 +448,9 @@ def _stream(job: Plan, shards: Shards, writer: Writer, scan: InputScan, resume: 
     return job, sink.receipts, stages
 
 
-def model_stages(ds, job: Plan, progress):
-    """``ds`` (source rows) through the tokenize and model actor pools of ``job``: the task's columns."""
+def model_stages(ds, job: Plan, progress, dtype: str | None = None):
+    """``ds`` (source rows) through the tokenize and model actor pools of ``job``: the task's columns,
+    computed in ``dtype`` (default: model.dtype)."""
     import ray
 
     from pipeline.infer import InferWorker
@@ -452,7 +471,7 @@ def model_stages(ds, job: Plan, progress):
             "model": job.model,
             "task": job.task,
             "inference": cfg.inference,
-            "dtype": cfg.model.dtype,
+            "dtype": dtype or cfg.model.dtype,
             "num_threads": pools.threads,
             "progress": progress,
             "faults": cfg.faults,
@@ -470,50 +489,91 @@ def model_stages(ds, job: Plan, progress):
 
 
 CALIBRATION_SHARDS = 16  # a calibration sample takes the first rows of this many shards, spread over the input
+SAMPLE_ROW = "sample_row"  # the sample's row numbers, carried through the stages to restore its order
 
 
-def sample_texts(shards: Shards, cfg: InputConfig, rows: int) -> list[str]:
-    """Up to ``rows`` valid texts of the input, read on the driver, the same on every run: the first ones
-    of ``CALIBRATION_SHARDS`` shards spread evenly over the listing, then of the others while it is short."""
+def sample_rows(shards: Shards, cfg: InputConfig, rows: int) -> pa.Table:
+    """Up to ``rows`` valid rows of the input (text, and text pair if configured), read on the driver, the
+    same on every run: the first ones of ``CALIBRATION_SHARDS`` shards spread evenly over the listing, then
+    of the others while it is short."""
     step = max(1, math.ceil(len(shards.files) / CALIBRATION_SHARDS))
     spread = shards.files[::step]
     quota = math.ceil(rows / len(spread))
-    texts: list[str] = []
+    columns = [c for c in (cfg.text_column, cfg.text_pair_column) if c]
+    texts: list[list[str]] = []
     for path in [*spread, *(f for f in shards.files if f not in spread)]:
         taken = 0
         with open_shard(shards, path) as f:
-            for _, record, problem in read_records(f, shards.format_of(path), [cfg.text_column]):
-                text, reason, _ = check_text((record or {}).get(cfg.text_column), cfg.max_text_bytes)
-                if problem is None and reason is None:
-                    texts.append(text)
+            for _, record, problem in read_records(f, shards.format_of(path), columns):
+                checked = [check_text((record or {}).get(c), cfg.max_text_bytes) for c in columns]
+                if problem is None and all(reason is None for _, reason, _ in checked):
+                    texts.append([text for text, _, _ in checked])
                     taken += 1
                 if taken == quota or len(texts) == rows:
                     break
         if len(texts) == rows:
             break
-    return texts
+    table = {S.TEXT: pa.array([t[0] for t in texts], pa.string())}
+    if cfg.text_pair_column:
+        table[S.TEXT_PAIR] = pa.array([t[1] for t in texts], pa.string())
+    return pa.table({**table, S.ERROR: pa.nulls(len(texts), pa.string())})
 
 
-def calibrate(job: Plan, shards: Shards, progress) -> Plan:
-    """``job`` with its task calibrated (``Task.calibration``) on a sample of the input, scored by the
-    same tokenize and model actors as the run; ``job`` itself when the task needs no calibration."""
+def score_sample(job: Plan, sample: pa.Table, progress, task: Task, dtype: str | None = None) -> Columns:
+    """``task``'s columns for the rows of ``sample``, in its order, scored by the same tokenize and model
+    actors as the run (on its GPUs, if it has them) in ``dtype`` (default: model.dtype)."""
     import ray
 
-    calibration = job.task.calibration()
-    if calibration is None:
-        return job
-    rows, probe = calibration
-    texts = sample_texts(shards, job.cfg.input, rows)
-    if not texts:  # not one valid row: nothing will be scored, so nothing needs calibrating
-        return job
-    sample = pa.table({S.TEXT: pa.array(texts, pa.string()), S.ERROR: pa.nulls(len(texts), pa.string())})
-    scored = model_stages(ray.data.from_arrow(sample), replace(job, task=probe), progress)
-    table = pa.concat_tables(ray.get(scored.to_arrow_refs()))
+    numbered = sample.append_column(SAMPLE_ROW, pa.array(range(sample.num_rows), pa.int64()))
+    scored = model_stages(ray.data.from_arrow(numbered), replace(job, task=task), progress, dtype)
+    table = pa.concat_tables(ray.get(scored.to_arrow_refs())).sort_by(SAMPLE_ROW)
     outputs = {}
-    for f in probe.fields():
+    for f in task.fields():
         column = table[f.name].combine_chunks()
         if isinstance(f.type, pa.FixedSizeListType):
             outputs[f.name] = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, f.type.list_size)
         else:
             outputs[f.name] = column.to_pylist()
-    return replace(job, task=job.task.calibrated(outputs))
+    return outputs
+
+
+def calibrate(job: Plan, shards: Shards, progress) -> Plan:
+    """``job`` with its task calibrated (``Task.calibration``) on a sample of the input, scored by the
+    same tokenize and model actors as the run; ``job`` itself when the task needs no calibration."""
+    calibration = job.task.calibration()
+    if calibration is None:
+        return job
+    rows, probe = calibration
+    sample = sample_rows(shards, job.cfg.input, rows)
+    if not sample.num_rows:  # not one valid row: nothing will be scored, so nothing needs calibrating
+        return job
+    return replace(job, task=job.task.calibrated(score_sample(job, sample, progress, probe)))
+
+
+def fidelity_gate(job: Plan, shards: Shards, progress) -> Plan:
+    """``job`` with the fidelity gate's record (README: Fidelity gate): unless the run computes in float32,
+    ``model.fidelity_rows`` rows of its input scored in float32 and in its dtype by the run's own actors,
+    compared by the task (``Task.fidelity``). Raises ``FidelityError``, before anything is written, for a
+    figure below its ``model.min_fidelity`` threshold."""
+    model, dtype = job.cfg.model, job.dtype
+    record = {"dtype": dtype, "reference": "float32"}
+    if dtype == "float32":
+        return replace(job, fidelity={**record, "skipped": "float32 is the reference"})
+    if not model.fidelity_rows:
+        return replace(job, fidelity={**record, "skipped": "model.fidelity_rows is 0"})
+    sample = sample_rows(shards, job.cfg.input, model.fidelity_rows)
+    if not sample.num_rows:  # not one valid row: nothing will be scored
+        return replace(job, fidelity={**record, "skipped": "no valid input row"})
+    probe = job.task.fidelity_probe()
+    reference = score_sample(job, sample, progress, probe, "float32")
+    figures = probe.fidelity(score_sample(job, sample, progress, probe, dtype), reference)
+    limits = model.min_fidelity.model_dump()
+    gated = {name: limits[name] for name, value in figures.items() if name in limits and value is not None}
+    for name, limit in gated.items():
+        if figures[name] < limit:
+            raise FidelityError(
+                f"fidelity gate: {dtype} reached {name}={figures[name]:.6g} against float32 on {sample.num_rows} rows "
+                f"of the input, below model.min_fidelity.{name}={limit:g}; nothing was written. Run in float32 "
+                f"(model.dtype), or accept the loss: --set model.min_fidelity.{name}=<lower>"
+            )
+    return replace(job, fidelity={**record, "rows": sample.num_rows, **figures, "thresholds": gated, "passed": True})

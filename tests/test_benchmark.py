@@ -133,3 +133,22 @@ def test_rerank_contenders_the_job_against_cross_encoder(ray_session, tiny_model
     assert B.fidelity("rerank", a.outputs, f.outputs)["score_max_abs_diff"] < 1e-4
     ratio = B.ratios([a, f], "a")[("f", "mixed")]
     assert ratio > 0 and "x" in B.table_cells(f.figures(1e12) | {"vs": ratio})[-2]
+
+def test_backends_measure_what_is_installed_and_say_why_not_the_rest(tiny_models, tmp_path):
+    """--backends on a tiny model: torch and sentence-transformers run and are compared with torch fp32;
+    a runtime that is not installed (or cannot load) is a row that says so, not a failure."""
+    import importlib.util
+
+    spec = B.Spec("embedding", str(tiny_models["embedding"]), "float32", threads=1, max_length=MAX_LENGTH)
+    rows = {r["backend"]: r for r in B.backends(spec, workload(spec), tmp_path, repeats=1)}
+    assert list(rows) == [*B.BACKENDS, *B.ST_BACKENDS]
+    fp32, bf16, st = rows["torch fp32"], rows["torch bf16"], rows["st torch fp32"]
+    assert fp32["vs_torch_fp32"] == pytest.approx(1.0) and fp32["cosine_min"] == pytest.approx(1.0) and fp32["recall_at_10"] == 1.0
+    assert 0.99 < bf16["cosine_min"] < 1.0 and bf16["rows_per_s"] > 0
+    assert st["cosine_min"] == pytest.approx(1.0, abs=1e-5)  # encode's mean pooling = d's loop in fp32
+    for name in ("openvino fp32", "onnxruntime static int8"):
+        module = B.BACKENDS[name][0]
+        if importlib.util.find_spec(module) is None:
+            assert rows[name] == {"backend": name, "skipped": f"{module} is not installed"}
+    table = B.format_backends(list(rows.values()))
+    assert "| torch fp32 | " in table and table.count("\n") == len(rows) + 1

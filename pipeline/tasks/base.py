@@ -23,6 +23,8 @@ declares what the stages need from it; its instance computes its head and output
 - ``calibration``, ``calibrated`` and ``calibrated_like``: constants the head needs from the data as a
   whole (int8 ranges), measured on a sample before the distributed run so that every actor applies
   the same, or taken from an earlier run into the same output;
+- ``fidelity_probe`` and ``fidelity``: how the fidelity gate compares a sample's columns in the run's
+  dtype with float32's (label agreement, cosines, recall@10; ``pipeline.fidelity``);
 - ``evaluates``: the output column compared with ``eval.label_column``, if the task has one.
 
 Multi-sequence rows. A row may become several model sequences: windows of a long text, (question,
@@ -223,6 +225,21 @@ class Task(ABC):
     def describe(self) -> list[str]:
         """Lines ``--dry-run`` prints under the task's name: by default its metadata entries."""
         return [f"{key} {value}" for key, value in self.metadata().items()]
+
+    def fidelity_probe(self) -> Task:
+        """The task whose columns the fidelity gate compares (``pipeline.run.fidelity_gate``): itself by default."""
+        return self
+
+    def fidelity(self, outputs: Columns, reference: Columns) -> dict[str, float | None]:
+        """How well ``outputs`` (the probe's columns for the sample, in the run's dtype) keep ``reference``
+        (the same in float32). Figures named like a ``model.min_fidelity`` threshold are gated by it; others
+        are recorded. The default refuses: a task without measures cannot pass the gate unseen."""
+        from pipeline.config import ConfigError
+
+        raise ConfigError(
+            f"{self.name} has no fidelity measures, so a run in reduced precision cannot be checked: use "
+            "model.dtype: float32, or turn the gate off with model.fidelity_rows: 0"
+        )
 
     def calibration(self) -> tuple[int, Task] | None:
         """``(rows, probe)`` when the head needs constants measured on the data (e.g. int8 ranges): before

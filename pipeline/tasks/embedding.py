@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import embedding
+from pipeline import embedding, fidelity
 from pipeline import schema as S
 from pipeline.sequences import LongText, word_windows
 from pipeline.tasks.base import Columns, Inputs, ModelBatch, Sequences, Task, Tokenization, Windows
@@ -95,11 +95,18 @@ class Embedding(Task):
     def describe(self) -> list[str]:
         return [*self.chain.describe(), *(f"{k} {v}" for k, v in {**self.long_text.metadata(), **self._aggregation()}.items())]
 
+    def fidelity_probe(self) -> Embedding:
+        """The chain with float32 vectors: the gate measures the model's precision, not output.embedding.precision."""
+        return replace(self, chain=replace(self.chain, precision="float32"))
+
+    def fidelity(self, outputs: Columns, reference: Columns) -> dict[str, float | None]:
+        return fidelity.embedding_fidelity(outputs[S.EMBEDDING], reference[S.EMBEDDING])
+
     def calibration(self) -> tuple[int, Task] | None:
         """int8/uint8 without ranges yet: the float32 chain on ``output.embedding.calibration_rows`` rows."""
         if not self.chain.needs_calibration:
             return None
-        return self.chain.calibration_rows, replace(self, chain=replace(self.chain, precision="float32"))
+        return self.chain.calibration_rows, self.fidelity_probe()
 
     def calibrated(self, outputs: Columns) -> Embedding:
         return replace(self, chain=self.chain.calibrated(np.asarray(outputs[S.EMBEDDING], dtype=np.float32)))

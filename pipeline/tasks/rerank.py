@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import fidelity
 from pipeline import schema as S
 from pipeline.sequences import LongText
 from pipeline.tasks.base import Columns, Inputs, ModelBatch, Task
@@ -118,6 +119,18 @@ class Rerank(Task):
             order = np.lexsort((lines, files, -scores))  # last key first: score descending, then input order
             rank[picked[order]] = np.arange(1, len(picked) + 1, dtype=np.int32)
         return rows.append_column(S.RANK, pa.array(rank, pa.int32(), mask=~ranked))
+
+    def fidelity_probe(self) -> Rerank:
+        """Scores only: ranks are computed after inference, over whole groups, not by the model actors."""
+        return replace(self, group_column=None)
+
+    def fidelity(self, outputs: Columns, reference: Columns) -> dict[str, float | None]:
+        """Pairwise order agreement of the sample's scores (gated as order_agreement) and the largest score difference."""
+        scores, expected = np.asarray(outputs[S.SCORE], np.float64), np.asarray(reference[S.SCORE], np.float64)
+        return {
+            "order_agreement": fidelity.order_agreement(scores, expected),
+            "max_score_diff": float(np.abs(scores - expected).max(initial=0.0)),
+        }
 
     def fields(self) -> list[pa.Field]:
         fields = [pa.field(S.SCORE, pa.float32())]

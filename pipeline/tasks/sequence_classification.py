@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline import fidelity
 from pipeline import schema as S
 from pipeline.sequences import LongText, word_windows
 from pipeline.tasks.base import Columns, ModelBatch, Sequences, Task, Windows
@@ -79,6 +80,13 @@ class SequenceClassification(Task):
     def metadata(self) -> dict[str, Any]:
         aggregation = {"aggregation": "token-count-weighted mean of chunk logits"} if self.long_text.mode == "aggregate" else {}
         return {**self.long_text.metadata(), **aggregation}
+
+    def fidelity(self, outputs: Columns, reference: Columns) -> dict[str, float | None]:
+        """Label agreement (gated) and the largest difference of any logit."""
+        return {
+            "label_agreement": fidelity.agreement(outputs[S.LABEL_ID], reference[S.LABEL_ID]),
+            "max_logit_diff": float(np.abs(np.asarray(outputs[S.LOGITS]) - reference[S.LOGITS]).max(initial=0.0)),
+        }
 
     def fields(self) -> list[pa.Field]:
         fields = [

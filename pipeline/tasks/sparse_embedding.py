@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import pyarrow as pa
 
+from pipeline import fidelity
 from pipeline import schema as S
 from pipeline.sequences import LongText
 from pipeline.tasks.base import Columns, Inputs, ModelBatch, Task
@@ -118,6 +120,16 @@ class SparseEmbedding(Task):
         for row, index, value in zip(rows.tolist(), indices.tolist(), values.tolist()):
             vectors[row].append({"index": index, "value": value})
         return {S.SPARSE_EMBEDDING: vectors}
+
+    def fidelity(self, outputs: Columns, reference: Columns) -> dict[str, float | None]:
+        """As embeddings' (cosine_min, cosine_mean, recall_at_10), over the sample's vectors made dense."""
+        return fidelity.embedding_fidelity(*(self._dense(columns[S.SPARSE_EMBEDDING]) for columns in (outputs, reference)))
+
+    def _dense(self, rows: list[list[dict[str, Any]]]) -> np.ndarray:
+        dense = np.zeros((len(rows), self.vocab_size), dtype=np.float32)
+        for i, row in enumerate(rows):
+            dense[i, [e["index"] for e in row]] = [e["value"] for e in row]
+        return dense
 
     def fields(self) -> list[pa.Field]:
         return [pa.field(S.SPARSE_EMBEDDING, SPARSE_TYPE)]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline import fidelity
 from pipeline import schema as S
 from pipeline.sequences import LongText, strided
 from pipeline.tasks.base import Columns, Inputs, ModelBatch, Sequences, Task, Tokenization, Windows
@@ -114,6 +115,20 @@ class TokenClassification(Task):
 
     def metadata(self) -> dict[str, Any]:
         return self.long_text.metadata()
+
+    def fidelity(self, outputs: Columns, reference: Columns) -> dict[str, float | None]:
+        """Token label agreement over every real token (gated as label_agreement), and the F1 of the
+        entities (row, label, start, end) against float32's."""
+        labels, expected = ([label for row in columns[S.TOKEN_LABELS] for label in row] for columns in (outputs, reference))
+        found, gold = (
+            {(i, e["label"], e["start"], e["end"]) for i, row in enumerate(columns[S.ENTITIES]) for e in row}
+            for columns in (outputs, reference)
+        )
+        both = 2 * len(found & gold)
+        return {
+            "label_agreement": fidelity.agreement(labels, expected),
+            "entity_f1": both / (len(found) + len(gold)) if found or gold else 1.0,
+        }
 
     def fields(self) -> list[pa.Field]:
         return [pa.field(S.TOKEN_LABELS, pa.list_(pa.string())), pa.field(S.ENTITIES, pa.list_(ENTITY_TYPE))]
