@@ -25,8 +25,8 @@ from pipeline.checkpoint import actor_tokenizer, load_model, resolve
 from pipeline.commit import OutputError, committed_output
 from pipeline.config import InputConfig, JobConfig, StorageConfig
 from pipeline.index import QUERY, IndexInfo, SearchError, load_info, open_output, search
-from pipeline.source import Shards, discover, open_shard, read_records, visible
-from pipeline.storage import arrow_filesystem, filesystem
+from pipeline.source import Shards, open_input, open_shard, read_records, visible
+from pipeline.storage import arrow_filesystem
 from pipeline.tasks import ModelBatch, build
 
 
@@ -100,6 +100,9 @@ class Searcher:
     def __init__(self, output_path: str, storage: StorageConfig | None = None):
         self.output_path, self.storage = output_path, storage
         self.job = job_config(output_path, storage)
+        dataset = open_output(output_path, storage).metadata.get("input_dataset", {})
+        if dataset.get("kind") == "hub":  # texts come from the commit that was embedded, not today's
+            self.job = self.job.model_copy(update={"input": self.job.input.model_copy(update={"revision": dataset["revision"]})})
         self.embed = QueryEmbedder(output_path, storage)
         self.index_info: IndexInfo | None = load_info(output_path, storage)  # None: every search is exact
 
@@ -119,12 +122,11 @@ def fetch_texts(job: JobConfig, ids: pa.Table, storage: StorageConfig | None = N
     ids, by one pass over the shards that hold the rows.
     """
     cfg = job.input
-    fs, path = filesystem(cfg.path, storage)
-    shards = discover(cfg, fs, path, [])
+    shards = open_input(cfg, storage, [])
     key_columns = cfg.id_columns or [S.GENERATED_ID]
     keys = [tuple(row.values()) for row in ids.select(key_columns).to_pylist()]
     if cfg.id_columns and all(shards.format_of(f) == "parquet" for f in shards.files):
-        dataset = ds.dataset(shards.files, filesystem=arrow_filesystem(fs), format="parquet")
+        dataset = ds.dataset(shards.files, filesystem=arrow_filesystem(shards.fs), format="parquet")
         matches = functools.reduce(operator.and_, (pc.field(c).isin(ids[c].combine_chunks()) for c in cfg.id_columns))
         rows = dataset.to_table(columns=[*cfg.id_columns, cfg.text_column], filter=matches).to_pylist()
         found = {tuple(row[c] for c in cfg.id_columns): row[cfg.text_column] for row in rows}
