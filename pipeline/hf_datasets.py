@@ -136,8 +136,8 @@ class Snapshot:
 def hub_shards(cfg: InputConfig, passthrough: list[str]) -> Shards:
     """The shards of a Hub dataset: its config and split at one commit (see the module docstring)."""
     repo_id, inside = parse_hub_path(cfg.path)
-    requested = cfg.revision or "main"
-    snapshot = cached_snapshot(repo_id, requested) if offline() else hub_snapshot(repo_id, requested)
+    requested, cached = cfg.revision or "main", offline()
+    snapshot = cached_snapshot(repo_id, requested) if cached else hub_snapshot(repo_id, requested)
     ref = DatasetRef("hub", repo_id, snapshot.commit, requested=requested)
     if inside:
         if cfg.config is not None or cfg.split is not None:
@@ -145,7 +145,7 @@ def hub_shards(cfg: InputConfig, passthrough: list[str]) -> Shards:
                 f"input.path {cfg.path} names files inside the repo, so input.config and input.split do not apply: "
                 "remove them, or drop the path to read a config and split"
             )
-        if offline():
+        if cached:
             _check_cached(snapshot, [inside, f"{inside}/*"])
         try:
             shards = discover(cfg, snapshot.fs, f"{snapshot.root}/{inside}", passthrough)
@@ -158,13 +158,12 @@ def hub_shards(cfg: InputConfig, passthrough: list[str]) -> Shards:
 
     layout, configs = _configs(snapshot)
     config = _choose("config", cfg.config, configs, cfg.path, default=_default_config(snapshot, configs))
-    base, patterns = _split_patterns(snapshot, config, cfg.path)
+    data_dir, patterns = _split_patterns(snapshot, config, cfg.path)
     split = _choose("split", cfg.split, list(patterns), f"{cfg.path} config {config}")
     where = f"{cfg.path} (config {config}, split {split} at commit {snapshot.commit})"
-    files = _resolve(patterns[split], base, where, snapshot)
-    if offline():
-        prefix = posixpath.relpath(base, snapshot.url) if base != snapshot.url else ""
-        _check_cached(snapshot, [posixpath.join(prefix, p) if prefix else p for p in patterns[split]])
+    files = _resolve(patterns[split], join(snapshot.url, data_dir) if data_dir else snapshot.url, where, snapshot)
+    if cached:
+        _check_cached(snapshot, [posixpath.join(data_dir, p) for p in patterns[split]])
     if not any(infer_format(f) for f in files):
         kinds = sorted({posixpath.basename(f).partition(".")[2] or posixpath.basename(f) for f in files})
         raise InputError(
@@ -179,7 +178,7 @@ def hub_shards(cfg: InputConfig, passthrough: list[str]) -> Shards:
 
 def cached_snapshot(repo_id: str, revision: str) -> Snapshot:
     """``revision`` of ``repo_id`` from the Hub cache (``HF_HUB_OFFLINE=1``)."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
     try:
@@ -189,12 +188,9 @@ def cached_snapshot(repo_id: str, revision: str) -> Snapshot:
     except IncompleteSnapshotError as e:
         raise InputError(f"hf://datasets/{repo_id} (revision {revision}): {_first_line(e)}") from None
     except LocalEntryNotFoundError:
-        storage = _storage(repo_id)
-        cached = _cached_revisions(storage)
-        held = f"it holds {', '.join(cached)}" if cached else "it holds no revision of this dataset"
         raise InputError(
-            f"hf://datasets/{repo_id}: revision {revision} is not in the Hub cache ({constants.HF_HUB_CACHE}; "
-            f"{held}), and HF_HUB_OFFLINE=1 forbids downloading it. Download it first (hf download {repo_id} "
+            f"hf://datasets/{repo_id}: revision {revision} is not in the Hub cache ({_cache_holds(repo_id)}), and "
+            f"HF_HUB_OFFLINE=1 forbids downloading it. Download it first (hf download {repo_id} "
             f"--repo-type dataset --revision {revision}), pin a cached revision, or unset HF_HUB_OFFLINE"
         ) from None
     folder = Path(folder)
@@ -229,11 +225,9 @@ def hub_snapshot(repo_id: str, revision: str) -> Snapshot:
             "hf auth login) cannot read it: check input.path and the token"
         ) from None
     except (OSError, *_network_errors()) as e:
-        cached = _cached_revisions(_storage(repo_id))
-        held = f"it holds {', '.join(cached)}" if cached else "it holds no revision of this dataset"
         raise InputError(
             f"cannot reach the Hub ({constants.ENDPOINT}) for hf://datasets/{repo_id}: {_first_line(e)}. Check the "
-            f"network, or set HF_HUB_OFFLINE=1 to read the dataset from the Hub cache ({constants.HF_HUB_CACHE}; {held})"
+            f"network, or set HF_HUB_OFFLINE=1 to read the dataset from the Hub cache ({_cache_holds(repo_id)})"
         ) from None
     convert = revision == CONVERT_BRANCH or any(ref.target_commit == info.sha for ref in converts)
     return Snapshot(repo_id, info.sha, HfFileSystem(), f"datasets/{repo_id}@{info.sha}", card, convert)
@@ -287,23 +281,22 @@ def _choose(kind: str, wanted: str | None, names: list[str], where: str, default
 
 
 def _split_patterns(snapshot: Snapshot, config: str, where: str) -> tuple[str, dict[str, list[str]]]:
-    """(base URL, split -> file patterns relative to it) of one config, in the dataset's split order."""
+    """(the config's data_dir in the repo, "" for none; split -> file patterns relative to it), in the
+    dataset's split order."""
     from datasets.data_files import EmptyDatasetError, get_data_patterns, sanitize_patterns
 
     if snapshot.convert:
         directories = snapshot.fs.ls(f"{snapshot.root}/{config}", detail=False)
         splits = sorted(posixpath.basename(d) for d in directories if snapshot.fs.isdir(d))
-        return snapshot.url, {s.removeprefix("partial-"): [f"{config}/{s}/*.parquet"] for s in splits}
-    base = snapshot.url
+        return "", {s.removeprefix("partial-"): [f"{config}/{s}/*.parquet"] for s in splits}
+    settings = _metadata_configs(snapshot).get(config, {}) if snapshot.card else {}
+    data_dir = (settings.get("data_dir") or "").strip("/")
+    if ".." in data_dir.split("/"):
+        raise InputError(f"{where}: the data_dir of config {config} in its {CARD} leaves the repo ({data_dir!r})")
     try:
-        if snapshot.card:
-            settings = _metadata_configs(snapshot).get(config)
-            if settings is not None:
-                if settings.get("data_dir"):
-                    base = f"{base}/{settings['data_dir'].strip('/')}"
-                if settings.get("data_files") is not None:
-                    return base, sanitize_patterns(settings["data_files"])
-        return base, get_data_patterns(base)
+        if settings.get("data_files") is not None:
+            return data_dir, sanitize_patterns(settings["data_files"])
+        return data_dir, get_data_patterns(join(snapshot.url, data_dir) if data_dir else snapshot.url)
     except EmptyDatasetError:
         raise InputError(f"{where} config {config} holds no data files{_in_cache(snapshot)}") from None
     except ValueError as e:
@@ -354,15 +347,18 @@ def _storage(repo_id: str) -> Path:
     return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="dataset")
 
 
-def _cached_revisions(storage: Path) -> list[str]:
-    """The commits cached under ``storage``, each with the refs naming it: ``<sha> (main)``."""
+def _cache_holds(repo_id: str) -> str:
+    """Where the Hub cache is and which commits of the dataset it holds, each with its refs: ``<sha> (main)``."""
+    from huggingface_hub import constants
+
+    storage = _storage(repo_id)
     if not (storage / "snapshots").is_dir():
-        return []
+        return f"{constants.HF_HUB_CACHE}; it holds no revision of this dataset"
     refs: dict[str, list[str]] = {}
     for ref in sorted(p for p in (storage / "refs").rglob("*") if p.is_file()):
         refs.setdefault(ref.read_text().strip(), []).append(ref.relative_to(storage / "refs").as_posix())
     commits = sorted(p.name for p in (storage / "snapshots").iterdir() if p.is_dir())
-    return [f"{c} ({', '.join(refs[c])})" if c in refs else c for c in commits]
+    return f"{constants.HF_HUB_CACHE}; it holds " + ", ".join(f"{c} ({', '.join(refs[c])})" if c in refs else c for c in commits)
 
 
 def _network_errors() -> tuple[type[Exception], ...]:

@@ -300,6 +300,12 @@ def test_dry_run_shows_the_dataset_commit_config_split_and_files(hub, saved_dict
     code, out, _ = dry_run(f"input.path={hub}", f"input.revision={CONVERT_BRANCH}", "input.config=en", "input.split=test")
     assert code == 0 and "files    en/partial-test/0000.parquet\n" in out  # a partial conversion
 
+    card = b"---\nconfigs:\n- config_name: de\n  data_dir: data/de\n- config_name: it\n  data_dir: data/it\n---\n"
+    put_commit("tiny-org/dirs", MAIN, {"README.md": card, **{f"data/{c}/{s}-00000-of-00001.parquet": parquet(rows(15, 2))
+                                                            for c in ("de", "it") for s in ("train", "test")}}, refs=("main",))  # fmt: skip
+    code, out, _ = dry_run("input.path=hf://datasets/tiny-org/dirs", "input.config=it", "input.split=test")  # a data_dir
+    assert code == 0 and "config it, split test [README configs]" in out and "files    data/it/test-00000-of-00001.parquet\n" in out
+
     code, out, _ = dry_run(f"input.path={hub}/data/fr")  # a path in the repo: its files, ids from the repo root
     assert code == 0 and f"@ {MAIN} (main) [path in the repo]" in out
     assert "files    data/fr/train-00000-of-00001.parquet\n" in out
