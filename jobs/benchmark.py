@@ -93,7 +93,7 @@ import numpy as np
 import torch
 import transformers
 
-from jobs import bbc
+from jobs import argument_parser, bbc
 from pipeline.config import InferenceConfig
 from pipeline.infer import CPU_TOKEN_BUDGET, keep_freed_memory, micro_batches
 from pipeline.tasks.embedding import pool
@@ -767,7 +767,7 @@ def comma_list(value: str) -> list[str]:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser("python -m jobs.benchmark", __doc__)
     parser.add_argument("--task", choices=["embedding", "sequence-classification"], default="embedding")
     parser.add_argument("--model", help="checkpoint directory (default: see above)")
     parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help=f"rows per set (default: {DEFAULT_ROWS})")

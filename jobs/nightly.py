@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs import argument_parser, log_to_stdout
 from jobs.run import PARTIAL, USER_ERRORS, report
 from pipeline.config import load_config
 from pipeline.nightly import date_range, describe_date, parse_date, score_date
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.nightly", description=__doc__.split("\n")[0])
+    parser = argument_parser("python -m jobs.nightly", __doc__)
     parser.add_argument("--config", required=True, help="YAML job config; ${DATE} is the date scored")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     when = parser.add_mutually_exclusive_group(required=True)
@@ -53,4 +54,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    log_to_stdout()
     sys.exit(main())

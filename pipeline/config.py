@@ -213,9 +213,11 @@ class ExecutionConfig(_Strict):
     stall_timeout_s: float = Field(
         900, gt=0, description="Fail with a diagnosis when no stage makes progress for this long (instead of hanging)."
     )
-    max_actor_restarts: int = Field(3, ge=0, description="Restarts of a crashed actor (Ray max_restarts).")
-    max_task_retries: int = Field(
-        3, ge=0, description="Retries of a batch whose actor crashed (Ray max_task_retries); results are not duplicated."
+    max_actor_restarts: int = Field(
+        3,
+        ge=0,
+        description="Restarts of each crashed tokenizer or model actor; the batches it had not finished are retried "
+        "on the restarted actor (results are not duplicated). One more crash fails the job.",
     )
     lease_ttl_s: float = Field(
         60,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -379,14 +380,16 @@ def _stream(job: Plan, shards: Shards, writer: Writer, scan, resume: Resume) -> 
     from pipeline.tokenize import TokenizeWorker
 
     cfg, pools, execution = job.cfg, job.pools, job.cfg.execution
-    progress = Progress.remote()
-    # Ray 2.60 has no named parameter for these yet (it warns that ray_remote_args are deprecated).
-    retries = {"max_restarts": execution.max_actor_restarts, "max_task_retries": execution.max_task_retries}
+    # Stage actors keep Ray Data's fault tolerance (restart, retry the batch); Progress bounds the restarts.
+    progress = Progress.remote(execution.max_actor_restarts)
     # Blocks no larger than a part: a part (and so what a killed run leaves to redo) holds about rows_per_file rows.
     block_rows = min(READ_BATCH_ROWS, cfg.output.rows_per_file)
     fs = arrow_filesystem(shards.fs)
     source = ShardDatasource(shards, cfg.input, fs, job.passthrough_schema, scan.duplicates, resume.skip, block_rows)
     ds = ray.data.read_datasource(source, num_cpus=READ_CPUS)
+    interactive = sys.stdout.isatty()
+    if not interactive:  # a log gets the watchdog's progress lines, not a block of progress bars every 10 s
+        ds.context.enable_progress_bars = False
     ds = ds.map_batches(
         TokenizeWorker,
         fn_constructor_kwargs={"model": job.model, "task": job.task, "progress": progress},
@@ -394,7 +397,6 @@ def _stream(job: Plan, shards: Shards, writer: Writer, scan, resume: Resume) -> 
         batch_format="pyarrow",
         num_cpus=pools.tokenize_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=pools.tokenize[0], max_size=pools.tokenize[1]),
-        **retries,
     )
     ds = ds.map_batches(
         InferWorker,
@@ -412,7 +414,6 @@ def _stream(job: Plan, shards: Shards, writer: Writer, scan, resume: Resume) -> 
         num_cpus=pools.infer_cpus,
         num_gpus=pools.infer_gpus,
         compute=ray.data.ActorPoolStrategy(min_size=pools.infer[0], max_size=pools.infer[1]),
-        **retries,
     )
     sink = ParquetSink(
         writer.staging_uri,
@@ -426,7 +427,10 @@ def _stream(job: Plan, shards: Shards, writer: Writer, scan, resume: Resume) -> 
         cfg.output.rows_per_file,
         progress,
     )
-    watchdog = Watchdog(progress, execution.stall_timeout_s, pools.describe())
+    rows = scan.rows - resume.rows - sum(u.rows_counted for u in scan.unreadable.values())  # what this stream reads
+    watchdog = Watchdog(
+        progress, execution.stall_timeout_s, pools.describe(), rows=rows, log_every_s=None if interactive else 30
+    )
     try:
         with watchdog:
             ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})

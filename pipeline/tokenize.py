@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import ray
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, actor_tokenizer
+from pipeline.progress import register
 from pipeline.tasks import Task
 
 
@@ -36,7 +36,7 @@ class TokenizeWorker:
     def __init__(self, model: ResolvedModel, task: Task, progress):
         self.tokenizer = actor_tokenizer(model)
         self.progress = progress
-        progress.register.remote(ray.get_runtime_context().current_actor)
+        register(progress, "tokenizer")
         self.max_length = model.max_length
         self.offsets = task.tokenization.offsets
 
