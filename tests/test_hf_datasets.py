@@ -213,8 +213,10 @@ def test_every_route_reads_the_same_records(hub, plain, saved):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_hub_dataset_output_equals_the_parquet_route(ray_session, tiny_models, hub, reference, tmp_path, task):
-    """Offline, from the cache: the same files at the same paths under the repo, so the same generated ids."""
-    manifest = run_job(load_config(raw=job(tiny_models, task, {"path": hub, "split": "train"}, tmp_path / "hub")))
+    """Offline, from the cache: the same files at the same paths under the repo, so the same generated ids.
+    The embedding job pins the commit and names the config; the others read main's default config."""
+    pinned = {"revision": MAIN, "config": "en"} if task == "embedding" else {}
+    manifest = run_job(load_config(raw=job(tiny_models, task, {"path": hub, "split": "train", **pinned}, tmp_path / "hub")))
     assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (24, 22, 2)
     assert manifest["rejected_by_reason"] == {"empty_text": 1, "null_text": 1}
     for rejected in (False, True):
@@ -223,8 +225,8 @@ def test_hub_dataset_output_equals_the_parquet_route(ray_session, tiny_models, h
     assert reference(task)[S.GENERATED_ID].to_pylist()[0].startswith("data/en/train-0000")
     metadata = json.loads(pq.read_schema(next((tmp_path / "hub").glob("part-*.parquet"))).metadata[S.METADATA_KEY])
     assert metadata["input_dataset"] == {
-        "kind": "hub", "name": REPO_ID, "revision": MAIN, "config": "en", "split": "train", "requested": "main",
-        "layout": "README configs",
+        "kind": "hub", "name": REPO_ID, "revision": MAIN, "config": "en", "split": "train",
+        "requested": pinned.get("revision", "main"), "layout": "README configs",
     }  # fmt: skip
 
     if task == "embedding":  # search fetches the hits' texts from the dataset, at the commit that was embedded
@@ -234,17 +236,18 @@ def test_hub_dataset_output_equals_the_parquet_route(ray_session, tiny_models, h
         assert hits["text"].to_pylist() == [text]
 
 
-def test_save_to_disk_output_equals_the_parquet_route(ray_session, tiny_models, saved, reference, tmp_path):
+@pytest.mark.parametrize("task", TASKS)
+def test_save_to_disk_output_equals_the_parquet_route(ray_session, tiny_models, saved, reference, tmp_path, task):
     """Three Arrow shards of 8 rows: ids name them, and row for row the output is the Parquet route's."""
-    task = "token-classification"  # spans and entity texts come from the text itself: the most to get wrong
     manifest = run_job(load_config(raw=job(tiny_models, task, {"path": str(saved)}, tmp_path / "saved")))
     assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (24, 22, 2)
 
-    def by_position(table: pa.Table, shard_rows: int) -> pa.Table:
-        """Sorted by the row's place in the input (its shard, in name order, then its row), without the id."""
+    def by_position(table: pa.Table, shard_rows: int, *drop: str) -> pa.Table:
+        """Sorted by the row's place in the input (its shard, in name order, then its row), without the id
+        and the ``drop`` columns."""
         files = sorted({i.rsplit(":", 1)[0] for i in table[S.GENERATED_ID].to_pylist()})
         place = [files.index(i.rsplit(":", 1)[0]) * shard_rows + int(i.rsplit(":", 1)[1]) for i in table[S.GENERATED_ID].to_pylist()]
-        return bare(table.append_column("place", pa.array(place)).sort_by("place"), S.GENERATED_ID, "place")
+        return bare(table.append_column("place", pa.array(place)).sort_by("place"), S.GENERATED_ID, "place", *drop)
 
     got = read_output(str(tmp_path / "saved"))
     assert by_position(got, 8).equals(by_position(reference(task), 12))
@@ -253,6 +256,10 @@ def test_save_to_disk_output_equals_the_parquet_route(ray_session, tiny_models, 
     assert bad == [3, 10]
     expected_ids = {f"data-{n // 8:05d}-of-00003.arrow:{n % 8}" for n in range(24) if n not in bad}
     assert set(got[S.GENERATED_ID].to_pylist()) == expected_ids
+    where = ("source_file", "source_row")  # the shard and row, which the id names too
+    assert by_position(read_output(str(tmp_path / "saved"), rejected=True), 8, *where).equals(
+        by_position(reference(task, rejected=True), 12, *where)
+    )
     rejected = read_output(str(tmp_path / "saved"), rejected=True).to_pylist()
     assert sorted((r["source_file"], r["source_row"], r["reason"]) for r in rejected) == [
         ("data-00000-of-00003.arrow", 3, "empty_text"), ("data-00001-of-00003.arrow", 2, "null_text")
