@@ -1,8 +1,9 @@
 """Stage 2, tokenize: CPU actors, each holding one fast tokenizer.
 
 Input: source blocks. Output: the same rows with ``_input_ids`` (unpadded, truncated to
-``max_length``), ``num_tokens``, ``truncated``, for pairs ``_token_type_ids``, and ``_offsets``
-when the task's ``Tokenization`` asks for them. Rejected rows pass through with null token
+``max_length``; with the task's prompt in front, which truncation keeps), ``num_tokens``,
+``truncated``, for pairs ``_token_type_ids``, and ``_offsets`` when the task's ``Tokenization``
+asks for them. Rejected rows pass through with null token
 columns. Text is dropped here unless the task's head needs it for spans (with the offsets).
 """
 
@@ -34,11 +35,13 @@ class TokenizeWorker:
     """``map_batches`` callable: tokenizes valid rows without padding."""
 
     def __init__(self, model: ResolvedModel, task: Task, progress):
-        self.tokenizer = actor_tokenizer(model)
+        tokenization = task.tokenization
+        self.tokenizer = actor_tokenizer(model, lowercase=tokenization.lowercase)
         self.progress = progress
         register(progress, "tokenizer")
         self.max_length = model.max_length
-        self.offsets = task.tokenization.offsets
+        self.prompt = tokenization.prompt
+        self.offsets = tokenization.offsets
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
@@ -47,7 +50,7 @@ class TokenizeWorker:
         texts = batch[S.TEXT].filter(valid).to_pylist()
         pairs = batch[S.TEXT_PAIR].filter(valid).to_pylist() if S.TEXT_PAIR in batch.column_names else None
         encoded = self.tokenizer(
-            texts,
+            [self.prompt + text for text in texts] if self.prompt else texts,
             pairs,
             truncation=True,
             max_length=self.max_length,
