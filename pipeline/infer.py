@@ -1,11 +1,13 @@
 """Stage 3, infer: actors that each hold exactly one ``AutoModelFor*``.
 
-Per call (``inference.batch_size`` rows) an actor sorts the valid rows by length, cuts
+Per call (``inference.batch_size`` rows) an actor takes the valid rows' model sequences (one per
+row unless the task makes several: ``pipeline.tasks.base``), sorts them by length, cuts
 them into micro-batches that fit ``inference.max_tokens_per_batch`` (rows x padded
 length) and waste little padding (``inference.min_padding_efficiency``), pads each
 only to its own longest row, runs the model under
 ``torch.inference_mode()``, turns outputs into the task's columns with its head (reduced on the
-device) and restores the original row order. Only output columns leave the actor, never hidden
+device), restores the original order and lets the task reduce each row's sequences to its output
+rows (``Task.reduce``). Only output columns leave the actor, never hidden
 states. On CUDA OOM a micro-batch is split in two and retried.
 """
 
@@ -25,9 +27,9 @@ from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, load_model
 from pipeline.config import FaultConfig, InferenceConfig
 from pipeline.progress import register
-from pipeline.tasks import ModelBatch, Task
+from pipeline.tasks import ModelBatch, Task, Windows
 
-CONSUMED = (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS, S.TEXT)
+CONSUMED = (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS, S.SPANS, S.TEXT, S.TEXT_PAIR)
 
 
 def micro_batches(sorted_lengths: np.ndarray, max_tokens: int, min_efficiency: float) -> Iterator[slice]:
@@ -86,11 +88,19 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-def ragged_rows(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(flat values, offsets) of a list column, so row ``i`` is ``flat[offsets[i]:offsets[i + 1]]``."""
-    array = column.combine_chunks()
+def ragged_rows(array: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """(flat values, offsets) of a list array, so row ``i`` is ``flat[offsets[i]:offsets[i + 1]]``."""
     offsets = array.offsets.to_numpy()
     return array.values.to_numpy(zero_copy_only=False), offsets
+
+
+def sequences(batch: pa.Table) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The model sequences of a call's rows (``Task.encode``): the row each belongs to, and each per-sequence
+    column as ``ragged_rows``, indexed by sequence. Rejected rows have none."""
+    per_row = pc.fill_null(pc.list_value_length(batch[S.INPUT_IDS]), 0).to_numpy()
+    row_of = np.repeat(np.arange(batch.num_rows), per_row)
+    names = (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS, S.SPANS)
+    return row_of, {c: ragged_rows(batch[c].combine_chunks().flatten()) for c in names if c in batch.column_names}
 
 
 def to_arrow(values, valid: np.ndarray, dtype: pa.DataType) -> pa.Array:
@@ -156,35 +166,51 @@ class InferWorker:
         self._inject_faults()
         started = time.perf_counter()
         valid = pc.is_null(batch[S.ERROR]).to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(valid)
-        columns = {c: ragged_rows(batch[c]) for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS) if c in batch.column_names}
+        # The micro-batcher's rows are the valid rows' model sequences (one per row unless the task makes more).
+        row_of, columns = sequences(batch)
         offsets = columns[S.INPUT_IDS][1]
-        lengths = (offsets[1:] - offsets[:-1])[rows].astype(np.int64)
-        texts = batch[S.TEXT].to_pylist() if S.TEXT in batch.column_names else None
-        order = np.argsort(-lengths, kind="stable")  # positions into `rows`, longest first
+        lengths = (offsets[1:] - offsets[:-1]).astype(np.int64)
+        kept = next((c for c in (S.TEXT, S.TEXT_PAIR) if c in batch.column_names), None)  # Tokenization.span_text
+        texts = batch[kept].to_pylist() if kept else None
+        texts = [texts[r] for r in row_of] if kept else None
+        order = np.argsort(-lengths, kind="stable")  # sequences, longest first
 
         results: dict[str, list] = {}
-        padded = np.zeros(len(rows), dtype=np.int32)
+        padded = np.zeros(len(lengths), dtype=np.int64)
         parts = list(micro_batches(lengths[order], self.max_tokens, self.min_efficiency))
-        for part, columns_out in zip(parts, self._forward_all(columns, texts, [rows[order[p]] for p in parts])):
+        for part, columns_out in zip(parts, self._forward_all(columns, texts, [order[p] for p in parts])):
             for name, values in columns_out.items():
                 results.setdefault(name, []).append(values)
             padded[order[part]] = lengths[order[part]].max()
 
-        # Restore call order: results are concatenated in sorted order.
+        # Restore sequence order (results are concatenated in sorted order), then the task's output rows.
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
-        batch = batch.drop_columns([c for c in CONSUMED if c in batch.column_names])
-        for field in self.fields:
-            if field.name not in results:
-                continue
-            parts = results[field.name]
+        outputs = {}
+        for name, parts in results.items():
             merged = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [v for p in parts for v in p]
-            ordered = merged[inverse] if isinstance(merged, np.ndarray) else [merged[i] for i in inverse]
-            batch = batch.append_column(field.name, to_arrow(ordered, valid, field.type))
-        batch = batch.append_column(S.PADDED_TOKENS, to_arrow(padded, valid, pa.int32()))
+            outputs[name] = merged[inverse] if isinstance(merged, np.ndarray) else [merged[i] for i in inverse]
+        spans = None
+        if S.SPANS in columns:
+            flat, bounds = columns[S.SPANS]
+            spans = flat[bounds[0] : bounds[-1]].reshape(-1, 2)
+        first, outputs = self.task.reduce(outputs, Windows(row_of, lengths, spans, texts)) if len(row_of) else ([], {})
+        first = np.asarray(first, dtype=np.int64)
+        # Each rejected row stays one row; each valid row becomes its output rows, in place.
+        per_row = np.bincount(row_of[first], minlength=batch.num_rows)
+        per_row[~valid] = 1
+        taken = np.repeat(np.arange(batch.num_rows), per_row)
+        valid = valid[taken]
+        n = batch.num_rows
+        batch = batch.drop_columns([c for c in CONSUMED if c in batch.column_names]).take(pa.array(taken))
+        for field in self.fields:
+            if field.name in outputs:
+                batch = batch.append_column(field.name, to_arrow(outputs[field.name], valid, field.type))
+        for name, per_sequence in ((S.NUM_TOKENS, lengths), (S.PADDED_TOKENS, padded)):
+            summed = np.add.reduceat(per_sequence, first) if len(first) else np.zeros(0, dtype=np.int64)
+            batch = batch.append_column(name, to_arrow(summed.astype(np.int32), valid, pa.int32()))
         batch = batch.append_column(S.NODE, pa.array([self.node] * batch.num_rows, pa.string()))
-        self.progress.beat.remote("infer", batch.num_rows, time.perf_counter() - started)
+        self.progress.beat.remote("infer", n, time.perf_counter() - started)
         return batch.append_column(S.ACTOR, pa.array([self.process] * batch.num_rows, pa.string()))
 
     def _forward_all(self, columns: dict, texts: list | None, parts: list[np.ndarray]) -> Iterator[dict]:

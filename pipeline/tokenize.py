@@ -1,10 +1,11 @@
 """Stage 2, tokenize: CPU actors, each holding one fast tokenizer.
 
-Input: source blocks. Output: the same rows with ``_input_ids`` (unpadded, truncated to
-``max_length``; with the task's prompt in front, which truncation keeps), ``num_tokens``,
-``truncated``, for pairs ``_token_type_ids``, and ``_offsets`` when the task's ``Tokenization``
-asks for them. Rejected rows pass through with null token
-columns. Text is dropped here unless the task's head needs it for spans (with the offsets).
+Input: source blocks. Output: the same rows with the model sequences the task makes of each
+(``Task.encode``; by default one, truncated to ``max_length``, the task's prompt in front):
+``_input_ids`` (per row, a list of unpadded sequences), ``truncated``, for pairs ``_token_type_ids``,
+``_offsets`` when the task's ``Tokenization`` asks for them and ``_spans`` when the task gives the
+characters each sequence covers. Rejected rows pass through with null token columns. Text is dropped
+here unless the task needs it in the model actor (``Tokenization.keeps_text``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ def ragged(sequences: list[list[int]], valid: np.ndarray, n: int, dtype=np.int32
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), mask=pa.array(~valid))
 
 
+def nested(sequences, counts: np.ndarray, valid: np.ndarray, n: int, dtype=np.int32) -> pa.ListArray:
+    """Per row, the list of its sequences' values: ``counts`` (per valid row) consecutive ``sequences``."""
+    inner = ragged(list(sequences), np.ones(len(sequences), dtype=bool), len(sequences), dtype)
+    lengths = np.zeros(n, dtype=np.int32)
+    lengths[valid] = counts
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), inner, mask=pa.array(~valid))
+
+
 class TokenizeWorker:
     """``map_batches`` callable: tokenizes valid rows without padding."""
 
@@ -40,8 +51,9 @@ class TokenizeWorker:
         self.progress = progress
         register(progress, "tokenizer")
         self.max_length = model.max_length
-        self.prompt = tokenization.prompt
-        self.offsets = tokenization.offsets
+        self.task = task
+        self.keeps_text = tokenization.keeps_text
+        self.span_text = S.TEXT_PAIR if tokenization.span_text == "pair" else S.TEXT
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
@@ -49,34 +61,19 @@ class TokenizeWorker:
         valid = pc.is_null(batch[S.ERROR]).to_numpy(zero_copy_only=False)
         texts = batch[S.TEXT].filter(valid).to_pylist()
         pairs = batch[S.TEXT_PAIR].filter(valid).to_pylist() if S.TEXT_PAIR in batch.column_names else None
-        encoded = self.tokenizer(
-            [self.prompt + text for text in texts] if self.prompt else texts,
-            pairs,
-            truncation=True,
-            max_length=self.max_length,
-            return_attention_mask=False,
-            return_token_type_ids=pairs is not None,
-            return_offsets_mapping=self.offsets,
-            return_special_tokens_mask=self.offsets,
-        )
-        num_tokens = np.zeros(n, dtype=np.int32)
-        num_tokens[valid] = [len(ids) for ids in encoded["input_ids"]]
+        sequences = self.task.encode(self.tokenizer, texts, pairs, self.max_length)
+        counts = np.bincount(sequences.rows, minlength=len(texts))
         truncated = np.zeros(n, dtype=bool)
-        truncated[valid] = [bool(e.overflowing) for e in encoded.encodings]
+        truncated[valid] = sequences.truncated
 
-        batch = batch.drop_columns([c for c in (S.TEXT_PAIR,) if c in batch.column_names])
-        if not self.offsets:
-            batch = batch.drop_columns([S.TEXT])
-        batch = batch.append_column(S.INPUT_IDS, ragged(encoded["input_ids"], valid, n))
-        if pairs is not None:
-            batch = batch.append_column(S.TOKEN_TYPE_IDS, ragged(encoded["token_type_ids"], valid, n, np.int8))
-        if self.offsets:
-            # Flattened (start, end) character spans; special tokens get (-1, -1).
-            flat = [
-                [v for (start, end), special in zip(spans, mask) for v in ((-1, -1) if special else (start, end))]
-                for spans, mask in zip(encoded["offset_mapping"], encoded["special_tokens_mask"])
-            ]
-            batch = batch.append_column(S.OFFSETS, ragged(flat, valid, n))
-        batch = batch.append_column(S.NUM_TOKENS, pa.array(num_tokens))
+        kept = {self.span_text} if self.keeps_text else set()  # the text the model actor needs, if any
+        batch = batch.drop_columns([c for c in (S.TEXT, S.TEXT_PAIR) if c in batch.column_names and c not in kept])
+        batch = batch.append_column(S.INPUT_IDS, nested(sequences.input_ids, counts, valid, n))
+        if sequences.token_type_ids is not None:
+            batch = batch.append_column(S.TOKEN_TYPE_IDS, nested(sequences.token_type_ids, counts, valid, n, np.int8))
+        if sequences.offsets is not None:
+            batch = batch.append_column(S.OFFSETS, nested(sequences.offsets, counts, valid, n))
+        if sequences.spans is not None:
+            batch = batch.append_column(S.SPANS, nested(sequences.spans, counts, valid, n))
         self.progress.beat.remote("tokenize", n, time.perf_counter() - started)
         return batch.append_column(S.TRUNCATED, pa.array(truncated))

@@ -35,7 +35,8 @@ from pipeline.source import InputError, open_input, read_records
 
 REPO_ID = "tiny-org/news"
 OLD, MAIN, CONVERT = (hashlib.sha1(name.encode()).hexdigest() for name in ("old", "main", "convert"))
-TASKS = ("sequence-classification", "token-classification", "embedding")
+TASKS = ("sequence-classification", "token-classification", "embedding", "rerank", "sparse-embedding")
+TASK_INPUT = {"rerank": {"text_pair_column": "topic", "group_column": "topic"}}  # pairs, ranked within groups
 
 CARD = """---
 license: cc-by-4.0
@@ -162,7 +163,7 @@ def saved_dict(tmp_path_factory) -> Path:
 
 def job(tiny_models, task: str, input: dict, out: Path) -> dict:
     return {
-        "input": input,
+        "input": {**TASK_INPUT.get(task, {}), **input},
         "model": {"path": str(tiny_models[task]), "task": task},
         "output": {"path": str(out)},
         "tokenize": {"batch_size": 8},
