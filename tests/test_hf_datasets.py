@@ -36,7 +36,7 @@ from pipeline.source import InputError, open_input, read_records
 REPO_ID = "tiny-org/news"
 OLD, MAIN, CONVERT = (hashlib.sha1(name.encode()).hexdigest() for name in ("old", "main", "convert"))
 TASKS = ("sequence-classification", "token-classification", "embedding", "rerank", "sparse-embedding")
-TASK_INPUT = {"rerank": {"text_pair_column": "topic", "group_column": "topic"}}  # pairs, ranked within groups
+TASK_INPUT = {"rerank": {"text_pair_column": "topic"}}  # (text, topic) pairs
 
 CARD = """---
 license: cc-by-4.0
