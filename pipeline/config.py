@@ -48,12 +48,30 @@ class _Strict(BaseModel):
 
 
 class InputConfig(_Strict):
-    path: str = Field(description="File, directory or glob of input shards; local path or s3://bucket/prefix.")
-    format: Literal["parquet", "jsonl"] | None = Field(
+    path: str = Field(
+        description="File, directory or glob of input shards, local or s3://bucket/prefix; a `datasets` save_to_disk "
+        "directory (local or s3://); or a Hub dataset, hf://datasets/<org>/<name>[/<path in the repo>] "
+        "(see README: Input)."
+    )
+    format: Literal["parquet", "jsonl", "arrow"] | None = Field(
         None,
         description="Shard format. Omitted: each file is read by its own extension (.parquet/.pq, .jsonl/.json/"
-        ".ndjson, optionally .gz), so a directory may mix them. Set: files of the other format are an error. Files "
-        "with other extensions (README, .csv) are skipped and listed in the plan and manifest (files_skipped).",
+        ".ndjson, optionally .gz, .arrow: Arrow IPC stream or file), so a directory may mix them. Set: files of "
+        "another format are an error. Files with other extensions (README, .csv) are skipped and listed in the plan "
+        "and manifest (files_skipped).",
+    )
+    revision: str | None = Field(
+        None,
+        description="hf:// datasets: the branch, tag or commit to read (default: main), resolved to a commit sha once "
+        "on the driver; `refs/convert/parquet` reads the Hub's Parquet conversion. A new commit is new input.",
+    )
+    config: str | None = Field(
+        None,
+        description="hf:// datasets: the config (subset) to read. Default: the dataset's default config, or its only one.",
+    )
+    split: str | None = Field(
+        None,
+        description="hf:// datasets and save_to_disk DatasetDicts: the split to read. Default: the only split.",
     )
     text_column: str = Field("text", description="Column holding the text to encode (string, or binary holding UTF-8).")
     text_pair_column: str | None = Field(None, description="Optional second text for pair inputs (e.g. NLI, reranking).")
@@ -65,7 +83,7 @@ class InputConfig(_Strict):
     id_columns: list[str] = Field(
         default_factory=list,
         description="Columns copied unchanged to the output. When empty, a deterministic `id` "
-        "('<file relative to input root>:<row>') is generated.",
+        "('<file relative to input root>:<row>'; a Hub dataset's root is its repo's) is generated.",
     )
     reject_duplicate_ids: bool = Field(
         True,
@@ -98,6 +116,13 @@ class InputConfig(_Strict):
     def _one_prompt(self) -> InputConfig:
         if self.prompt is not None and self.prompt_name is not None:
             raise ValueError("set input.prompt (a literal) or input.prompt_name (one of the checkpoint's), not both")
+        return self
+
+    @model_validator(mode="after")
+    def _check_hub_keys(self) -> InputConfig:
+        for key in ("revision", "config"):
+            if getattr(self, key) is not None and not self.path.startswith("hf://"):
+                raise ValueError(f"input.{key} applies to Hub datasets (input.path: hf://datasets/<org>/<name>) only")
         return self
 
 
@@ -399,12 +424,16 @@ class JobConfig(_Strict):
         return redact(value, self.secrets)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes output values: not paths, pool sizes, batching or storage."""
+        """Hash of everything that changes output values: not paths, pool sizes, batching or storage.
+
+        Like ``input.path``, the keys that select a dataset's rows (revision, config, split) are not in it:
+        what they resolve to is part of a run's identity (``pipeline.run.Plan.identity``).
+        """
         relevant = self.model_dump(
             mode="json",
             include={"input", "model", "output", "eval"},
             exclude={
-                "input": {"path"},
+                "input": {"path", "revision", "config", "split"},
                 "model": {"min_fidelity", "fidelity_rows"},
                 "output": {"path", "mode", "rows_per_file"},
             },

@@ -5,12 +5,13 @@ Layout under ``output.path``::
     dt=2026-11-20/
       _CURRENT                         # name of the version readers use
       _lease/                          # one driver per date at a time
-      version=<model>-<config>/        # a table of pipeline.commit; a new model revision or config => a new version
+      version=<model>-<config>[-<dataset>]/  # a table of pipeline.commit; a new model revision, config or
+                                       # dataset revision (Hugging Face dataset inputs) => a new version
         _manifest.json                 # the commit record and the shard ledger (below)
         _SUCCESS, part-*.parquet, _rejected/, _staging/<run>/
 
 The manifest of a version lists its files like any output, and adds ``shards`` (input shard ->
-size, ETag/mtime, the run that committed it) and ``runs`` (run -> its statistics and files);
+size, ETag/mtime, a dataset's revision, the run that committed it) and ``runs`` (run -> its statistics and files);
 ``rows_in``/``rows_out``/``rows_rejected``/``rejected_by_reason`` (and, for chunk rows, ``documents_out`` and
 ``chunks_out``) are totals over the runs.
 
@@ -19,6 +20,11 @@ the ledger does not list (keeping the rows a killed run of the same version rece
 ``pipeline.commit``), and commits them added to the version: no shard is in two runs, no row in two
 parts. A shard that changes after it was scored is refused. Later runs into a version apply the
 calibration its runs recorded, if the task has one (``Task.calibrated_like``: int8 ranges).
+
+A Hugging Face dataset's shard is its file at the dataset's resolved revision (``pipeline.hf_datasets``):
+the revision is part of the version's name and of every ledger entry, so a new revision of the dataset
+is new input, scored into a version of its own that ``_CURRENT`` then names. Its rows are never mixed with
+the old revision's, whose files may share their names (and generated ids).
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ def locations(cfg: JobConfig, job: Plan, date: str) -> tuple[str, str, str]:
     """(the date directory, the version name, the version directory) of ``date`` for this plan."""
     day = join(cfg.output.path, f"dt={date}")
     version = f"version={job.model.fingerprint[:12]}-{cfg.fingerprint()}"
+    if job.shards.dataset:
+        version += f"-{job.shards.dataset.revision[:12]}"
     return day, version, join(day, version)
 
 
@@ -72,7 +80,8 @@ def pending_shards(job: Plan, ledger: dict, date: str, version: str) -> tuple[di
 
     Raises ``ConfigError`` for a listed shard whose content changed.
     """
-    shards = {job.shards.relative(f): (f, shard_signature(job.shards.fs, f)) for f in job.shards.files}
+    dataset = {"revision": job.shards.dataset.revision} if job.shards.dataset else {}
+    shards = {job.shards.relative(f): (f, {**shard_signature(job.shards.fs, f), **dataset}) for f in job.shards.files}
     changed = [s for s, (_, sig) in shards.items() if s in ledger and {k: ledger[s][k] for k in sig} != sig]
     if changed:
         raise ConfigError(

@@ -31,12 +31,12 @@ from pipeline.source import (
     Unreadable,
     check_schema,
     check_text,
-    discover,
+    open_input,
     open_shard,
     read_records,
     scan_input,
 )
-from pipeline.storage import check_access, filesystem
+from pipeline.storage import check_access
 from pipeline.tasks import Columns, Task, build
 
 READ_CPUS = 0.25  # read and write tasks are I/O bound; a small share keeps them schedulable beside the actors
@@ -120,12 +120,15 @@ class Plan:
     def identity(self) -> dict:
         """What a resumed run must share with the killed one it resumes (``pipeline.commit``); the dtype
         too, as ``auto`` computes in float16 on a GPU cluster and in float32 on a CPU one."""
-        return {
+        identity = {
             "model_revision": self.model.fingerprint,
             "config_hash": self.cfg.fingerprint(),
             "input_path": self.cfg.input.path,
             "dtype": self.dtype,
         }
+        if self.shards.dataset:  # a dataset's revision, config and split: the same path may hold other rows
+            identity["input_dataset"] = self.shards.dataset.to_json()
+        return identity
 
     def metadata(self) -> dict:
         """File-level Parquet metadata: what produced these rows (secrets masked)."""
@@ -139,6 +142,7 @@ class Plan:
             "max_length": self.model.max_length,
             "dtype": self.dtype,
             "text_column": cfg.input.text_column,
+            **({"input_dataset": self.shards.dataset.to_json()} if self.shards.dataset else {}),
             **self.task.metadata(),
         })
 
@@ -155,8 +159,9 @@ class Plan:
         files, skipped = self.shards.files, self.shards.skipped
         lines = [
             f"input    {self.cfg.input.path}: {self.shards.describe()}"
-            + (f" ({files[0]} ... {files[-1]})" if len(files) > 1 else f" ({files[0]})")
+            + ("" if self.shards.dataset else f" ({files[0]} ... {files[-1]})" if len(files) > 1 else f" ({files[0]})")
             + (f"; skipped, not shards: {list(skipped[:10])}{' ...' if len(skipped) > 10 else ''}" if skipped else ""),
+            *self._dataset_lines(),
             f"columns  text={self.cfg.input.text_column!r}"
             + (f" pair={self.cfg.input.text_pair_column!r}" if self.cfg.input.text_pair_column else "")
             + f" passthrough={[*([] if self.cfg.input.id_columns else [S.GENERATED_ID + ' (generated)']), *self.shards.passthrough]}"
@@ -178,6 +183,15 @@ class Plan:
             for path, problem in self.unreadable.items()
         ]
         return self.cfg.redact("\n".join(lines))
+
+    def _dataset_lines(self, shown: int = 20) -> list[str]:
+        """What a dataset input resolved to, and its files (relative to its root, which generated ids use)."""
+        dataset, files = self.shards.dataset, self.shards.files
+        if dataset is None:
+            return []
+        names = [self.shards.relative(f) for f in files[:shown]]
+        more = f" and {len(files) - shown} more" if len(files) > shown else ""
+        return [f"dataset  {dataset.describe()}", f"files    {', '.join(names)}{more}"]
 
 
 def cluster_resources() -> tuple[float, float, float]:
@@ -210,11 +224,9 @@ def plan(
     if cpus is None:
         cpus, gpus, node_cpus = cluster_resources()
     check_location(cfg.output.path, cfg.input.path)
-    check_access(cfg.input.path, cfg.storage)
     check_access(cfg.output.path, cfg.storage, write=True)
-    fs, in_path = filesystem(cfg.input.path, cfg.storage)
     passthrough = list(dict.fromkeys([*cfg.input.id_columns, *filter(None, [cfg.eval.label_column, cfg.input.group_column])]))
-    shards = discover(cfg.input, fs, in_path, passthrough)
+    shards = open_input(cfg.input, cfg.storage, passthrough)
     passthrough_schema, footer_rows, unreadable = check_schema(shards, cfg.input)
     model = resolve(cfg.model, cfg.storage, cfg.tokenize.path)
     budget = cfg.inference.max_tokens_per_batch

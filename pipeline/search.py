@@ -43,8 +43,8 @@ from pipeline.index import (
     sparse_search,
 )
 from pipeline.tasks import ModelBatch
-from pipeline.source import Shards, discover, open_shard, read_records, visible
-from pipeline.storage import arrow_filesystem, filesystem
+from pipeline.source import Shards, open_input, open_shard, read_records, visible
+from pipeline.storage import arrow_filesystem
 from pipeline.tasks import build
 
 RERANK_SCORE = "rerank_score"  # hits column: the --rerank-model cross-encoder's score of (query, text)
@@ -221,6 +221,9 @@ class Searcher:
     ):
         self.output_path, self.storage = output_path, storage
         self.job = job_config(output_path, storage)
+        dataset = open_output(output_path, storage).metadata.get("input_dataset", {})
+        if dataset.get("kind") == "hub":  # texts come from the commit that was embedded, not today's
+            self.job = self.job.model_copy(update={"input": self.job.input.model_copy(update={"revision": dataset["revision"]})})
         self.sparse = output_task(output_path, storage) == "sparse-embedding"
         if self.sparse and (prompt is not None or prompt_name is not None):
             raise SearchError("sparse-embedding outputs are searched without a prompt: drop --prompt / --prompt-name")
@@ -273,12 +276,11 @@ def fetch_texts(job: JobConfig, ids: pa.Table, storage: StorageConfig | None = N
     ids, by one pass over the shards that hold the rows.
     """
     cfg = job.input
-    fs, path = filesystem(cfg.path, storage)
-    shards = discover(cfg, fs, path, [])
+    shards = open_input(cfg, storage, [])
     key_columns = cfg.id_columns or [S.GENERATED_ID]
     keys = [tuple(row.values()) for row in ids.select(key_columns).to_pylist()]
     if cfg.id_columns and all(shards.format_of(f) == "parquet" for f in shards.files):
-        dataset = ds.dataset(shards.files, filesystem=arrow_filesystem(fs), format="parquet")
+        dataset = ds.dataset(shards.files, filesystem=arrow_filesystem(shards.fs), format="parquet")
         matches = functools.reduce(operator.and_, (pc.field(c).isin(ids[c].combine_chunks()) for c in cfg.id_columns))
         rows = dataset.to_table(columns=[*cfg.id_columns, cfg.text_column], filter=matches).to_pylist()
         found = {tuple(row[c] for c in cfg.id_columns): row[cfg.text_column] for row in rows}

@@ -5,6 +5,9 @@ passthrough columns (id columns or a generated ``id``, plus the gold label colum
 ``_source_file``, ``_source_row``, ``_text`` (null when rejected), optionally
 ``_text_pair``, and ``_error``/``_error_detail`` (null for good rows).
 
+Shards are Parquet, JSONL or Arrow IPC files: files under ``input.path``, or the data files a
+Hugging Face dataset resolves to (``pipeline.hf_datasets``); ``open_input`` picks the route.
+
 Bad rows are never dropped: they carry a ``Reason`` to the sink, which quarantines them.
 Problems that make a whole shard unusable (missing text column, wrong column type,
 unreadable file) raise ``InputError`` on the driver, before any actor starts.
@@ -21,7 +24,7 @@ import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
@@ -32,12 +35,16 @@ from ray.exceptions import UserCodeException
 
 from pipeline import schema as S
 from pipeline.commit import Ranges, covered
-from pipeline.config import InputConfig
+from pipeline.config import InputConfig, StorageConfig
 from pipeline.schema import Reason
-from pipeline.storage import relative_to
+from pipeline.storage import check_access, filesystem, relative_to
+
+if TYPE_CHECKING:
+    from pipeline.hf_datasets import DatasetRef
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
-SUFFIXES = {"parquet": (".parquet", ".pq"), "jsonl": JSONL_SUFFIXES}
+SUFFIXES = {"parquet": (".parquet", ".pq"), "jsonl": JSONL_SUFFIXES, "arrow": (".arrow",)}
+TYPED = ("parquet", "arrow")  # formats whose files declare their schema and are read record batch by record batch
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
 READ_BATCH_ROWS = 2048
 
@@ -62,10 +69,11 @@ class Shards:
     root: str  # ids are file paths relative to this
     files: list[str]
     sizes: dict[str, int]  # from the one listing; read tasks reuse it instead of listing again
-    formats: dict[str, str]  # file -> "parquet" or "jsonl"
+    formats: dict[str, str]  # file -> "parquet", "jsonl" or "arrow"
     passthrough: list[str]  # columns copied to the output unchanged
     fs: fsspec.AbstractFileSystem
     skipped: tuple[str, ...] = ()  # files under the input that are not shards (README, .csv), relative
+    dataset: DatasetRef | None = None  # what a Hugging Face dataset input resolved to
 
     def relative(self, path: str) -> str:
         return relative_to(path, self.root)
@@ -106,25 +114,55 @@ def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthr
         listing, root, single = {path: fs.info(path)}, posixpath.dirname(path), True
     else:
         raise InputError(f"input.path {cfg.path} does not exist")
+    # A symlink (the Hub cache links snapshot files to blobs) counts as what it points to; a broken one is no file.
+    listing = {name: _followed(fs, name, info) for name, info in listing.items()}
     sizes = {name: info["size"] for name, info in listing.items() if info["type"] == "file"}
-    files = sorted(sizes)
-    files = [f for f in files if not any(part[:1] in "_." for part in relative_to(f, root).split("/"))]
-    if not files:
+    sizes = {f: size for f, size in sizes.items() if not any(part[:1] in "_." for part in relative_to(f, root).split("/"))}
+    if not sizes:
         raise InputError(f"input.path {cfg.path} holds no input files")
-    formats = {f: cfg.format if single and cfg.format else infer_format(f) for f in files}
-    if single and formats[path] is None:
-        raise InputError(f"cannot infer the format of {path}: set input.format to parquet or jsonl")
+    if single and not cfg.format and infer_format(path) is None:
+        raise InputError(f"cannot infer the format of {path}: set input.format to parquet, jsonl or arrow")
+    forced = cfg.format if single else None
+    return shards_of(cfg, fs, root, sizes, passthrough, where=f"input.path {cfg.path}", forced=forced)
+
+
+def _followed(fs: fsspec.AbstractFileSystem, name: str, info: dict) -> dict:
+    """``info`` of a listed entry, a symlink's target's when it is one (local listings report links as such)."""
+    if not info.get("islink"):
+        return info
+    try:
+        return fs.info(name)
+    except FileNotFoundError:
+        return info
+
+
+def shards_of(
+    cfg: InputConfig,
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    sizes: dict[str, int],
+    passthrough: list[str],
+    *,
+    where: str,
+    forced: str | None = None,
+    dataset: DatasetRef | None = None,
+) -> Shards:
+    """The shards among listed files (path -> size), in path order: each read by its extension (or as
+    ``forced``), ``input.format`` enforced; files that are not shards are kept as ``skipped``.
+    ``where`` names the input in errors."""
+    files = sorted(sizes)
+    formats = {f: forced or infer_format(f) for f in files}
     if cfg.format:
         other = [relative_to(f, root) for f, fmt in formats.items() if fmt not in (None, cfg.format)]
         if other:
             raise InputError(
-                f"input.format is {cfg.format}, but {len(other)} file(s) under {cfg.path} are shards of another "
+                f"input.format is {cfg.format}, but {len(other)} file(s) under {where} are shards of another "
                 f"format: {other[:5]}. Move them away, or unset input.format to read each file by its extension"
             )
     shards = [f for f in files if formats[f]]
     skipped = [relative_to(f, root) for f in files if not formats[f]]
     if not shards:
-        raise InputError(f"input.path {cfg.path} holds no Parquet or JSONL shards (only {skipped[:5]})")
+        raise InputError(f"{where} holds no Parquet, JSONL or Arrow shards (only {skipped[:5]})")
     return Shards(
         root=root,
         files=shards,
@@ -133,7 +171,27 @@ def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthr
         passthrough=passthrough,
         fs=fs,
         skipped=tuple(skipped),
+        dataset=dataset,
     )
+
+
+def open_input(cfg: InputConfig, storage: StorageConfig | None, passthrough: list[str]) -> Shards:
+    """The shards of ``input.path``: a Hugging Face dataset (a Hub repo, or a ``save_to_disk`` directory
+    local or on S3) resolved by ``pipeline.hf_datasets``, else the files ``discover`` lists there."""
+    from pipeline import hf_datasets
+
+    if hf_datasets.is_hub(cfg.path):
+        return hf_datasets.hub_shards(cfg, passthrough)
+    check_access(cfg.path, storage)
+    fs, path = filesystem(cfg.path, storage)
+    if hf_datasets.is_saved(fs, path):
+        return hf_datasets.saved_shards(cfg, fs, path, passthrough)
+    if cfg.split is not None:
+        raise InputError(
+            f"input.split selects a split of a Hugging Face dataset (hf://datasets/... or a save_to_disk directory), "
+            f"but {cfg.path} is neither: remove input.split"
+        )
+    return discover(cfg, fs, path, passthrough)
 
 
 @dataclass(frozen=True)
@@ -141,7 +199,7 @@ class Unreadable:
     """A shard quarantined whole, before the run, because it could not be read to its end."""
 
     error: str
-    rows: int | None  # rows by its Parquet footer; None for JSONL, or when the footer itself is unreadable
+    rows: int | None  # rows by its Parquet footer; None for JSONL and Arrow, or when the footer itself is unreadable
     rows_read: int = 0  # rows read before the error (what JSONL can tell)
 
     @property
@@ -159,24 +217,30 @@ def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema, dict[str,
     """Check every shard opens and has the configured columns with usable types (in parallel).
 
     Returns the declared type of each passthrough column, each Parquet shard's row count from
-    its footer, and the shards that cannot even be opened (a Parquet footer or a JSONL shard's
-    first lines that do not read): those are quarantined whole, the rest run. Types come from the
-    Parquet footers (which must agree) when the input has Parquet shards, else from the first
-    value of each column in the first lines of every JSONL shard (see ``sample_jsonl``).
-    ``InputError`` when no shard is readable or the columns do not fit the config.
+    its footer, and the shards that cannot even be opened (a Parquet footer, an Arrow stream's
+    schema or a JSONL shard's first lines that do not read): those are quarantined whole, the rest
+    run. Types come from the schemas of the Parquet and Arrow shards (which must agree) when the
+    input has any, else from the first value of each column in the first lines of every JSONL shard
+    (see ``sample_jsonl``). ``InputError`` when no shard is readable or the columns do not fit the config.
     """
-    parquet = [path for path in shards.files if shards.format_of(path) == "parquet"]
+    typed = [path for path in shards.files if shards.format_of(path) in TYPED]
     jsonl = [path for path in shards.files if shards.format_of(path) == "jsonl"]
 
-    def footer(path: str) -> pq.FileMetaData | Unreadable:
+    def footer(path: str) -> tuple[pa.Schema, int | None] | Unreadable:
+        """The shard's schema and, for Parquet, its row count."""
+        fmt = shards.format_of(path)
         try:
             with shards.fs.open(path, "rb") as f:
-                return pq.read_metadata(f)
+                if fmt == "arrow":
+                    return _arrow_reader(f)[0], None
+                metadata = pq.read_metadata(f)
+                return metadata.schema.to_arrow_schema(), metadata.num_rows
         except Exception as e:  # noqa: BLE001 - any failure here means the shard is unreadable
-            return Unreadable(f"not a readable Parquet file ({_describe(e)})", rows=None)
+            kind = "Arrow IPC" if fmt == "arrow" else "Parquet"
+            return Unreadable(f"not a readable {kind} file ({_describe(e)})", rows=None)
 
     with ThreadPoolExecutor(16) as pool:
-        footers = dict(zip(parquet, pool.map(footer, parquet)))
+        footers = dict(zip(typed, pool.map(footer, typed)))
         samples = dict(zip(jsonl, pool.map(lambda path: sample_jsonl(shards, path), jsonl)))
     unreadable = {path: f for path, f in {**footers, **samples}.items() if isinstance(f, Unreadable)}
     _require_some(shards, unreadable)
@@ -184,7 +248,7 @@ def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema, dict[str,
     records = [r for s in samples.values() if not isinstance(s, Unreadable) for r in s]
     jsonl_types = _jsonl_types(shards, cfg, records) if jsonl else None
     expected = None
-    for path, file_schema in ((path, f.schema.to_arrow_schema()) for path, f in readable.items()):
+    for path, (file_schema, _) in readable.items():
         for column in [cfg.text_column, cfg.text_pair_column]:
             if column is None:
                 continue
@@ -202,7 +266,8 @@ def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema, dict[str,
             expected = passthrough
         elif not passthrough.equals(expected):
             raise InputError(f"{path}: id/label column types {passthrough} differ from other shards' {expected}")
-    return expected if expected is not None else jsonl_types, {p: f.num_rows for p, f in readable.items()}, unreadable
+    rows = {path: count for path, (_, count) in readable.items() if count is not None}
+    return expected if expected is not None else jsonl_types, rows, unreadable
 
 
 def _values(type: pa.DataType) -> pa.DataType:
@@ -311,7 +376,7 @@ def type_name(value: Any) -> str:
 
 def open_shard(shards: Shards, path: str):
     """A binary file object for one shard (JSONL decompressed by extension)."""
-    return shards.fs.open(path, "rb", compression=None if shards.format_of(path) == "parquet" else "infer")
+    return shards.fs.open(path, "rb", compression=None if shards.format_of(path) in TYPED else "infer")
 
 
 def projected_columns(cfg: InputConfig, passthrough: list[str]) -> list[str]:
@@ -335,8 +400,8 @@ def scan_input(
     with ``check_duplicates``, duplicate ids.
 
     One Ray task per shard decodes every page of the projected Parquet columns (verifying page
-    checksums where the writer stored them), or every line of a JSONL shard (a gzip stream to its
-    end, CRC included). A shard that fails is reported in ``unreadable`` with the rows read before
+    checksums where the writer stored them), every record batch of an Arrow shard, or every line of
+    a JSONL shard (a gzip stream to its end, CRC included). A shard that fails is reported in ``unreadable`` with the rows read before
     the error, and is not read again; the run quarantines it whole. Tasks hash the ids of each
     row (16 bytes, after ``coerce``; rows without a usable id are skipped): the driver keeps the
     first occurrence in (shard, row) order and marks later ones, ~24 bytes of memory per input row.
@@ -365,8 +430,8 @@ def scan_input(
         count, rows, digests = 0, [], []
         try:
             with open_shard(shards, path) as f:
-                if shards.format_of(path) == "parquet":
-                    for batch in _parquet_batches(f, columns):
+                if shards.format_of(path) in TYPED:
+                    for batch in _batches(f, shards.format_of(path), columns):
                         if id_columns:
                             for row, record, problem in _parquet_records(batch.select(id_columns), count):
                                 if (d := digest(record, problem)) is not None:
@@ -410,9 +475,39 @@ def scan_input(
     return InputScan(total, duplicates, unreadable)
 
 
+def _batches(f, fmt: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Decoded row batches of the projected columns of a Parquet or Arrow shard."""
+    return _parquet_batches(f, columns) if fmt == "parquet" else _arrow_batches(f, columns)
+
+
 def _parquet_batches(f, columns: list[str]) -> Iterator[pa.RecordBatch]:
     """Decoded row batches of the projected columns, page checksums verified where present."""
     return pq.ParquetFile(f, page_checksum_verification=True).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns)
+
+
+ARROW_FILE_MAGIC = b"ARROW1"
+
+
+def _arrow_reader(f) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """The schema and record batches of an Arrow IPC shard: the stream format (what ``datasets``'
+    ``save_to_disk`` writes) read batch by batch as it streams, or the random-access file format."""
+    magic = f.read(len(ARROW_FILE_MAGIC))
+    f.seek(0)
+    if magic == ARROW_FILE_MAGIC:
+        reader = pa.ipc.open_file(f)
+        return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+    reader = pa.ipc.open_stream(f)
+    return reader.schema, iter(reader)
+
+
+def _arrow_batches(f, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The projected columns of an Arrow IPC shard, one record batch at a time, in slices of at most
+    ``READ_BATCH_ROWS`` rows."""
+    schema, batches = _arrow_reader(f)
+    present = [c for c in columns if c in schema.names]
+    for batch in batches:
+        for start in range(0, batch.num_rows, READ_BATCH_ROWS):
+            yield batch.slice(start, READ_BATCH_ROWS).select(present)
 
 
 def _parquet_records(batch: pa.RecordBatch, first_row: int) -> Iterator[Record]:
@@ -449,10 +544,10 @@ def _decoded_records(batch: pa.RecordBatch) -> list[tuple[dict, tuple[Reason, st
 
 
 def read_records(f, fmt: str, columns: list[str]) -> Iterator[Record]:
-    """Every row of one shard: Parquet projected to ``columns``; JSONL line by line, tolerant."""
-    if fmt == "parquet":
+    """Every row of one shard: Parquet and Arrow projected to ``columns``; JSONL line by line, tolerant."""
+    if fmt in TYPED:
         row = 0
-        for batch in _parquet_batches(f, columns):
+        for batch in _batches(f, fmt, columns):
             yield from _parquet_records(batch, row)
             row += batch.num_rows
         return
@@ -531,7 +626,7 @@ class ListedFiles(DefaultFileMetadataProvider):
 
 
 class ShardDatasource(FileBasedDatasource):
-    """Streams Parquet (projected row batches) or JSONL (line by line, tolerant) shards.
+    """Streams Parquet or Arrow (projected row batches) or JSONL (line by line, tolerant) shards.
 
     ``types`` declares each passthrough column's type (``check_schema``): values are converted
     to it (``coerce``) or their row is rejected, so every block has the same schema.
@@ -559,7 +654,7 @@ class ShardDatasource(FileBasedDatasource):
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         try:
-            if self._shards.format_of(path) == "parquet":  # Parquet needs random access for its footer.
+            if self._shards.format_of(path) in TYPED:  # a Parquet footer, an Arrow file's magic: random access
                 return filesystem.open_input_file(path)
             return super()._open_input_source(filesystem, path, **open_args)
         except Exception as e:  # noqa: BLE001 - see _changed

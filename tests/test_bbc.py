@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from jobs import bbc
 
+REPO = Path(__file__).resolve().parents[1]
 COUNTS = {"business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401}
 
 
@@ -84,3 +86,35 @@ def test_sentences_are_short_clean_texts(articles):
     assert texts[0] == "Ad sales boost Time Warner profit"  # business/001's headline
     assert all(20 <= len(t) <= 300 and "\n" not in t and "\ufffd" not in t for t in texts)
     assert not any("Chelsea sack Mutu" in t for t in texts)  # sports/199 is skipped
+
+
+def test_dataset_holds_the_shards_rows_and_the_shipped_config_reads_it(tmp_path, articles):
+    """The corpus as a `datasets` dataset (save_to_disk): the same rows and raw bytes as the Parquet shards, and
+    what configs/bbc_embed_dataset.yaml plans to embed."""
+    import datasets
+
+    from pipeline.config import load_config
+    from pipeline.run import plan
+    from pipeline.source import open_shard, read_records
+
+    subset = [a for a in articles if a.doc_id == "sports/199"] + articles[::100]  # the non-UTF-8 one, and 23 more
+    bbc.write_shards(tmp_path / "shards", subset, num_shards=2)
+    bbc.write_dataset(tmp_path / "dataset", subset, num_shards=3)
+    loaded = datasets.load_from_disk(str(tmp_path / "dataset"))
+    assert loaded.num_rows == len(subset) and loaded.features["text"].dtype == "binary"
+    assert {r["doc_id"]: r["text"] for r in loaded} == {a.doc_id: a.raw for a in subset}
+
+    overrides = [f"input.path={tmp_path / 'dataset'}", f"output.path={tmp_path / 'out'}"]
+    job = plan(load_config(REPO / "configs/bbc_embed_dataset.yaml", overrides), cpus=2, gpus=0)
+    shards = job.shards
+    assert [shards.relative(f) for f in shards.files] == [f"data-{k:05d}-of-00003.arrow" for k in range(3)]
+    assert shards.dataset.kind == "save_to_disk" and "dataset  save_to_disk dataset" in job.describe()
+    records = []
+    for f in shards.files:
+        with open_shard(shards, f) as stream:
+            records += [r for _, r, _ in read_records(stream, "arrow", ["doc_id", "topic", "text"])]
+    parquet = pq.read_table(tmp_path / "shards").to_pylist()
+    assert sorted(records, key=lambda r: r["doc_id"]) == sorted(parquet, key=lambda r: r["doc_id"])
+
+    bbc.write_dataset(tmp_path / "dataset", subset, num_shards=2)  # rewritten: no shard of the old layout is left
+    assert sorted(p.name for p in (tmp_path / "dataset").glob("*.arrow")) == [f"data-{k:05d}-of-00002.arrow" for k in range(2)]

@@ -1,6 +1,6 @@
 """The driver takes no heavy work: a 1,000-shard job lists its input once and never stats a shard.
 
-A counting filesystem stands in for every one ``pipeline.run`` makes. Not being a
+A counting filesystem stands in for the input's (``pipeline.source.open_input``). Not being a
 ``LocalFileSystem``, it reaches Ray Data through ``FSSpecHandler`` exactly as S3 does, so
 Ray Data's calls on the driver are recorded too.
 """
@@ -18,7 +18,7 @@ import pytest
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-import pipeline.run
+import pipeline.source
 from pipeline.config import JobConfig, load_config
 from pipeline.run import cluster_resources, plan, run_job, size_pools
 
@@ -79,10 +79,10 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def fs(monkeypatch: pytest.MonkeyPatch) -> CountingFileSystem:
-    """The filesystem ``pipeline.run`` uses for every path (input and output) during the test."""
+    """The filesystem the plan reads the input through (``pipeline.source.open_input``) during the test."""
     counting = CountingFileSystem()
-    real = pipeline.run.filesystem
-    monkeypatch.setattr(pipeline.run, "filesystem", lambda path, storage=None: (counting, real(path, storage)[1]))
+    real = pipeline.source.filesystem
+    monkeypatch.setattr(pipeline.source, "filesystem", lambda path, storage=None: (counting, real(path, storage)[1]))
     return counting
 
 
