@@ -384,3 +384,18 @@ def test_jobs_search_prints_the_best_chunk_and_its_span(bbc_chunks, capsys):
     assert header == ["#", "score", "doc_id", "chunk_index", "num_chunks", "char_start", "char_end", "chunk"]
     assert first.split()[2:7] == [target["doc_id"], *(str(target[c]) for c in (S.CHUNK_INDEX, S.NUM_CHUNKS, S.CHAR_START, S.CHAR_END))]
     assert " ".join(target[S.CHUNK_TEXT].split())[:60] in first  # the quoted chunk, not the document's opening
+
+
+def test_finding_word_starts_in_a_long_text_does_not_warn_that_it_is_too_long(capfd):
+    """Chunking reads a whole text's word starts first; transformers must not log that the text is longer than
+    the model takes ("... will result in indexing errors"): every chunk it then makes is within the limit."""
+    from transformers import AutoTokenizer
+
+    from pipeline.sequences import word_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm())
+    sequences = word_windows(tokenizer, ["word " * 2000], max_length=256, size=256, overlap=32)
+    assert len(sequences.input_ids) > 8 and max(map(len, sequences.input_ids)) <= 256
+    assert "indexing errors" not in "".join(capfd.readouterr())
+    tokenizer(["word " * 2000])  # the warning this test would see, were it logged
+    assert "indexing errors" in "".join(capfd.readouterr())
