@@ -7,6 +7,7 @@
     python -m jobs.benchmark --scaling                 # (a) with 1 model actor vs 2, one thread each
     python -m jobs.benchmark --scan-cost               # reading 1,000 shards whole before a run vs footers only
     python -m jobs.benchmark --backends                # torch vs OpenVINO / ONNX Runtime / int8, see below
+    python -m jobs.benchmark --pretruncation           # the tokenize stage on long rows, pre-truncation off vs on
 
 Every contender runs, one after another, on the same texts, checkpoint, dtype, max_length (256),
 torch thread count (``--threads``, default all cores) and malloc settings (``keep_freed_memory``):
@@ -83,6 +84,12 @@ the set; then sentence-transformers ``encode`` with ``backend="torch"`` (fp32, b
 ``"openvino"``. A runtime that is not installed or cannot load is a row saying why. Timed rounds
 (``--repeats``) take turns so that a busy machine's drift hits every backend alike; the best round counts.
 Fidelity: the fidelity gate's figures against torch fp32 (``pipeline.fidelity``).
+Pre-truncation (--pretruncation): the tokenize stage's work, ``Task.encode`` as ``TokenizeWorker`` calls it
+(``input.long_text: truncate``, MiniLM's tokenizer and ``max_length`` 256, batches of ``tokenize.batch_size``
+rows), in this process, with pre-truncation off (the whole text handed to the tokenizer) and on (at most
+``PRETRUNCATE_CHARS_PER_TOKEN x max_length`` characters, ``pipeline.sequences.pretruncate``), on two sets:
+``articles`` (every BBC article) and ``1mb`` (``--huge-rows`` rows of BBC articles concatenated to ~1 MB each).
+Each figure is the best of ``--repeats`` passes, off and on alternating; both modes must give the same ids, or the run fails.
 
 sequence-classification: ``--model`` defaults to the topic classifier that
 ``python -m jobs.make_classifier`` writes (``$ENCODER_BATCH_CACHE/bbc-topic-minilm``, cache default
@@ -95,13 +102,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import random
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -987,6 +996,87 @@ def format_backends(rows: list[dict]) -> str:
             )
     return "\n".join(lines)
 
+# ---- pre-truncation ---------------------------------------------------------------------------
+
+HUGE_ROW_CHARS = 1_000_000
+
+
+@contextmanager
+def pretruncation(enabled: bool) -> Iterator[None]:
+    """Pre-truncation as the pipeline runs it, or off: a prefix bound no text exceeds."""
+    from pipeline import sequences
+
+    bound = sequences.PRETRUNCATE_CHARS_PER_TOKEN
+    sequences.PRETRUNCATE_CHARS_PER_TOKEN = bound if enabled else math.inf
+    try:
+        yield
+    finally:
+        sequences.PRETRUNCATE_CHARS_PER_TOKEN = bound
+
+
+def pretruncation_sets(huge_rows: int) -> dict[str, list[str]]:
+    """``articles``: every BBC article; ``1mb``: ``huge_rows`` rows of articles concatenated to ~1 MB each."""
+    articles = [a.decode(errors="replace") for a in bbc.load_articles()]
+    huge = []
+    for i in range(huge_rows):
+        parts, size = [], 0
+        for text in sample(articles, len(articles), seed=i):
+            parts.append(text)
+            size += len(text) + 2
+            if size >= HUGE_ROW_CHARS:
+                break
+        huge.append("\n\n".join(parts))
+    return {"articles": articles, "1mb": huge}
+
+
+def pretruncation_cost(model: str, sets: dict[str, list[str]], repeats: int) -> list[dict]:
+    """µs per row of the tokenize stage's ``Task.encode`` with pre-truncation off and on, per set."""
+    from pipeline.checkpoint import actor_tokenizer, resolve
+    from pipeline.config import load_config
+    from pipeline.tasks import build
+
+    cfg = load_config(raw={"input": {"path": "unused"}, "model": {"path": model, "task": "embedding"},
+                           "output": {"path": "unused"}})  # fmt: skip
+    resolved = resolve(cfg.model, cfg.storage, cfg.tokenize.path)
+    task = build(cfg, resolved)
+    tokenizer = actor_tokenizer(resolved, lowercase=task.tokenization.lowercase)
+    batch = cfg.tokenize.batch_size
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        ids = []
+        for start in range(0, len(texts), batch):
+            ids += task.encode(tokenizer, texts[start : start + batch], None, resolved.max_length).input_ids
+        return ids
+
+    rows = []
+    for name, texts in sets.items():
+        timings, outputs = {False: math.inf, True: math.inf}, {}
+        for _ in range(repeats):  # off and on alternate, so that a burst of load hits both alike
+            for enabled in (False, True):
+                with pretruncation(enabled):
+                    started = time.perf_counter()
+                    outputs[enabled] = encode(texts)
+                    timings[enabled] = min(timings[enabled], time.perf_counter() - started)
+        if outputs[False] != outputs[True]:
+            raise AssertionError(f"{name}: pre-truncation changed the tokens")
+        chars = np.array([len(t) for t in texts])
+        rows.append({
+            "set": name, "rows": len(texts), "median_chars": int(np.median(chars)), "max_chars": int(chars.max()),
+            "off_us_per_row": round(1e6 * timings[False] / len(texts), 1),
+            "on_us_per_row": round(1e6 * timings[True] / len(texts), 1),
+            "speedup": round(timings[False] / timings[True], 2),
+        })  # fmt: skip
+        log.info("%s: %s", name, rows[-1])
+    return rows
+
+
+def format_pretruncation(rows: list[dict]) -> str:
+    header = ["set", "rows", "median chars", "max chars", "off µs/row", "on µs/row", "off / on"]
+    keys = ["set", "rows", "median_chars", "max_chars", "off_us_per_row", "on_us_per_row", "speedup"]
+    lines = [header, *([str(r[k]) + ("x" if k == "speedup" else "") for k in keys] for r in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+
 
 # ---- main -----------------------------------------------------------------------------------
 
@@ -1066,12 +1156,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scan-shards", type=int, default=1000, help="--scan-cost: shards (default: 1000)")
     parser.add_argument("--scan-rows", type=int, default=20, help="--scan-cost: articles per shard (default: 20)")
     parser.add_argument("--backends", action="store_true", help="instead: CPU runtimes and int8, one set (mixed), see above")
-    parser.add_argument("--repeats", type=int, default=3, help="--backends: timed rounds, best kept (default: 3)")
+    parser.add_argument("--pretruncation", action="store_true",
+                        help="instead: the tokenize stage on long rows, pre-truncation off vs on, see above")
+    parser.add_argument("--huge-rows", type=int, default=8, help="--pretruncation: ~1 MB rows (default: 8)")
+    parser.add_argument("--repeats", type=int, default=3, help="--backends, --pretruncation: timed rounds, best kept (default: 3)")
     parser.add_argument("--out", type=Path, default=Path("out/benchmark"), help="default: out/benchmark")
     args = parser.parse_args()
     if args.backends and args.task != "embedding":
         parser.error("--backends measures the embedding task (cosine and recall@10 against torch fp32)")
-    for flag in ("rows", "threads", "scan_shards", "scan_rows", "repeats"):
+    for flag in ("rows", "threads", "scan_shards", "scan_rows", "huge_rows", "repeats"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     for chosen, allowed, flag in ((args.sets, SETS, "--sets"), (args.contenders, CONTENDERS, "--contenders")):
@@ -1111,6 +1204,14 @@ def main() -> None:
         (args.out / "scan-cost.json").write_text(json.dumps({"machine": machine_info(), "results": rows}, indent=2) + "\n")
         print(format_scan_cost(rows))
         print(f"Written: {args.out}/scan-cost.json")
+        return
+    if args.pretruncation:
+        model = args.model or default_model("embedding", args.out)
+        rows = pretruncation_cost(model, pretruncation_sets(args.huge_rows), args.repeats)
+        report = {"machine": machine_info(), "settings": {"model": model, "repeats": args.repeats}, "results": rows}
+        (args.out / "pretruncation.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(format_pretruncation(rows))
+        print(f"Written: {args.out}/pretruncation.json")
         return
 
     spec = Spec(args.task, args.model or default_model(args.task, args.out), args.dtype, args.threads)

@@ -3,8 +3,9 @@
 1. shard the BBC News corpus (2,225 articles, 5 topics) into Parquet under data/bbc, and save it as a
    Hugging Face ``datasets`` dataset under data/bbc_dataset (what configs/bbc_embed_dataset.yaml embeds);
 2. build the topic classifier from all-MiniLM-L6-v2 (skipped when already built);
-3. embed every article (configs/bbc_embed.yaml) and score it (configs/bbc_classify.yaml);
-4. build the ANN index next to the embeddings and run one example search;
+3. embed every article whole, in chunks of at most 256 tokens (configs/bbc_embed_chunks.yaml: one row per
+   chunk, with its character span), and score it (configs/bbc_classify.yaml);
+4. build the ANN index over the chunk rows and run one example search: each article once, quoting its best chunk;
 5. draw the confusion matrix and a 2-D projection of the embeddings by topic;
 6. print a one-screen summary.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +26,7 @@ from jobs.search import render
 from pipeline import read_output
 from pipeline import schema as S
 from pipeline.config import load_config
-from pipeline.index import build_index
+from pipeline.index import IndexInfo, build_index
 from pipeline.run import run_job
 from pipeline.search import Searcher
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parent.parent
+EMBED_CONFIG = "configs/bbc_embed_chunks.yaml"  # every article whole, one row per chunk
 QUERY = "striker scores twice as the team wins the cup final"
 
 
@@ -82,11 +85,30 @@ def plot_projection(table: pa.Table, path: Path) -> Figure:
     ax.legend(markerscale=3)
     ax.set_xlabel(f"PC1 ({explained[0]:.1%} of variance)")
     ax.set_ylabel(f"PC2 ({explained[1]:.1%} of variance)")
-    ax.set_title("all-MiniLM-L6-v2 embeddings of BBC News (PCA)")
+    ax.set_title(f"all-MiniLM-L6-v2 embeddings of BBC News{' chunks' if S.CHUNK_INDEX in table.column_names else ''} (PCA)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return fig
+
+
+def index_and_search(output_path: str, query: str = QUERY, k: int = 5) -> tuple[IndexInfo, Searcher, pa.Table]:
+    """Build the ANN index of an embedding output, then search it as ``jobs.search`` does: the ``k`` best hits."""
+    index = build_index(output_path)
+    searcher = Searcher(output_path)
+    return index, searcher, searcher.search(query, k=k)
+
+
+def quote(hit: dict, width: int = 100) -> str:
+    """The best hit of a search over chunk rows: its document, which chunk, the chunk's characters, and the
+    chunk itself, quoted from the article (wrapped to ``width``)."""
+    head = (
+        f"best hit: {hit['doc_id']} ({hit['topic']}), score {hit[S.SCORE]:.4f}, chunk {hit[S.CHUNK_INDEX] + 1} of "
+        f"{hit[S.NUM_CHUNKS]}, characters {hit[S.CHAR_START]}-{hit[S.CHAR_END]} of the article:"
+    )
+    body = textwrap.fill(" ".join(hit[S.CHUNK].split()), width, initial_indent='    "', subsequent_indent="     ",
+                         break_long_words=False, break_on_hyphens=False)
+    return f'{head}\n{body}"'
 
 
 def summary(rows: list[tuple[str, dict]]) -> str:
@@ -118,27 +140,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    {classifier}: held-out accuracy {held_out:.3f} (how it was trained: {info})")
     print("3/5 embedding and scoring every article on Ray (a progress line every 30 s when not on a terminal) ...")
     print("    Ray logs a line marked E about actor arguments in the object store: Ray Data's, harmless (README: Quick start)")
-    print("    embedding: configs/bbc_embed.yaml")
-    embed = run_job(load_config("configs/bbc_embed.yaml", args.overrides))
+    print(f"    embedding every article in chunks: {EMBED_CONFIG}")
+    embed = run_job(load_config(EMBED_CONFIG, args.overrides))
     print("    scoring: configs/bbc_classify.yaml")
     classify = run_job(load_config("configs/bbc_classify.yaml", args.overrides))
 
-    print("4/5 building the ANN index and searching ...")
-    index = build_index(embed["config"]["output"]["path"])
-    searcher = Searcher(embed["config"]["output"]["path"])
-    hits = searcher.search(QUERY, k=5)
+    print("4/5 building the ANN index over the chunks and searching ...")
+    index, searcher, hits = index_and_search(embed["config"]["output"]["path"])
 
     print("5/5 drawing plots ...")
     confusion_png = Path(classify["config"]["output"]["path"]) / "_confusion_matrix.png"
     projection_png = Path(embed["config"]["output"]["path"]) / "_projection.png"
     plot_confusion(classify["eval"], confusion_png)
-    plot_projection(read_output(embed["config"]["output"]["path"], columns=["topic", S.EMBEDDING]), projection_png)
+    plot_projection(read_output(embed["config"]["output"]["path"], columns=["topic", S.CHUNK_INDEX, S.EMBEDDING]),
+                    projection_png)
 
     print("\n" + summary([("embed", embed), ("classify", classify)]))
     print(f"accuracy: over every scored article, the classifier's training articles included (held-out: {held_out:.3f})")
-    print(f"\nrejected rows (kept in _rejected/): {embed['rejected_by_reason']}; truncated: {embed['rows_truncated']}")
-    print(f"index: {index.kind}, {index.rows} vectors, {embed['config']['output']['path']}/_index")
-    print(f'\nsearch "{QUERY}":\n{render(hits, searcher.job.input.text_column)}')
+    print(f"\nrejected rows (kept in _rejected/): {embed['rejected_by_reason']}; "
+          f"truncated: {classify['rows_truncated']} scored, {embed['rows_truncated']} embedded")
+    print(f"chunks: {embed['chunks_out']} for {embed['documents_out']} articles, each at most 256 tokens")
+    print(f"index: {index.kind}, {index.rows} chunk vectors, {embed['config']['output']['path']}/_index")
+    print(f'\nsearch "{QUERY}" (each article once, with its best chunk):\n{render(hits, searcher.job.input.text_column)}')
+    print(quote(hits.to_pylist()[0]))
     print(f"plots: {confusion_png}, {projection_png}")
     return 0
 

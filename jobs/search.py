@@ -4,7 +4,8 @@
 Embeds the query with the checkpoint and embedding chain recorded in the output's metadata and the
 checkpoint's query prompt (``--prompt`` / ``--prompt-name`` override it), searches its ``_index/``
 (``python -m jobs.index``), or every row when there is none or with ``--exact``, and prints the top k rows:
-rank, cosine score, id columns and a snippet of the text from the job's input. Binary outputs are searched
+rank, cosine score, id columns and a snippet of the text from the job's input (over chunk rows: each document
+once, with its best chunk's index and character span, and a snippet of that chunk). Binary outputs are searched
 by Hamming distance, then the best ``k x --rescore-multiplier`` are rescored with the float query.
 A sparse-embedding output is searched by the dot product of SPLADE vectors, exactly. ``--rerank-model`` scores
 the top k hits again with a cross-encoder, as a ``rerank`` job would, and orders them by that score.
@@ -56,13 +57,15 @@ def snippet(text: str | None) -> str:
 
 
 def render(hits: pa.Table, text_column: str) -> str:
-    """One aligned line per hit: rank, score, id columns, a snippet of the text."""
+    """One aligned line per hit: rank, score, id columns, a snippet of the text; over chunk rows, of the best
+    chunk (its place and span among the id columns) instead of the document's opening."""
     scores = [c for c in (S.SCORE, RERANK_SCORE) if c in hits.column_names]
-    ids = [c for c in hits.column_names if c not in (*scores, text_column)]
-    header = ["#", *scores, *ids, text_column]
+    quoted = S.CHUNK if S.CHUNK in hits.column_names else text_column
+    ids = [c for c in hits.column_names if c not in (*scores, text_column, S.CHUNK)]
+    header = ["#", *scores, *ids, quoted]
     rows = [
         [str(rank), *("-" if hit[c] is None else f"{hit[c]:.4f}" for c in scores), *(str(hit[c]) for c in ids),
-         snippet(hit[text_column])]
+         snippet(hit[quoted])]
         for rank, hit in enumerate(hits.to_pylist(), start=1)
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]

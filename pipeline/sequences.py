@@ -150,7 +150,10 @@ def word_windows(
     tokenized afresh (truncated to ``max_length``, the model's limit, as any encoder of that text would);
     its span is the characters of the text from its first token's start to its last token's end."""
     body = size - tokenizer.num_special_tokens_to_add(pair=False) - len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    whole = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
+    # Whole texts, only to find word starts: verbose=False keeps transformers from warning that they are
+    # longer than the model takes (each chunk is tokenized again below, within the limit).
+    whole = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
+                      verbose=False)  # fmt: skip
     rows, spans = [], []
     for row, (text, e) in enumerate(zip(texts, whole.encodings)):
         offsets = e.offsets

@@ -152,3 +152,22 @@ def test_backends_measure_what_is_installed_and_say_why_not_the_rest(tiny_models
             assert rows[name] == {"backend": name, "skipped": f"{module} is not installed"}
     table = B.format_backends(list(rows.values()))
     assert "| torch fp32 | " in table and table.count("\n") == len(rows) + 1
+
+
+def test_pretruncation_compares_the_tokenize_stage_off_and_on(tiny_models):
+    """Both modes run the task's encode and give the same ids (the benchmark fails otherwise); the switch is
+    restored after each mode, and the 1 MB set holds rows of ~1 MB."""
+    from pipeline import sequences
+
+    bound = sequences.PRETRUNCATE_CHARS_PER_TOKEN
+    long = [" ".join(TEXTS) * 40, " ".join(reversed(TEXTS)) * 60, *TEXTS]  # 3,000+ characters: cut at 64 x 16
+    [row] = B.pretruncation_cost(str(tiny_models["embedding"]), {"long": long}, repeats=1)
+    assert sequences.PRETRUNCATE_CHARS_PER_TOKEN == bound
+    assert row["set"] == "long" and row["rows"] == len(long) and row["max_chars"] > bound * 64
+    assert row["off_us_per_row"] > 0 and row["on_us_per_row"] > 0 and row["speedup"] > 0
+    table = B.format_pretruncation([row]).splitlines()
+    assert len(table) == 2 and len({len(line) for line in table}) == 1
+
+    sets = B.pretruncation_sets(huge_rows=1)
+    assert len(sets["articles"]) == 2225 and len(sets["1mb"]) == 1 and len(sets["1mb"][0]) >= B.HUGE_ROW_CHARS
+

@@ -7,6 +7,7 @@ random checkpoint whose windows are 32 tokens, and the tokenizer on the whole te
 
 from __future__ import annotations
 
+import json
 import random
 import string
 from pathlib import Path
@@ -225,3 +226,176 @@ def test_pretruncation_gives_the_tokens_of_the_whole_text(family):
         assert cut["input_ids"] == whole["input_ids"]
         assert [bool(e.overflowing) for e in cut.encodings] == [bool(e.overflowing) for e in whole.encodings]
         assert sum(len(t) > PRETRUNCATE_CHARS_PER_TOKEN * max_length for t in texts) > 10
+
+
+# ---- chunk rows on the paths users take: a killed run, nightly, search -------------------------------------
+
+
+def chunk_texts(count: int, seed: int) -> list[str]:
+    """``count`` texts of 40-120 words: several 16-token chunks each on the tiny checkpoints."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(40, 120))) for _ in range(count)]
+
+
+def tiny_chunk_job(tiny_models, input_path: str, output_path: str, **sections) -> dict:
+    """Chunk rows of the tiny embedding checkpoint: windows of 16 text tokens overlapping by 4, small parts."""
+    return {
+        "input": {"path": input_path, "id_columns": ["doc_id"], "long_text": "chunk"},
+        "model": {"path": str(tiny_models["embedding"]), "task": "embedding", "chunk_size": 18, "chunk_overlap": 4},
+        "tokenize": {"batch_size": 10},
+        "inference": {"batch_size": 10},
+        "output": {"path": output_path, "rows_per_file": 20},
+        **sections,
+    }
+
+
+def assert_each_chunk_once(rows: list[dict], texts: dict[str, str]) -> None:
+    """Every document of ``texts`` has its chunks 0..num_chunks-1 exactly once, and each slices its own text."""
+    by_doc: dict[str, list[dict]] = {}
+    for row in rows:
+        by_doc.setdefault(row["doc_id"], []).append(row)
+    assert sorted(by_doc) == sorted(texts)
+    for doc, chunks in by_doc.items():
+        indexes = sorted(r[S.CHUNK_INDEX] for r in chunks)
+        assert indexes == list(range(chunks[0][S.NUM_CHUNKS])) and len(indexes) > 1, (doc, indexes)
+        spans = sorted((r[S.CHAR_START], r[S.CHAR_END]) for r in chunks)
+        assert spans[0][0] == 0 and spans[-1][1] == len(texts[doc])
+
+
+def test_a_killed_chunked_run_resumes_without_duplicating_or_losing_chunks(ray_session, tiny_models, tmp_path, capsys):
+    """Killed mid-run (SIGKILL of the driver, parts receipted for some documents): the rerun keeps the
+    receipted parts, scores the rest, and every document's chunks appear exactly once."""
+    from drivers import kill, receipted_rows, start, wait_until, write_config
+
+    texts = {}
+    (tmp_path / "in").mkdir()
+    for k in range(2):
+        ids, shard = [f"{k}-{i}" for i in range(30)], chunk_texts(30, seed=k)
+        texts |= dict(zip(ids, shard))
+        pq.write_table(pa.table({"doc_id": ids, "text": shard}), tmp_path / "in" / f"{k}.parquet")
+    out = tmp_path / "out"
+    raw = tiny_chunk_job(tiny_models, str(tmp_path / "in"), str(out))
+    config = write_config(tmp_path / "job.yaml", raw)
+
+    driver = start("jobs.run", config, overrides=("faults.delay_s=0.3",))
+    wait_until(lambda: receipted_rows(out / S.STAGING) >= 40, driver)  # some parts receipted, most rows not
+    kill(driver)
+    manifest = run_job(load_config(raw=raw))
+    assert 0 < manifest["rows_resumed"] < 60 and manifest["rows_resumed"] + manifest["rows_scored"] == 60
+    assert (manifest["rows_in"], manifest["documents_out"], manifest["rows_rejected"]) == (60, 60, 0)
+    rows = read_output(str(out)).to_pylist()
+    assert manifest["chunks_out"] == len(rows) > 120
+    assert_each_chunk_once(rows, texts)
+
+
+def test_nightly_scores_chunk_rows_once_and_totals_documents_and_chunks(ray_session, tiny_models, tmp_path, capsys):
+    import yaml
+
+    from jobs.nightly import main
+
+    date = "2026-11-21"
+    events = tmp_path / "events" / f"dt={date}"
+    events.mkdir(parents=True)
+    texts = dict(zip([f"n-{i}" for i in range(12)], chunk_texts(12, seed=7)))
+    shard = [*texts.values(), None]
+    pq.write_table(pa.table({"doc_id": [*texts, "n-null"], "text": shard}), events / "a.parquet")
+    raw = tiny_chunk_job(tiny_models, str(tmp_path / "events" / "dt=${DATE}"), str(tmp_path / "scores"))
+    (tmp_path / "nightly.yaml").write_text(yaml.safe_dump(raw))
+    config = str(tmp_path / "nightly.yaml")
+
+    assert main(["--config", config, "--date", date]) == 0
+    [version] = sorted((tmp_path / "scores" / f"dt={date}").glob("version=*"))
+    manifest = json.loads((version / S.MANIFEST).read_text())
+    rows = read_output(str(version)).to_pylist()
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (13, 12, 1)
+    assert (manifest["documents_out"], manifest["chunks_out"]) == (12, len(rows))
+    assert f"12 rows out ({len(rows)} chunks), 1 rejected" in capsys.readouterr().out
+    assert_each_chunk_once(rows, texts)
+
+    assert main(["--config", config, "--date", date]) == 0
+    assert "already complete (1 shards" in capsys.readouterr().out
+    assert read_output(str(version)).num_rows == len(rows)
+
+
+@pytest.fixture(scope="module")
+def bbc_chunks(ray_session, tmp_path_factory, st_model) -> tuple[str, list[str]]:
+    """MiniLM chunk rows (with their text) of 4 long BBC articles, the output indexed by ``jobs.index``."""
+    from jobs.index import main as index_main
+
+    tmp_path = tmp_path_factory.mktemp("bbc-chunks")
+    texts = long_articles(st_model.tokenizer, 4)
+    run_job(load_config(raw=embed_job(tmp_path, texts, "chunk", "chunks", chunk_text=True)))
+    assert index_main(["--embeddings", str(tmp_path / "chunks")]) == 0
+    return str(tmp_path / "chunks"), texts
+
+
+def middle_chunk(rows: list[dict], skip: str | None = None) -> dict:
+    """The longest chunk after a document's first (of a document other than ``skip``): a full window, whose
+    middle words are in no other chunk."""
+    later = [r for r in rows if r[S.CHUNK_INDEX] > 0 and r["doc_id"] != skip]
+    return max(later, key=lambda r: len(r[S.CHUNK_TEXT]))
+
+
+def middle_words(chunk: dict, count: int = 20) -> str:
+    words = chunk[S.CHUNK_TEXT].split()
+    assert len(words) > 100, len(words)  # its middle is past the ~32-token overlaps on both sides
+    return " ".join(words[len(words) // 2 - count // 2 :][:count])
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["index", "exact"])
+def test_search_over_chunk_rows_returns_each_document_once_with_its_best_chunk(bbc_chunks, st_model, exact):
+    from pipeline.search import Searcher
+
+    output, texts = bbc_chunks
+    rows = read_output(output).to_pylist()
+    vectors = np.asarray([r[S.EMBEDDING] for r in rows])
+    searcher = Searcher(output)
+    assert (searcher.index_info is not None and searcher.index_info.rows) == len(rows)  # the index holds every chunk
+    target = middle_chunk(rows)
+    query = middle_words(target)
+
+    hits = searcher.search(query, k=10, exact=exact).to_pylist()
+    assert len(hits) == len(texts) and len({h["doc_id"] for h in hits}) == len(texts)  # every document, once
+    assert (hits[0]["doc_id"], hits[0][S.CHUNK_INDEX]) == (target["doc_id"], target[S.CHUNK_INDEX])
+    assert query in hits[0][S.CHUNK]
+    query_vector = searcher.embed([query])[0]
+    for hit in hits:
+        text = texts[int(hit["doc_id"][3:])]
+        assert hit["text"] == text and hit[S.CHUNK] == text[hit[S.CHAR_START] : hit[S.CHAR_END]]
+        chunks = [(r, float(v @ query_vector)) for r, v in zip(rows, vectors) if r["doc_id"] == hit["doc_id"]]
+        best, score = max(chunks, key=lambda c: c[1])
+        assert hit[S.CHUNK_INDEX] == best[S.CHUNK_INDEX] and hit[S.CHUNK] == best[S.CHUNK_TEXT]
+        assert hit[S.NUM_CHUNKS] == len(chunks) and hit[S.SCORE] == pytest.approx(score, abs=1e-4)
+    assert [h[S.SCORE] for h in hits] == sorted((h[S.SCORE] for h in hits), reverse=True)
+    assert [h["doc_id"] for h in searcher.search(query, k=2, exact=exact).to_pylist()] == [h["doc_id"] for h in hits[:2]]
+
+
+def test_jobs_search_prints_the_best_chunk_and_its_span(bbc_chunks, capsys):
+    from jobs.search import main as search_main
+
+    output, _ = bbc_chunks
+    rows = read_output(output).to_pylist()
+    target = middle_chunk(rows, skip=middle_chunk(rows)["doc_id"])
+    query = middle_words(target)
+    assert search_main(["--embeddings", output, "--query", query, "-k", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("top 2 for") and "hnsw index" in printed[0]
+    header, first = printed[1].split(), printed[2]
+    assert header == ["#", "score", "doc_id", "chunk_index", "num_chunks", "char_start", "char_end", "chunk"]
+    assert first.split()[2:7] == [target["doc_id"], *(str(target[c]) for c in (S.CHUNK_INDEX, S.NUM_CHUNKS, S.CHAR_START, S.CHAR_END))]
+    assert " ".join(target[S.CHUNK_TEXT].split())[:60] in first  # the quoted chunk, not the document's opening
+
+
+def test_finding_word_starts_in_a_long_text_does_not_warn_that_it_is_too_long(capfd):
+    """Chunking reads a whole text's word starts first; transformers must not log that the text is longer than
+    the model takes ("... will result in indexing errors"): every chunk it then makes is within the limit."""
+    from transformers import AutoTokenizer
+
+    from pipeline.sequences import word_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm())
+    sequences = word_windows(tokenizer, ["word " * 2000], max_length=256, size=256, overlap=32)
+    assert len(sequences.input_ids) > 8 and max(map(len, sequences.input_ids)) <= 256
+    assert "indexing errors" not in "".join(capfd.readouterr())
+    tokenizer(["word " * 2000])  # the warning this test would see, were it logged
+    assert "indexing errors" in "".join(capfd.readouterr())
