@@ -127,6 +127,16 @@ class ModelConfig(_Strict):
         32, ge=0, description="input.long_text chunk/aggregate: tokens consecutive chunks or windows share; less "
         "than chunk_size minus the special tokens and prompt."
     )
+    candidate_labels: list[str] | None = Field(
+        None, description="zero-shot-classification: the labels each row is scored against (required)."
+    )
+    hypothesis_template: str = Field(
+        "This example is {}.", description="zero-shot-classification: the NLI hypothesis per label; {} is the label."
+    )
+    multi_label: bool = Field(
+        False, description="zero-shot-classification: score labels independently (entailment vs contradiction per "
+        "label) instead of a softmax over the labels."
+    )
     allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights. Off: only safetensors load.")
     trust_remote_code: bool = Field(False, description="Allow checkpoints that execute their own modelling code.")
 
