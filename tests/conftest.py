@@ -95,7 +95,13 @@ NLI_LABELS = ["contradiction", "neutral", "entailment"]  # the order of MNLI che
 def save_tiny(directory: Path, task: str, *, safe: bool = True, **config_kwargs) -> Path:
     """Build a tiny random BERT for ``task`` and ``save_pretrained`` it with its tokenizer."""
     import torch
-    from transformers import BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification, BertModel
+    from transformers import (
+        BertForMaskedLM,
+        BertForQuestionAnswering,
+        BertForSequenceClassification,
+        BertForTokenClassification,
+        BertModel,
+    )
 
     torch.manual_seed(0)
     if task == "sequence-classification":
@@ -115,6 +121,8 @@ def save_tiny(directory: Path, task: str, *, safe: bool = True, **config_kwargs)
             id2label=dict(enumerate(NLI_LABELS)), label2id={l: i for i, l in enumerate(NLI_LABELS)}, **config_kwargs
         )
         model = BertForSequenceClassification(config)
+    elif task == "question-answering":  # spread wide, like the NLI model: span scores differ far beyond float noise
+        model = BertForQuestionAnswering(tiny_bert_config(**{"initializer_range": 0.5, **config_kwargs}))
     elif task == "rerank":  # a cross-encoder: one relevance logit
         model = BertForSequenceClassification(tiny_bert_config(num_labels=1, **config_kwargs))
     elif task == "sparse-embedding":  # SPLADE runs the MLM head
@@ -146,7 +154,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     names = (
         "sequence-classification", "token-classification", "embedding", "rerank", "sparse-embedding",
-        "zero-shot-classification",
+        "zero-shot-classification", "question-answering",
     )  # fmt: skip
     return {task: save_tiny(root / task, task) for task in names}
 

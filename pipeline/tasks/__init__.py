@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.tasks.base import Columns, Inputs, ModelBatch, Sequences, Task, Tokenization, Windows
 from pipeline.tasks.embedding import Embedding
+from pipeline.tasks.question_answering import QuestionAnswering
 from pipeline.tasks.rerank import Rerank
 from pipeline.tasks.sequence_classification import SequenceClassification
 from pipeline.tasks.sparse_embedding import SparseEmbedding
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, type[Task]] = {
     task.name: task for task in (
         SequenceClassification, TokenClassification, Embedding, Rerank, SparseEmbedding, ZeroShotClassification,
+        QuestionAnswering,
     )
 }
 
