@@ -90,6 +90,7 @@ def test_zero_shot_refuses_what_it_cannot_score(tiny_models, tmp_path):
         ({"candidate_labels": []}, "needs model.candidate_labels"),
         ({"candidate_labels": None}, "needs model.candidate_labels"),
         ({"hypothesis_template": "This example is about"}, "has no {} for the label"),
+        ({"hypothesis_template": "{} is {topic}"}, "cannot be filled with a label: KeyError"),
         ({"hypothesis_template": "{} " + "the " * 80}, "leave no room for the text"),
         ({"path": str(tiny_models["sequence-classification"])}, "needs an NLI checkpoint with an entailment label"),
     ]

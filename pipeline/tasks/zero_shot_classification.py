@@ -60,7 +60,11 @@ class ZeroShotClassification(Task):
         labels, template = tuple(cfg.model.candidate_labels or ()), cfg.model.hypothesis_template
         if not labels:
             raise ConfigError("zero-shot-classification needs model.candidate_labels: the labels to score each row against")
-        if "{}" not in template:
+        try:  # str.format, as the pipeline fills it
+            hypotheses = tuple(template.format(label) for label in labels)
+        except (IndexError, KeyError, ValueError) as e:
+            raise ConfigError(f"model.hypothesis_template {template!r} cannot be filled with a label: {e!r}") from None
+        if hypotheses[0] == template:
             raise ConfigError(f"model.hypothesis_template {template!r} has no {{}} for the label (e.g. 'This example is {{}}.')")
         entailment = next((i for i, label in model.id2label.items() if label.lower().startswith("entail")), None)
         if entailment is None:
@@ -68,7 +72,6 @@ class ZeroShotClassification(Task):
                 f"zero-shot-classification needs an NLI checkpoint with an entailment label; {model.source} has labels "
                 f"{list(model.id2label.values())} (none starts with 'entail')"
             )
-        hypotheses = tuple(template.format(label) for label in labels)
         # truncation="only_first" cuts the text alone: each hypothesis must fit next to at least one text token.
         tokenizer = actor_tokenizer(model)
         room = model.max_length - tokenizer.num_special_tokens_to_add(pair=True) - 1
