@@ -196,6 +196,27 @@ class ModelConfig(_Strict):
         32, ge=0, description="input.long_text chunk/aggregate: tokens consecutive chunks or windows share; less "
         "than chunk_size minus the special tokens and prompt."
     )
+    candidate_labels: list[str] | None = Field(
+        None, description="zero-shot-classification: the labels each row is scored against (required)."
+    )
+    hypothesis_template: str = Field(
+        "This example is {}.", description="zero-shot-classification: the NLI hypothesis per label; {} is the label."
+    )
+    multi_label: bool = Field(
+        False, description="zero-shot-classification: score labels independently (entailment vs contradiction per "
+        "label) instead of a softmax over the labels."
+    )
+    doc_stride: int | None = Field(
+        None, gt=0, description="question-answering: tokens consecutive windows of a long context share. Default: "
+        "the pipeline's min(window / 2, 128)."
+    )
+    max_answer_len: int = Field(15, gt=0, description="question-answering: longest answer, in tokens.")
+    top_k: int = Field(
+        1, gt=0, description="question-answering: answers per row, best first (above 1 the answer columns are lists)."
+    )
+    handle_impossible_answer: bool = Field(
+        False, description="question-answering: allow the empty answer (the [CLS] span) when it scores best."
+    )
     allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights. Off: only safetensors load.")
     trust_remote_code: bool = Field(False, description="Allow checkpoints that execute their own modelling code.")
 

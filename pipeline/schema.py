@@ -43,6 +43,11 @@ TOKEN_LABELS = "token_labels"
 ENTITIES = "entities"
 RANK = "rank"  # rerank: int32 rank within the row's input.group_column group, 1 = best
 SPARSE_EMBEDDING = "sparse_embedding"
+LABELS = "labels"  # zero-shot-classification: list<string>, every candidate label, best first
+SCORES = "scores"  # zero-shot-classification: list<float32>, aligned with labels
+ANSWER = "answer"  # question-answering: the answer text, context[answer_start:answer_end]
+ANSWER_START = "answer_start"  # int32: character offsets into the context
+ANSWER_END = "answer_end"
 # input.long_text: chunk: one row per chunk of a text, with its document's id columns
 CHUNK_INDEX = "chunk_index"  # int32: 0, 1, ... within the document
 NUM_CHUNKS = "num_chunks"  # int32: chunks of the document

@@ -89,12 +89,19 @@ def forward(model_dir: Path, auto, text: str, pair: str | None = None):
 
 TOPICS = ["business", "entertainment", "politics", "sport", "tech"]
 NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
+NLI_LABELS = ["contradiction", "neutral", "entailment"]  # the order of MNLI checkpoints (roberta-large-mnli)
 
 
 def save_tiny(directory: Path, task: str, *, safe: bool = True, **config_kwargs) -> Path:
     """Build a tiny random BERT for ``task`` and ``save_pretrained`` it with its tokenizer."""
     import torch
-    from transformers import BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification, BertModel
+    from transformers import (
+        BertForMaskedLM,
+        BertForQuestionAnswering,
+        BertForSequenceClassification,
+        BertForTokenClassification,
+        BertModel,
+    )
 
     torch.manual_seed(0)
     if task == "sequence-classification":
@@ -106,6 +113,16 @@ def save_tiny(directory: Path, task: str, *, safe: bool = True, **config_kwargs)
             id2label=dict(enumerate(NER_LABELS)), label2id={l: i for i, l in enumerate(NER_LABELS)}, **config_kwargs
         )
         model = BertForTokenClassification(config)
+    elif task == "zero-shot-classification":  # an NLI classifier
+        # Weights spread wide: at the default 0.02 a random model scores every label within 1e-7 of the others,
+        # so their order would be float noise; here scores differ by 1e-4 and more.
+        config_kwargs.setdefault("initializer_range", 0.5)
+        config = tiny_bert_config(
+            id2label=dict(enumerate(NLI_LABELS)), label2id={l: i for i, l in enumerate(NLI_LABELS)}, **config_kwargs
+        )
+        model = BertForSequenceClassification(config)
+    elif task == "question-answering":  # spread wide, like the NLI model: span scores differ far beyond float noise
+        model = BertForQuestionAnswering(tiny_bert_config(**{"initializer_range": 0.5, **config_kwargs}))
     elif task == "rerank":  # a cross-encoder: one relevance logit
         model = BertForSequenceClassification(tiny_bert_config(num_labels=1, **config_kwargs))
     elif task == "sparse-embedding":  # SPLADE runs the MLM head
@@ -135,7 +152,10 @@ def copy_checkpoint(source: Path, target: Path, **files: str) -> Path:
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One tiny checkpoint per task: {'sequence-classification': dir, 'token-classification': dir, ...}."""
     root = tmp_path_factory.mktemp("models")
-    names = ("sequence-classification", "token-classification", "embedding", "rerank", "sparse-embedding")
+    names = (
+        "sequence-classification", "token-classification", "embedding", "rerank", "sparse-embedding",
+        "zero-shot-classification", "question-answering",
+    )  # fmt: skip
     return {task: save_tiny(root / task, task) for task in names}
 
 

@@ -31,6 +31,7 @@ from pipeline.run import plan, run_job
 from pipeline.tasks import Inputs, ModelBatch, Task, Tokenization
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+MODEL_OPTIONS = {"zero-shot-classification": {"candidate_labels": ["sport", "politics"]}}  # keys a task requires
 
 
 def pair_probe() -> type[Task]:
@@ -126,7 +127,7 @@ def test_every_registered_task_writes_the_fields_it_declares(ray_session, tiny_m
     cfg = load_config(
         raw={
             "input": {"path": str(tmp_path / "in.parquet"), **pair},
-            "model": {"path": str(tiny_models[name]), "task": name},
+            "model": {"path": str(tiny_models[name]), "task": name, **MODEL_OPTIONS.get(name, {})},
             "output": {"path": str(tmp_path / "out")},
         }
     )

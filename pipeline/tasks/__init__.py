@@ -9,17 +9,22 @@ from typing import TYPE_CHECKING
 
 from pipeline.tasks.base import Columns, Inputs, ModelBatch, Sequences, Task, Tokenization, Windows
 from pipeline.tasks.embedding import Embedding
+from pipeline.tasks.question_answering import QuestionAnswering
 from pipeline.tasks.rerank import Rerank
 from pipeline.tasks.sequence_classification import SequenceClassification
 from pipeline.tasks.sparse_embedding import SparseEmbedding
 from pipeline.tasks.token_classification import TokenClassification
+from pipeline.tasks.zero_shot_classification import ZeroShotClassification
 
 if TYPE_CHECKING:
     from pipeline.checkpoint import ResolvedModel
     from pipeline.config import JobConfig
 
 REGISTRY: dict[str, type[Task]] = {
-    task.name: task for task in (SequenceClassification, TokenClassification, Embedding, Rerank, SparseEmbedding)
+    task.name: task for task in (
+        SequenceClassification, TokenClassification, Embedding, Rerank, SparseEmbedding, ZeroShotClassification,
+        QuestionAnswering,
+    )
 }
 
 
