@@ -84,6 +84,7 @@ the set; then sentence-transformers ``encode`` with ``backend="torch"`` (fp32, b
 ``"openvino"``. A runtime that is not installed or cannot load is a row saying why. Timed rounds
 (``--repeats``) take turns so that a busy machine's drift hits every backend alike; the best round counts.
 Fidelity: the fidelity gate's figures against torch fp32 (``pipeline.fidelity``).
+
 Pre-truncation (--pretruncation): the tokenize stage's work, ``Task.encode`` as ``TokenizeWorker`` calls it
 (``input.long_text: truncate``, MiniLM's tokenizer and ``max_length`` 256, batches of ``tokenize.batch_size``
 rows), in this process, with pre-truncation off (the whole text handed to the tokenizer) and on (at most

@@ -134,8 +134,9 @@ class FidelityThresholds(_Strict):
         0.995,
         ge=0,
         le=1,
-        description="sequence-classification: share of sample rows whose label matches float32's; "
-        "token-classification: share of tokens whose label does.",
+        description="sequence-classification, zero-shot-classification: share of sample rows whose (best) label "
+        "matches float32's; token-classification: share of tokens whose label does; question-answering: share of "
+        "rows whose answer spans do.",
     )
     cosine_min: float = Field(
         0.99,

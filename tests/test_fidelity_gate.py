@@ -21,10 +21,12 @@ from pipeline.config import ConfigError, load_config
 from pipeline.nightly import check_dtype
 from pipeline.run import FidelityError, fidelity_gate, plan, run_job, sample_rows
 from pipeline.sequences import LongText
+from pipeline.tasks.question_answering import QuestionAnswering
 from pipeline.tasks.rerank import Rerank
 from pipeline.tasks.sequence_classification import SequenceClassification
 from pipeline.tasks.sparse_embedding import SparseChain, SparseEmbedding
 from pipeline.tasks.token_classification import TokenClassification
+from pipeline.tasks.zero_shot_classification import ZeroShotClassification
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +117,18 @@ def test_sparse_figures_compare_the_vectors_made_dense():
     outputs = {S.SPARSE_EMBEDDING: [[{"index": 1, "value": 2.0}], [{"index": 2, "value": 1.0}]]}
     figures = task.fidelity(outputs, reference)
     assert figures["cosine_min"] == pytest.approx(np.sqrt(0.5)) and figures["cosine_mean"] == pytest.approx((1 + np.sqrt(0.5)) / 2)
+
+
+def test_zero_shot_and_question_answering_figures():
+    task = ZeroShotClassification(("a", "b"), ("It is a.", "It is b."), False, 2, 0)
+    reference = {S.LABELS: [["a", "b"], ["b", "a"]], S.SCORES: [[0.6, 0.4], [0.9, 0.1]]}
+    outputs = {S.LABELS: [["b", "a"], ["b", "a"]], S.SCORES: [[0.55, 0.45], [0.9, 0.1]]}
+    figures = task.fidelity(outputs, reference)
+    assert figures["label_agreement"] == 0.5 and figures["max_score_diff"] == pytest.approx(0.15)  # a: 0.6 -> 0.45
+    qa = QuestionAnswering(48, 16, 15, 1, False, 101)
+    reference = {S.ANSWER_START: [3, 10, 0], S.ANSWER_END: [7, 12, 4]}
+    outputs = {S.ANSWER_START: [3, 10, 0], S.ANSWER_END: [7, 13, 4]}
+    assert qa.fidelity(outputs, reference) == {"label_agreement": pytest.approx(2 / 3)}
 
 
 # ---- the gate in runs ------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline import fidelity
 from pipeline import schema as S
 from pipeline.sequences import LongText
 from pipeline.tasks.base import Columns, Inputs, ModelBatch, Sequences, Task, Tokenization, Windows
@@ -169,6 +170,11 @@ class QuestionAnswering(Task):
                 values = [a[key] for a in answers]
                 columns[column].append(values if self.top_k > 1 else (values[0] if values else None))
         return first, columns
+
+    def fidelity(self, outputs: Columns, reference: Columns) -> dict[str, float | None]:
+        """Share of rows whose answer spans (all ``top_k``) are float32's, gated as label_agreement."""
+        spans = [list(zip(columns[S.ANSWER_START], columns[S.ANSWER_END])) for columns in (outputs, reference)]
+        return {"label_agreement": fidelity.agreement([str(s) for s in spans[0]], [str(s) for s in spans[1]])}
 
     def fields(self) -> list[pa.Field]:
         types = [(S.ANSWER, pa.string()), (S.ANSWER_START, pa.int32()), (S.ANSWER_END, pa.int32()), (S.SCORE, pa.float32())]

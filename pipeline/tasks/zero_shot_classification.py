@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline import fidelity
 from pipeline import schema as S
 from pipeline.sequences import LongText
 from pipeline.tasks.base import Columns, Inputs, ModelBatch, Sequences, Task, Windows
@@ -115,6 +116,14 @@ class ZeroShotClassification(Task):
             labels.append([self.candidate_labels[i] for i in top])
             ordered.append(row[top].tolist())
         return windows.starts, {S.LABELS: labels, S.SCORES: ordered}
+
+    def fidelity(self, outputs: Columns, reference: Columns) -> dict[str, float | None]:
+        """Share of rows whose best label is float32's (gated as label_agreement), and the largest score difference."""
+        top = [[labels[0] for labels in columns[S.LABELS]] for columns in (outputs, reference)]
+        scores = [{label: score for label, score in zip(*row)} for row in zip(outputs[S.LABELS], outputs[S.SCORES])]
+        expected = [{label: score for label, score in zip(*row)} for row in zip(reference[S.LABELS], reference[S.SCORES])]
+        diff = max((abs(a[label] - b[label]) for a, b in zip(scores, expected) for label in b), default=0.0)
+        return {"label_agreement": fidelity.agreement(*top), "max_score_diff": float(diff)}
 
     def fields(self) -> list[pa.Field]:
         return [pa.field(S.LABELS, pa.list_(pa.string())), pa.field(S.SCORES, pa.list_(pa.float32()))]
