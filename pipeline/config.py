@@ -198,6 +198,11 @@ class FaultConfig(_Strict):
     crash_after_commit: bool = Field(
         False, description="jobs.nightly: the driver exits right after committing its ledger, before publishing."
     )
+    constant_outputs: bool = Field(
+        False,
+        description="Model actors skip the forward pass and return one constant output for every row and token "
+        "(measures the pipeline without its model: jobs.benchmark --dataplane).",
+    )
 
 
 class EvalConfig(_Strict):

@@ -109,6 +109,43 @@ def to_arrow(values, valid: np.ndarray, dtype: pa.DataType) -> pa.Array:
     return pa.array(full, type=dtype)
 
 
+class ConstantModel(torch.nn.Module):
+    """``faults.constant_outputs``: stands in for ``model`` without running it. Every call returns what the model
+    returned for the first position of a probe row, broadcast to each row and token of the micro-batch (views,
+    no copies), with the model's output type: what is left of a model call is the pipeline's own work."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.config, self.dtype = model.config, model.dtype
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            short, long = (model(input_ids=torch.zeros((1, n), dtype=torch.long, device=device), output_hidden_states=True) for n in (2, 3))
+        self.output_type = type(long)
+        # Per output: its first row and position, and which dimensions follow the sequence (they grew with it).
+        self.constants = {key: [self._first(a, b) for a, b in zip(*map(_tensors, (long[key], short[key])))] for key in long.keys()}
+        self.nested = {key for key in long.keys() if isinstance(long[key], tuple)}
+
+    @staticmethod
+    def _first(long: torch.Tensor, short: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        sequence = [d for d in range(1, long.dim()) if long.shape[d] != short.shape[d]]
+        for d in sequence:
+            long = long.narrow(d, 0, 1)
+        return long, sequence
+
+    def forward(self, input_ids: torch.Tensor, **_):
+        rows, width = input_ids.shape
+
+        def grow(first: torch.Tensor, sequence: list[int]) -> torch.Tensor:
+            return first.expand([rows, *(width if d in sequence else n for d, n in enumerate(first.shape) if d)])
+
+        out = {key: [grow(*c) for c in constants] for key, constants in self.constants.items()}
+        return self.output_type(**{key: tuple(v) if key in self.nested else v[0] for key, v in out.items()})
+
+
+def _tensors(value) -> tuple[torch.Tensor, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
 class InferWorker:
     """``map_batches`` callable holding one model; see the module docstring for the contract."""
 
@@ -135,6 +172,8 @@ class InferWorker:
         if self.device == "cpu":
             keep_freed_memory()
         self.model = load_model(model, task, self.device, dtype)
+        if faults.constant_outputs:
+            self.model = ConstantModel(self.model)
         self.task = task
         free = torch.cuda.mem_get_info()[0] if self.device == "cuda" else None
         self.max_tokens = (

@@ -93,3 +93,28 @@ def test_cuda_oom_splits_the_micro_batch_and_gives_identical_results(ray_session
         np.stack(normal[S.EMBEDDING].to_numpy(zero_copy_only=False)),
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("task", ["embedding", "sequence-classification", "token-classification"])
+def test_constant_outputs_skip_the_forward_pass_with_the_models_output_shapes(tiny_models, task):
+    """faults.constant_outputs (jobs.benchmark --dataplane): every row gets the same output, shaped as the model's."""
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    from pipeline.infer import ConstantModel
+
+    auto = {"embedding": AutoModel, "sequence-classification": AutoModelForSequenceClassification}.get(
+        task, AutoModelForTokenClassification
+    )
+    model = auto.from_pretrained(tiny_models[task]).eval()
+    constant = ConstantModel(model)
+    ids = torch.randint(5, 50, (3, 7))
+    with torch.inference_mode():
+        real = model(input_ids=ids, output_hidden_states=True)
+    model.forward = None  # from here on, a forward pass would fail
+    fake = constant(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    assert type(fake) is type(real) and fake.keys() == real.keys()
+    for key in real.keys():
+        for r, f in zip(*(v if isinstance(v, tuple) else (v,) for v in (real[key], fake[key]))):
+            assert f.shape == r.shape and f.dtype == r.dtype, key
+            assert (f == f[:1, ...]).all(), key  # the same for every row
