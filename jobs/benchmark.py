@@ -433,9 +433,11 @@ class ProcessUsage:
     other process of the tree (Ray's daemons and internal actors, read/write task workers). A process that
     exits loses at most its last interval.
 
-    Memory: the largest sum, within one sample, of every process's resident set (``peak_rss``) and of its
-    proportional set (``peak_pss``: a shared page, e.g. of Ray's object store, counts once, divided among the
-    processes that map it; the RSS sum counts it in each).
+    Memory: the largest sum, within one sample, of every process's resident set (``peak_rss``: a shared page,
+    e.g. of a library or of Ray's object store, counts once per process that maps it) and of its private
+    anonymous memory (``peak_anon``: heaps, Python objects, tensors; not the object store's shared memory).
+    ``/proc/<pid>/status`` has both; the proportional set size (``smaps_rollup``) would cost ~2.5 ms per process
+    and sample here, enough CPU to skew what is measured.
     """
 
     GROUPS = {"InferWorker": "model actors", "TokenizeWorker": "tokenizer actors"}
@@ -443,7 +445,7 @@ class ProcessUsage:
     def __init__(self, interval_s: float = 0.5):
         self.interval_s, self.seen = interval_s, {}
         self.root = os.getpid()
-        self.peak_rss = self.peak_pss = 0
+        self.peak_rss = self.peak_anon = 0
         self.baseline = self.sample()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -466,23 +468,22 @@ class ProcessUsage:
 
     def sample(self) -> dict[int, tuple[str, float]]:
         """pid -> (group, CPU seconds so far) for the tree; updates the memory peaks."""
-        ticks, page, found = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE"), {}
-        rss = pss = 0
+        ticks, found = os.sysconf("SC_CLK_TCK"), {}
+        rss = anon = 0
         for pid in self.tree():
             proc = Path(f"/proc/{pid}")
             try:
                 stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
                 cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-                resident = int((proc / "statm").read_text().split()[1]) * page
-                rollup = (proc / "smaps_rollup").read_text()
-            except (OSError, IndexError):
+                status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines())
+            except (OSError, IndexError, ValueError):
                 continue  # exited meanwhile
             group = next((g for key, g in self.GROUPS.items() if key in cmdline), None)
             group = group or ("driver" if pid == self.root else "other processes")
             found[pid] = (group, (int(stat[11]) + int(stat[12])) / ticks)  # utime + stime
-            rss += resident
-            pss += next((int(line.split()[1]) << 10 for line in rollup.splitlines() if line.startswith("Pss:")), 0)
-        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            rss += int(status.get("VmRSS", "0 kB").split()[0]) << 10  # kernel threads have none
+            anon += int(status.get("RssAnon", "0 kB").split()[0]) << 10
+        self.peak_rss, self.peak_anon = max(self.peak_rss, rss), max(self.peak_anon, anon)
         return found
 
     def _poll(self) -> None:
@@ -502,14 +503,14 @@ class ProcessUsage:
         """CPU seconds per group since this object was made."""
         totals: dict[str, float] = {}
         for pid, (group, cpu) in self.seen.items():
-            before = self.baseline.get(pid)
-            spent = cpu - before[1] if before and before[0] == group else cpu
+            before = self.baseline.get(pid)  # a worker may have started before and changed its title since
+            spent = cpu - before[1] if before else cpu
             totals[group] = totals.get(group, 0.0) + spent
         return totals
 
     def memory(self) -> dict[str, float]:
-        """Peak summed RSS and PSS of the tree while the block ran, in MiB."""
-        return {"peak_rss_mib": round(self.peak_rss / 2**20, 1), "peak_pss_mib": round(self.peak_pss / 2**20, 1)}
+        """Peak summed RSS and private anonymous memory of the tree while the block ran, in MiB."""
+        return {"peak_rss_mib": round(self.peak_rss / 2**20, 1), "peak_anon_mib": round(self.peak_anon / 2**20, 1)}
 
 
 class RayJob:
@@ -930,13 +931,13 @@ def dataplane(args: argparse.Namespace) -> dict:
 def format_dataplane(report: dict) -> str:
     """The contenders' table, then per pipeline run the stages' cost per row and the targets' figures."""
     rows = report["results"]
-    header = ["rows", "contender", "wall s", "rows/s", "vs l", "tok/s", "pad eff", "peak RSS MiB", "peak PSS MiB", "fidelity"]
+    header = ["rows", "contender", "wall s", "rows/s", "vs l", "tok/s", "pad eff", "peak RSS MiB", "peak anon MiB", "fidelity"]
     lines = [header]
     for r in rows:
         lines.append([
             str(r["rows"]), f"{r['contender']} {DATAPLANE[r['contender']]}", f"{r['wall_s']:.1f}",
             f"{r['rows_per_s']:.0f}", "-" if r["vs"] is None else f"{r['vs']:.2f}x", f"{r['tokens_per_s']:.0f}",
-            f"{r['padding_efficiency']:.2f}", f"{r['peak_rss_mib']:.0f}", f"{r['peak_pss_mib']:.0f}",
+            f"{r['padding_efficiency']:.2f}", f"{r['peak_rss_mib']:.0f}", f"{r['peak_anon_mib']:.0f}",
             f"cos min {r['cos_min']:.5f}" if "cos_min" in r else "-",
         ])  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -954,7 +955,7 @@ def format_dataplane(report: dict) -> str:
         small, large = pipeline[0], pipeline[-1]
         text.append(
             f"p peak memory at {large['rows']} rows / at {small['rows']}: RSS {large['peak_rss_mib'] / small['peak_rss_mib']:.2f}x, "
-            f"PSS {large['peak_pss_mib'] / small['peak_pss_mib']:.2f}x"
+            f"anonymous {large['peak_anon_mib'] / small['peak_anon_mib']:.2f}x"
         )
     return "\n".join(text)
 
@@ -1031,7 +1032,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--contenders", type=comma_list, help=f"subset of {','.join(CONTENDERS)}; --dataplane: of {','.join(DATAPLANE)}"
     )
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: all cores; --dataplane: 1, see above)"
+    )
     parser.add_argument("--scaling", action="store_true", help="instead: (a) with 1 vs 2 model actors x 1 thread")
     parser.add_argument("--dataplane", action="store_true", help="instead: the near-free model on short rows, see above")
     parser.add_argument("--scan-cost", action="store_true", help="instead: the pre-run scan of every shard, see above")
@@ -1040,6 +1043,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("out/benchmark"), help="default: out/benchmark")
     args = parser.parse_args()
     args.rows = args.rows or [DATAPLANE_ROWS if args.dataplane else DEFAULT_ROWS]
+    args.threads = args.threads or (1 if args.dataplane else os.cpu_count())
     if len(args.rows) > 1 and not args.dataplane:
         parser.error("--rows takes one count, except with --dataplane")
     contenders = DATAPLANE if args.dataplane else CONTENDERS

@@ -24,7 +24,7 @@ import torch
 from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, load_model
 from pipeline.config import FaultConfig, InferenceConfig
-from pipeline.tasks import ModelBatch, Task
+from pipeline.tasks import Columns, ModelBatch, Task
 
 CONSUMED = (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS, S.TEXT)
 
@@ -39,11 +39,11 @@ def micro_batches(sorted_lengths: np.ndarray, max_tokens: int, min_efficiency: f
     start, n = 0, len(sorted_lengths)
     while start < n:
         width = max(1, int(sorted_lengths[start]))
-        limit = min(n, start + max(1, max_tokens // width))
-        stop, real = start + 1, width
-        while stop < limit and real + sorted_lengths[stop] >= min_efficiency * width * (stop - start + 1):
-            real += int(sorted_lengths[stop])
-            stop += 1
+        window = sorted_lengths[start : min(n, start + max(1, max_tokens // width))]
+        # Rows are sorted, so the running efficiency only falls: the micro-batch ends where it first drops.
+        real = np.cumsum(window) + (width - window[0])
+        fits = real >= min_efficiency * width * np.arange(1, len(window) + 1)
+        stop = start + (len(window) if fits.all() else max(1, int(np.argmin(fits))))
         yield slice(start, stop)
         start = stop
 
@@ -86,27 +86,54 @@ def keep_freed_memory() -> bool:
 
 
 def ragged_rows(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(flat values, offsets) of a list column, so row ``i`` is ``flat[offsets[i]:offsets[i + 1]]``."""
+    """(flat values, offsets) of a list column, so row ``i`` is ``flat[offsets[i]:offsets[i + 1]]`` (no copies for
+    a single chunk)."""
     array = column.combine_chunks()
     offsets = array.offsets.to_numpy()
     return array.values.to_numpy(zero_copy_only=False), offsets
 
 
-def to_arrow(values, valid: np.ndarray, dtype: pa.DataType) -> pa.Array:
-    """Column for all rows of a call from values for its valid rows (nulls elsewhere)."""
-    n, mask = len(valid), pa.array(~valid)
-    if isinstance(dtype, pa.FixedSizeListType):
-        full = np.zeros((n, dtype.list_size), dtype=dtype.value_type.to_pandas_dtype())
-        full[valid] = values
-        return pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), dtype.list_size, mask=mask)
-    if isinstance(values, np.ndarray):
-        full = np.zeros(n, dtype=values.dtype)
-        full[valid] = values
-        return pa.array(full, type=dtype, mask=~valid)
-    full = [None] * n
-    for i, v in zip(np.flatnonzero(valid), values):
-        full[i] = v
-    return pa.array(full, type=dtype)
+def padded_positions(offsets: np.ndarray, picked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, index) for rows ``picked`` of a ragged column, right-padded to the longest of them: ``mask`` is
+    (rows, longest), true at real tokens; ``index`` is, for each true entry in row-major order, the position of
+    its value in the column's flat values. ``padded[mask] = flat[index]`` then pads in one vectorised step."""
+    starts = offsets[picked]
+    lengths = offsets[picked + 1] - starts
+    mask = np.arange(lengths.max()) < lengths[:, None]
+    before = np.cumsum(lengths) - lengths  # real tokens of the earlier picked rows
+    return mask, np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()))
+
+
+class CallOutputs:
+    """The output columns of one model call, filled micro-batch by micro-batch at the rows' positions in it."""
+
+    def __init__(self, rows: int):
+        self.rows, self.columns = rows, {}
+
+    def put(self, picked: np.ndarray, columns: Columns) -> None:
+        """The head's ``columns`` for the call's rows ``picked`` (in that order)."""
+        for name, values in columns.items():
+            full = self.columns.get(name)
+            if full is None:
+                shape = (self.rows, *values.shape[1:]) if isinstance(values, np.ndarray) else None
+                full = self.columns[name] = np.zeros(shape, values.dtype) if shape else [None] * self.rows
+            if isinstance(full, np.ndarray):
+                full[picked] = values
+            else:
+                for row, value in zip(picked.tolist(), values):
+                    full[row] = value
+
+    def to_arrow(self, field: pa.Field, valid: np.ndarray) -> pa.Array:
+        """``field``'s column for every row of the call, null where ``valid`` is false."""
+        full, mask = self.columns.get(field.name), pa.array(~valid)
+        if full is None:  # no valid row in this call
+            return pa.nulls(self.rows, field.type)
+        if isinstance(field.type, pa.FixedSizeListType):
+            flat = full.astype(field.type.value_type.to_pandas_dtype(), copy=False).reshape(-1)
+            return pa.FixedSizeListArray.from_arrays(pa.array(flat), field.type.list_size, mask=mask)
+        if isinstance(full, np.ndarray):
+            return pa.array(full, type=field.type, mask=~valid)
+        return pa.array(full, type=field.type)
 
 
 class ConstantModel(torch.nn.Module):
@@ -194,6 +221,7 @@ class InferWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         self._inject_faults()
         started = time.perf_counter()
+        n = batch.num_rows
         valid = pc.is_null(batch[S.ERROR]).to_numpy(zero_copy_only=False)
         rows = np.flatnonzero(valid)
         columns = {c: ragged_rows(batch[c]) for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS) if c in batch.column_names}
@@ -201,32 +229,24 @@ class InferWorker:
         lengths = (offsets[1:] - offsets[:-1])[rows].astype(np.int64)
         texts = batch[S.TEXT].to_pylist() if S.TEXT in batch.column_names else None
         order = np.argsort(-lengths, kind="stable")  # positions into `rows`, longest first
+        parts = [rows[order[part]] for part in micro_batches(lengths[order], self.max_tokens, self.min_efficiency)]
 
-        results: dict[str, list] = {}
-        padded = np.zeros(len(rows), dtype=np.int32)
-        parts = list(micro_batches(lengths[order], self.max_tokens, self.min_efficiency))
-        for part, columns_out in zip(parts, self._forward_all(columns, texts, [rows[order[p]] for p in parts])):
-            for name, values in columns_out.items():
-                results.setdefault(name, []).append(values)
-            padded[order[part]] = lengths[order[part]].max()
+        outputs = CallOutputs(n)
+        padded = np.zeros(n, dtype=np.int32)
+        for picked, columns_out in zip(parts, self._forward_all(columns, texts, parts)):
+            outputs.put(picked, columns_out)
+            width = offsets[picked + 1] - offsets[picked]
+            padded[picked] = width.max()
 
-        # Restore call order: results are concatenated in sorted order.
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
         batch = batch.drop_columns([c for c in CONSUMED if c in batch.column_names])
         for field in self.fields:
-            if field.name not in results:
-                continue
-            parts = results[field.name]
-            merged = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [v for p in parts for v in p]
-            ordered = merged[inverse] if isinstance(merged, np.ndarray) else [merged[i] for i in inverse]
-            batch = batch.append_column(field.name, to_arrow(ordered, valid, field.type))
-        batch = batch.append_column(S.PADDED_TOKENS, to_arrow(padded, valid, pa.int32()))
-        batch = batch.append_column(S.NODE, pa.array([self.node] * batch.num_rows, pa.string()))
-        self.progress.beat.remote("infer", batch.num_rows, time.perf_counter() - started)
-        return batch.append_column(S.ACTOR, pa.array([self.process] * batch.num_rows, pa.string()))
+            batch = batch.append_column(field.name, outputs.to_arrow(field, valid))
+        batch = batch.append_column(S.PADDED_TOKENS, pa.array(padded, mask=~valid))
+        batch = batch.append_column(S.NODE, pa.repeat(pa.scalar(self.node, pa.string()), n))
+        self.progress.beat.remote("infer", n, time.perf_counter() - started)
+        return batch.append_column(S.ACTOR, pa.repeat(pa.scalar(self.process, pa.string()), n))
 
-    def _forward_all(self, columns: dict, texts: list | None, parts: list[np.ndarray]) -> Iterator[dict]:
+    def _forward_all(self, columns: dict, texts: list | None, parts: list[np.ndarray]) -> Iterator[Columns]:
         """Head outputs per micro-batch. While the device runs one micro-batch (CUDA kernels are
         asynchronous), the CPU pads and pins the next; the head's copy to the CPU syncs."""
         upcoming = self._inputs(columns, texts, parts[0]) if parts else None
@@ -248,7 +268,7 @@ class InferWorker:
                 upcoming = self._inputs(columns, texts, following) if following is not None else None
             yield result
 
-    def _split(self, columns: dict, texts: list | None, picked: np.ndarray) -> dict:
+    def _split(self, columns: dict, texts: list | None, picked: np.ndarray) -> Columns:
         """Forward ``picked`` in two halves (recursively) after a CUDA OOM."""
         if len(picked) == 1:
             raise torch.cuda.OutOfMemoryError("a single row does not fit in GPU memory; lower model.max_length")
@@ -261,24 +281,12 @@ class InferWorker:
 
     def _inputs(self, columns: dict, texts: list | None, picked: np.ndarray) -> ModelBatch:
         """Rows ``picked`` as one micro-batch: tensors padded to its own longest row, on the device."""
-
-        def rows(name: str) -> list[np.ndarray]:
-            flat, offsets = columns[name]
-            return [flat[offsets[i] : offsets[i + 1]] for i in picked]
-
-        sequences = rows(S.INPUT_IDS)
-        width = max(len(s) for s in sequences)
-        inputs = {
-            "input_ids": np.full((len(picked), width), self.pad_id, dtype=np.int64),
-            "attention_mask": np.zeros((len(picked), width), dtype=np.int64),
-        }
-        for r, seq in enumerate(sequences):
-            inputs["input_ids"][r, : len(seq)] = seq
-            inputs["attention_mask"][r, : len(seq)] = 1
+        mask, index = padded_positions(columns[S.INPUT_IDS][1], picked)
+        inputs = {"input_ids": np.full(mask.shape, self.pad_id, dtype=np.int64), "attention_mask": mask.astype(np.int64)}
+        inputs["input_ids"][mask] = columns[S.INPUT_IDS][0][index]
         if S.TOKEN_TYPE_IDS in columns:
-            inputs["token_type_ids"] = np.zeros_like(inputs["input_ids"])
-            for r, seq in enumerate(rows(S.TOKEN_TYPE_IDS)):
-                inputs["token_type_ids"][r, : len(seq)] = seq
+            inputs["token_type_ids"] = np.zeros(mask.shape, dtype=np.int64)
+            inputs["token_type_ids"][mask] = columns[S.TOKEN_TYPE_IDS][0][index]
         pin = self.device == "cuda"
         tensors = {
             k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(self.device, non_blocking=pin)
@@ -286,4 +294,6 @@ class InferWorker:
         }
         if S.OFFSETS not in columns:
             return ModelBatch(tensors)
-        return ModelBatch(tensors, offsets=rows(S.OFFSETS), texts=[texts[i] for i in picked])
+        flat, offsets = columns[S.OFFSETS]
+        spans = [flat[offsets[i] : offsets[i + 1]] for i in picked]
+        return ModelBatch(tensors, offsets=spans, texts=[texts[i] for i in picked])

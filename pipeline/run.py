@@ -261,7 +261,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
     from pipeline.sink import ParquetSink, evaluation, publish
     from pipeline.source import ShardDatasource
     from pipeline.storage import arrow_filesystem
-    from pipeline.tokenize import TokenizeWorker
+    from pipeline.tokenize import TokenizeWorker, stage_tokenizer
 
     if not ray.is_initialized():
         ray.init()
@@ -281,7 +281,7 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
     ds = ray.data.read_datasource(ShardDatasource(shards, cfg.input, arrow_filesystem(shards.fs), job.passthrough_schema, scan.duplicates), num_cpus=READ_CPUS)
     ds = ds.map_batches(
         TokenizeWorker,
-        fn_constructor_kwargs={"model": job.model, "task": job.task, "progress": progress},
+        fn_constructor_kwargs={"tokenizer": stage_tokenizer(job.model), "task": job.task, "progress": progress},
         batch_size=cfg.tokenize.batch_size,
         batch_format="pyarrow",
         num_cpus=pools.tokenize_cpus,

@@ -165,3 +165,34 @@ def test_configs_and_the_registry_import_without_torch():
     """Read and write tasks import the config (and so the registry): they must not pay for torch."""
     code = "import sys, pipeline.config, pipeline.source, pipeline.sink; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_tokenize_stage_encodes_as_the_hugging_face_tokenizer(tiny_models):
+    """The Rust tokenizer the driver ships to the tokenize actors gives what ``tokenizer(..., truncation=True,
+    max_length=...)`` gives: ids, token type ids of pairs, offsets, special tokens and truncation."""
+    from conftest import WORDS
+    from transformers import AutoTokenizer
+
+    from pipeline.checkpoint import resolve
+    from pipeline.config import ModelConfig, StorageConfig
+    from pipeline.tokenize import stage_tokenizer
+
+    path = tiny_models["token-classification"]
+    model = resolve(ModelConfig(path=str(path), task="token-classification"), StorageConfig())
+    assert model.max_length == MAX_LENGTH
+    rust, hf = stage_tokenizer(model), AutoTokenizer.from_pretrained(path)
+    texts = [" ".join(WORDS[i : i + n]) for i, n in [(0, 3), (5, 90), (40, 1), (2, 30)]]
+    pairs = [" ".join(WORDS[i : i + n]) for i, n in [(9, 50), (1, 2), (3, 70), (7, 7)]]
+    for fast, full in zip(rust.encode_batch_fast(texts), rust.encode_batch(texts)):
+        assert fast.ids == full.ids and bool(fast.overflowing) == bool(full.overflowing)
+    single = hf(texts, truncation=True, max_length=MAX_LENGTH, return_offsets_mapping=True, return_special_tokens_mask=True)
+    encodings = rust.encode_batch(texts)
+    assert [e.ids for e in encodings] == single["input_ids"]
+    assert [e.offsets for e in encodings] == [list(map(tuple, o)) for o in single["offset_mapping"]]
+    assert [e.special_tokens_mask for e in encodings] == single["special_tokens_mask"]
+    untruncated = [len(ids) > MAX_LENGTH for ids in hf(texts)["input_ids"]]
+    assert [bool(e.overflowing) for e in encodings] == untruncated == [False, True, False, False]
+    both = hf(texts, pairs, truncation=True, max_length=MAX_LENGTH)
+    encodings = rust.encode_batch_fast(list(zip(texts, pairs)))
+    assert [e.ids for e in encodings] == both["input_ids"]
+    assert [e.type_ids for e in encodings] == both["token_type_ids"]
