@@ -13,7 +13,6 @@ Decoding here would either crash or silently hide the bad input the pipeline mus
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from jobs import argument_parser
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def sentences(articles: list[Article], min_chars: int = 20, max_chars: int = 300
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser("python -m jobs.bbc", __doc__)
     parser.add_argument("--out", type=Path, default=Path("data/bbc"), help="shard directory (default: data/bbc)")
     parser.add_argument("--shards", type=int, default=8, help="number of Parquet shards (default: 8)")
     args = parser.parse_args()

@@ -93,7 +93,7 @@ import numpy as np
 import torch
 import transformers
 
-from jobs import bbc
+from jobs import argument_parser, bbc
 from pipeline import schema as S
 from pipeline.config import InferenceConfig
 from pipeline.infer import CPU_TOKEN_BUDGET, keep_freed_memory, micro_batches
@@ -566,6 +566,7 @@ class RayJob:
         if shards is None:
             shards = self.work_dir / workload.name / "input"
             write_shards(shards, workload.texts)
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing resumed from an earlier, killed one
         config = load_config(raw=self.raw_config(shards, out, len(workload.texts)))
         start = time.perf_counter()
         manifest = run_job(config)
@@ -1020,7 +1021,7 @@ def row_counts(value: str) -> list[int]:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser("python -m jobs.benchmark", __doc__)
     parser.add_argument("--task", choices=["embedding", "sequence-classification"], default="embedding")
     parser.add_argument("--model", help="checkpoint directory (default: see above)")
     parser.add_argument(

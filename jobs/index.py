@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs import argument_parser
 from jobs.run import USER_ERRORS, report
 from pipeline.index import SearchError, build_index
 from pipeline.schema import INDEX_DIR
@@ -16,7 +17,7 @@ from pipeline.storage import join
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.index", description=__doc__.split("\n")[0])
+    parser = argument_parser("python -m jobs.index", __doc__)
     parser.add_argument("--embeddings", required=True, help="output.path of a finished embedding job")
     return parser.parse_args(argv)
 

@@ -28,7 +28,6 @@ corpus, hyperparameters or ``SCRIPT_VERSION`` (see ``training_info.json``).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -44,7 +43,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
-from jobs import bbc
+from jobs import argument_parser, bbc
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +122,20 @@ def train(out_dir: Path, articles: list[bbc.Article], fingerprint: str) -> None:
     torch.manual_seed(hp.seed)
     base = base_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(base, model_max_length=hp.max_length)
+    log.info(
+        "loading all-MiniLM-L6-v2 with a new %d-topic head: transformers reports classifier.weight and "
+        "classifier.bias as MISSING (newly initialized), as expected: that head is what this step trains",
+        len(labels),
+    )
     model = AutoModelForSequenceClassification.from_pretrained(
         base, id2label=dict(enumerate(labels)), label2id=label2id
     ).eval()
 
     started = time.perf_counter()
     encoder = copy.deepcopy(model.bert).to(getattr(torch, hp.feature_dtype))
-    features = run_sorted(lambda batch: encoder(**batch).pooler_output, tokenizer, _texts(train_set), hp.batch_size)
+    features = run_sorted(
+        lambda batch: encoder(**batch).pooler_output, tokenizer, _texts(train_set), hp.batch_size, "encoding training articles"
+    )
     elapsed = time.perf_counter() - started
     log.info("pooler features (%s) of %d training articles in %.0fs", hp.feature_dtype, len(train_set), elapsed)
     fit_linear(model.classifier, features, torch.tensor([label2id[a.label] for a in train_set]), hp)
@@ -142,7 +148,7 @@ def train(out_dir: Path, articles: list[bbc.Article], fingerprint: str) -> None:
         raise RuntimeError(f"{out_dir}: reloaded checkpoint gives different logits than the trained model")
 
     started = time.perf_counter()
-    predicted = logits(reloaded, tokenizer, _texts(test_set)).argmax(-1)
+    predicted = logits(reloaded, tokenizer, _texts(test_set), desc="scoring held-out articles").argmax(-1)
     accuracy = (predicted == torch.tensor([label2id[a.label] for a in test_set])).float().mean().item()
     elapsed = time.perf_counter() - started
     log.info("held-out accuracy %.4f on %d articles (reloaded, float32) in %.0fs", accuracy, len(test_set), elapsed)
@@ -165,20 +171,28 @@ def train(out_dir: Path, articles: list[bbc.Article], fingerprint: str) -> None:
 
 
 def fit_linear(layer: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, hp: Hyperparameters) -> None:
-    """Full-batch AdamW on cross-entropy, in place: ``x`` is small (articles x hidden) and fixed."""
+    """Full-batch AdamW on cross-entropy, in place: ``x`` is small (articles x hidden) and fixed.
+    Logs the loss and training accuracy five times along the way."""
     optimizer = torch.optim.AdamW(layer.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-    for _ in range(hp.steps):
-        loss = torch.nn.functional.cross_entropy(layer(x), y)
+    for step in range(1, hp.steps + 1):
+        scores = layer(x)
+        loss = torch.nn.functional.cross_entropy(scores, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    log.info("trained the classifier: final training loss %.4f", loss.item())
+        if step % max(1, hp.steps // 5) == 0 or step == hp.steps:
+            accuracy = (scores.argmax(-1) == y).float().mean().item()
+            log.info("training the head: step %d/%d, loss %.4f, training accuracy %.4f", step, hp.steps, loss.item(), accuracy)
 
 
 def logits(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 32
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    batch_size: int = 32,
+    desc: str | None = None,
 ) -> torch.Tensor:
-    return run_sorted(lambda batch: model(**batch).logits, tokenizer, texts, batch_size)
+    return run_sorted(lambda batch: model(**batch).logits, tokenizer, texts, batch_size, desc)
 
 
 def run_sorted(
@@ -186,18 +200,24 @@ def run_sorted(
     tokenizer: PreTrainedTokenizerBase,
     texts: list[str],
     batch_size: int,
+    desc: str | None = None,
 ) -> torch.Tensor:
     """``forward`` over ``texts`` in batches of similar length (padded per batch, truncated to the
     tokenizer's limit) under ``torch.inference_mode``; one float32 row per text, in input order. The
-    result is an ordinary tensor, so it can be trained on."""
+    result is an ordinary tensor, so it can be trained on. With ``desc``, logs progress every ~20 s."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     outputs = []
+    started = reported = time.perf_counter()
     for start in range(0, len(order), batch_size):
         batch = tokenizer(
             [texts[i] for i in order[start : start + batch_size]], truncation=True, padding=True, return_tensors="pt"
         )
         with torch.inference_mode():
             outputs.append(forward(batch).float())
+        if desc and time.perf_counter() - reported > 20:
+            reported = time.perf_counter()
+            done = min(start + batch_size, len(order))
+            log.info("%s: %d/%d (%.0f s; the longest come last)", desc, done, len(order), reported - started)
     return torch.cat(outputs)[torch.argsort(torch.tensor(order))]
 
 
@@ -211,7 +231,7 @@ def _built_from(out_dir: Path) -> str | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser("python -m jobs.make_classifier", __doc__)
     parser.add_argument(
         "--out", type=Path, default=default_out_dir(), help=f"checkpoint directory (default: {default_out_dir()})"
     )
@@ -224,6 +244,7 @@ def main() -> None:
         sys.exit(f"error: {e}")
     info = json.loads((out_dir / INFO_FILE).read_text())
     print(f"held-out accuracy {info['accuracy']:.4f} ({info['test_articles']} articles): {out_dir}")
+    print(f"how it was trained and scored: {out_dir / INFO_FILE}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Run one batch-inference job: ``python -m jobs.run --config configs/<job>.yaml``.
 
 Runs on a local Ray instance when RAY_ADDRESS is unset, on that cluster otherwise, and
-works unchanged as a ``ray job submit`` entrypoint.
+works unchanged as a ``ray job submit`` entrypoint. When stdout is not a terminal (a log
+file, CI, a submitted job), progress is one line of rows per stage every 30 s instead of
+Ray Data's progress bars.
 
 Exit status: 0 done; 2 the config, input, checkpoint or output cannot run (one line on stderr
 names the key or file and the fix; nothing started, or nothing published); 3 PARTIAL: the run
 published, but quarantined shards it could not read (listed in the summary and the manifest's
 ``shards_unreadable``), so a scheduler can alert on it.
 
+    python -m jobs.run --config configs/bbc_embed.yaml
     python -m jobs.run --config configs/bbc_embed.yaml --set model.dtype=bfloat16
     python -m jobs.run --config configs/bbc_embed.yaml --dry-run
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs import argument_parser, log_to_stdout
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, JobConfig, config_reference, load_config
 from pipeline.run import plan, run_job
@@ -36,16 +40,14 @@ def report(error: Exception, cfg: JobConfig | None = None) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML job config (see README: Config reference)")
+    parser = argument_parser("python -m jobs.run", __doc__)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", help="YAML job config (required; see README: Config reference)")
+    what.add_argument("--config-reference", action="store_true", help="print every config key as Markdown, and exit")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set model.dtype=bfloat16 (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
-    parser.add_argument("--config-reference", action="store_true", help="print every config key as Markdown")
-    args = parser.parse_args(argv)
-    if not args.config and not args.config_reference:
-        parser.error("--config is required")
-    return args
+    return parser.parse_args(argv)
 
 
 def reference_table() -> str:
@@ -62,6 +64,7 @@ def summary(manifest: dict) -> str:
         ("status", f"PARTIAL: {len(unreadable)} unreadable shard(s) quarantined whole" if unreadable else "complete"),
         *((f"  unreadable {u['file']}", u["error"]) for u in unreadable),
         ("rows in / out / rejected", f"{manifest['rows_in']} / {manifest['rows_out']} / {manifest['rows_rejected']}"),
+        ("rows kept / scored", f"{manifest['rows_resumed']} kept from a killed run / {manifest['rows_scored']} scored"),
         ("rejected by reason", manifest["rejected_by_reason"] or "-"),
         ("rows truncated", manifest["rows_truncated"]),
         ("wall time", f"{manifest['wall_s']:.1f} s"),
@@ -103,4 +106,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    log_to_stdout()
     sys.exit(main())

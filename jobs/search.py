@@ -12,6 +12,7 @@ import sys
 
 import pyarrow as pa
 
+from jobs import argument_parser
 from jobs.run import USER_ERRORS, report
 from pipeline import schema as S
 from pipeline.index import SearchError
@@ -21,7 +22,7 @@ SNIPPET_CHARS = 100
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.search", description=__doc__.split("\n")[0])
+    parser = argument_parser("python -m jobs.search", __doc__)
     parser.add_argument("--embeddings", required=True, help="output.path of a finished embedding job")
     parser.add_argument("--query", required=True, help="text to search for")
     parser.add_argument("-k", type=int, default=10, help="number of hits (default: 10; at most every row)")

@@ -32,6 +32,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobInfo, JobStatus, JobSubmissionClient
 from ray.runtime_env import RuntimeEnv
 
+from jobs import argument_parser
 from pipeline.config import ConfigError, apply_overrides, environment_secrets, redact, redact_override
 
 DEFAULT_MODULE = "jobs.run"
@@ -47,9 +48,7 @@ def key_value(item: str) -> tuple[str, str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser("python -m jobs.submit", __doc__)
     parser.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://HEAD:8265")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--config", help="job config, as a path on the cluster (relative to --working-dir if given)")

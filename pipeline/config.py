@@ -50,7 +50,10 @@ class _Strict(BaseModel):
 class InputConfig(_Strict):
     path: str = Field(description="File, directory or glob of input shards; local path or s3://bucket/prefix.")
     format: Literal["parquet", "jsonl"] | None = Field(
-        None, description="Shard format; inferred from the extension (.parquet, .jsonl, .json, .jsonl.gz) when omitted."
+        None,
+        description="Shard format. Omitted: each file is read by its own extension (.parquet/.pq, .jsonl/.json/"
+        ".ndjson, optionally .gz), so a directory may mix them. Set: files of the other format are an error. Files "
+        "with other extensions (README, .csv) are skipped and listed in the plan and manifest (files_skipped).",
     )
     text_column: str = Field("text", description="Column holding the text to encode (string, or binary holding UTF-8).")
     text_pair_column: str | None = Field(None, description="Optional second text for pair inputs (e.g. NLI, reranking).")
@@ -148,9 +151,14 @@ class EmbeddingOutputConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    path: str = Field(description="Output directory, local or s3://. Parquet parts, _manifest.json, _SUCCESS.")
+    path: str = Field(
+        description="Output directory, local or s3://: Parquet parts, _rejected/, _manifest.json, _SUCCESS. Must be "
+        "new, empty or an earlier output of this pipeline, and must not overlap the input."
+    )
     mode: Literal["error", "overwrite"] = Field(
-        "error", description="What to do when the output already holds a finished run."
+        "error",
+        description="When the output already holds a committed run: error = refuse; overwrite = replace exactly the "
+        "files its manifest lists, once the new run has committed.",
     )
     cls_embedding: bool = Field(False, description="sequence-classification: also write the final layer's CLS vector.")
     embedding: EmbeddingOutputConfig = Field(default_factory=EmbeddingOutputConfig, description="Embedding task output.")
@@ -158,7 +166,8 @@ class OutputConfig(_Strict):
         100_000,
         gt=0,
         description="Rows per Parquet part: each write task gathers this many rows before writing "
-        "(the last part takes the rest). Smaller values publish parts sooner and hold less in the object store.",
+        "(the last part takes the rest). Smaller values publish parts sooner, hold less in the object store "
+        "and leave less to redo after a crash: a rerun keeps every finished part.",
     )
 
 
@@ -179,9 +188,18 @@ class ExecutionConfig(_Strict):
     stall_timeout_s: float = Field(
         900, gt=0, description="Fail with a diagnosis when no stage makes progress for this long (instead of hanging)."
     )
-    max_actor_restarts: int = Field(3, ge=0, description="Restarts of a crashed actor (Ray max_restarts).")
-    max_task_retries: int = Field(
-        3, ge=0, description="Retries of a batch whose actor crashed (Ray max_task_retries); results are not duplicated."
+    max_actor_restarts: int = Field(
+        3,
+        ge=0,
+        description="Restarts of each crashed tokenizer or model actor; the batches it had not finished are retried "
+        "on the restarted actor (results are not duplicated). One more crash fails the job.",
+    )
+    lease_ttl_s: float = Field(
+        60,
+        gt=0,
+        description="A driver holds a lease on its output (jobs.nightly: on its date) and renews it every quarter "
+        "of this; a lease not renewed for this long (a killed driver on another host) can be taken over. On the "
+        "same host a lease whose process is gone is taken over at once.",
     )
 
 
@@ -195,8 +213,10 @@ class FaultConfig(_Strict):
     oom_above_rows: int | None = Field(
         None, gt=0, description="Raise CUDA OOM for micro-batches of more rows (exercises split-and-retry on CPU)."
     )
-    crash_after_commit: bool = Field(
-        False, description="jobs.nightly: the driver exits right after committing its ledger, before publishing."
+    crash_at: Literal["moved", "committed"] | None = Field(
+        None,
+        description="The driver exits (code 17) at this step of its commit: `moved` (parts at their final names, "
+        "manifest not written) or `committed` (manifest written; clean-up and _SUCCESS not).",
     )
     constant_outputs: bool = Field(
         False,

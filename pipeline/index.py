@@ -1,8 +1,9 @@
 """Nearest-neighbour search over an embedding output: an ANN index next to its Parquet, and an exact fallback.
 
-``build_index`` reads the id columns and ``embedding`` of every part of a finished embedding output,
+``build_index`` reads the id columns and ``embedding`` of every part a finished embedding output's
+manifest lists (``pipeline.commit``: a jobs.run output, or a nightly date or version directory),
 L2-normalises the vectors (a no-op for ``output.embedding.normalize: true``; otherwise it turns inner
-product into cosine) and writes::
+product into cosine) and writes, in that output's directory::
 
     <output>/_index/index.faiss   the index; its row i is row i of ids.parquet
     <output>/_index/ids.parquet   the id columns, in index order (parts sorted by name, rows in file order)
@@ -36,7 +37,6 @@ to build on 16 cores and ~1 ms per query; where that memory is too much, ``HNSW3
 from __future__ import annotations
 
 import json
-import posixpath
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -48,8 +48,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
+from pipeline.commit import OutputError, committed_output
 from pipeline.config import StorageConfig
-from pipeline.storage import filesystem, join
+from pipeline.storage import join
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -126,13 +127,14 @@ def _faiss():
 
 
 def open_output(output_path: str, storage: StorageConfig | None = None) -> EmbeddingOutput:
-    """The finished embedding output at ``output_path``; ``SearchError`` for anything else."""
-    fs, root = filesystem(output_path, storage)
-    if not fs.exists(join(root, S.SUCCESS)):
-        raise SearchError(f"{output_path} holds no finished run (no {S.SUCCESS}): run the embedding job first")
-    parts = sorted(posixpath.basename(p) for p in fs.glob(join(root, "part-*.parquet")))
+    """The finished embedding output at ``output_path``, as its manifest lists it; ``SearchError`` for anything else."""
+    try:
+        committed = committed_output(output_path, storage)
+    except OutputError as e:
+        raise SearchError(f"{e}; run the embedding job first") from None
+    fs, root, parts = committed.fs, committed.root, committed.files
     if not parts:
-        raise SearchError(f"{output_path} holds no part-*.parquet files: every input row was rejected")
+        raise SearchError(f"{output_path} holds no part files: every input row was rejected")
     with fs.open(join(root, parts[0]), "rb") as f:
         schema = pq.read_schema(f)
     metadata = _metadata(schema)
@@ -180,12 +182,12 @@ def build_index(output_path: str, storage: StorageConfig | None = None) -> Index
 
 
 def load_info(output_path: str, storage: StorageConfig | None = None) -> IndexInfo | None:
-    """The ``index.json`` of the output's index; None when it has no (complete) index."""
-    fs, root = filesystem(output_path, storage)
-    path = join(root, S.INDEX_DIR, INFO_FILE)
-    if not fs.exists(path):
+    """The ``index.json`` of the finished output's index; None when it has no (complete) index."""
+    output = committed_output(output_path, storage)
+    path = join(output.root, S.INDEX_DIR, INFO_FILE)
+    if not output.fs.exists(path):
         return None
-    with fs.open(path) as f:
+    with output.fs.open(path) as f:
         return IndexInfo(**json.load(f))
 
 

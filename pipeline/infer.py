@@ -24,6 +24,7 @@ import torch
 from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, load_model
 from pipeline.config import FaultConfig, InferenceConfig
+from pipeline.progress import register
 from pipeline.tasks import Columns, ModelBatch, Task
 
 CONSUMED = (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS, S.TEXT)
@@ -193,8 +194,7 @@ class InferWorker:
         self.node = context.get_node_id()
         self.process = f"{context.get_actor_id()}:{os.getpid()}"
         self.progress, self.faults, self.calls = progress, faults, 0
-        progress.register.remote(ray.get_runtime_context().current_actor)
-        self.first_incarnation = not context.was_current_actor_reconstructed
+        self.first_incarnation = register(progress, "model") == 1
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         if self.device == "cpu":
             keep_freed_memory()

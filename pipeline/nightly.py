@@ -1,50 +1,40 @@
-"""Exactly-once, resumable scoring of one date partition, driven by a run ledger.
+"""Exactly-once, resumable scoring of one date partition, committed with ``pipeline.commit``.
 
 Layout under ``output.path``::
 
     dt=2026-11-20/
-      _CURRENT                         # name of the version readers should use
-      version=<model>-<config>/        # a new model revision or config => a new version
-        _ledger.json                   # input shard -> run, run -> files; the commit record
-        _SUCCESS                       # present only while every ledger run is published
-        part-*.parquet, _rejected/, _manifests/<run>.json
-        _staging/<run>/                # a run's output until it is published
+      _CURRENT                         # name of the version readers use
+      _lease/                          # one driver per date at a time
+      version=<model>-<config>/        # a table of pipeline.commit; a new model revision or config => a new version
+        _manifest.json                 # the commit record and the shard ledger (below)
+        _SUCCESS, part-*.parquet, _rejected/, _staging/<run>/
 
-Protocol, each step safe to kill at any point:
-1. Roll forward: publish runs the ledger commits but did not finish moving; delete
-   staging directories the ledger does not know (runs killed before committing).
-2. Score only the shards the ledger does not list, into ``_staging/<run>/``.
-3. Commit: remove ``_SUCCESS``, then write the ledger naming the run, its files and its
-   shards (one atomic write). Before this point a kill leaves the shards pending; after
-   it the run is kept and step 1 finishes it. No shard is ever scored into two runs.
-4. Publish: move the run's files into the version directory, mark it published, write
-   ``_SUCCESS`` and ``_CURRENT``.
+The manifest of a version lists its files like any output, and adds ``shards`` (input shard ->
+size, ETag/mtime, the run that committed it) and ``runs`` (run -> its statistics and files);
+``rows_in``/``rows_out``/``rows_rejected``/``rejected_by_reason`` are totals over the runs.
 
-Readers only trust a version directory that holds ``_SUCCESS``.
+A run takes the date's lease, finishes a commit a killed run left half done, scores only the shards
+the ledger does not list (keeping the rows a killed run of the same version receipted, see
+``pipeline.commit``), and commits them added to the version: no shard is in two runs, no row in two
+parts. A shard that changes after it was scored is refused.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
-import posixpath
-import time
-import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import replace
 
 import fsspec
 import ray
-from fsspec.implementations.local import LocalFileSystem
 
-from pipeline import schema as S
+from pipeline.commit import Receipt, Table, Writer, inspect_output
 from pipeline.config import ConfigError, JobConfig
-from pipeline.run import plan, run_job
-from pipeline.storage import filesystem, join, relative_to
+from pipeline.run import Plan, execute, plan
+from pipeline.storage import join
 
-LEDGER = "_ledger.json"
-STAGING = "_staging"
-CURRENT = "_CURRENT"
+TOTALS = ("rows_in", "rows_out", "rows_rejected")
+SHARED = ("version", "model", "config", "pools")  # the same for every run of a version, kept once
 
 
 def parse_date(value: str) -> str:
@@ -61,136 +51,92 @@ def date_range(start: str, end: str) -> list[str]:
     return [(first + dt.timedelta(days=n)).isoformat() for n in range((last - first).days + 1)]
 
 
-@dataclass
-class Partition:
-    """One version directory of one date, with its ledger."""
-
-    uri: str
-    fs: fsspec.AbstractFileSystem
-    root: str
-    ledger: dict
-
-    @classmethod
-    def open(cls, uri: str, cfg: JobConfig) -> Partition:
-        fs, root = filesystem(uri, cfg.storage)
-        path = join(root, LEDGER)
-        ledger = json.loads(fs.cat_file(path)) if fs.exists(path) else {"shards": {}, "runs": {}}
-        return cls(uri, fs, root, ledger)
-
-    def path(self, *parts: str) -> str:
-        return join(self.root, *parts)
-
-    def save_ledger(self) -> None:
-        """Atomic: a rename on local disks, a single PUT (atomic per object) on S3."""
-        data = json.dumps(self.ledger, indent=1, sort_keys=True)
-        if isinstance(self.fs, LocalFileSystem):
-            tmp = self.path(f"{LEDGER}.{uuid.uuid4().hex}.tmp")
-            self.fs.pipe_file(tmp, data.encode())
-            self.fs.mv(tmp, self.path(LEDGER))
-        else:
-            self.fs.pipe_file(self.path(LEDGER), data.encode())
-
-    def roll_forward(self) -> list[str]:
-        """Finish publishing committed runs; drop staging left by uncommitted ones. Returns finished runs."""
-        finished = []
-        for run_id, run in sorted(self.ledger["runs"].items()):
-            if not run["published"]:
-                self._publish(run_id, run)
-                finished.append(run_id)
-        staging = self.path(STAGING)
-        if self.fs.exists(staging):
-            for entry in self.fs.ls(staging, detail=False):
-                if posixpath.basename(entry.rstrip("/")) not in self.ledger["runs"]:
-                    self.fs.rm(entry, recursive=True)
-        if self.ledger["runs"] and not self.fs.exists(self.path(S.SUCCESS)):
-            self._mark_complete()
-        return finished
-
-    def commit(self, run_id: str, manifest: dict, shards: dict[str, dict]) -> None:
-        staged = self.path(STAGING, run_id)
-        files = sorted(
-            relative_to(f, staged)
-            for f in self.fs.find(staged)
-            if posixpath.basename(f) not in (S.SUCCESS,)
-        )
-        if self.fs.exists(self.path(S.SUCCESS)):
-            self.fs.rm(self.path(S.SUCCESS))
-        self.ledger["runs"][run_id] = {
-            "files": files,
-            "published": False,
-            "rows_in": manifest["rows_in"],
-            "rows_out": manifest["rows_out"],
-            "rows_rejected": manifest["rows_rejected"],
-            "model_revision": manifest["model"]["model_revision"],
-            "config_hash": manifest["model"]["config_hash"],
-        }
-        for shard, signature in shards.items():
-            self.ledger["shards"][shard] = {**signature, "run": run_id}
-        self.save_ledger()
-
-    def publish(self, run_id: str) -> None:
-        self._publish(run_id, self.ledger["runs"][run_id])
-        self._mark_complete()
-
-    def _publish(self, run_id: str, run: dict) -> None:
-        staged = self.path(STAGING, run_id)
-        for name in run["files"]:
-            target = self.path(S.MANIFEST_DIR, f"{run_id}.json") if name == S.MANIFEST else self.path(name)
-            if self.fs.exists(join(staged, name)):  # idempotent: a killed publish may have moved some
-                self.fs.mv(join(staged, name), target)
-        run["published"] = True
-        self.save_ledger()
-        if self.fs.exists(staged):
-            self.fs.rm(staged, recursive=True)
-
-    def _mark_complete(self) -> None:
-        self.fs.pipe_file(self.path(S.SUCCESS), b"")
-        self.fs.pipe_file(join(posixpath.dirname(self.root), CURRENT), posixpath.basename(self.root).encode())
-
-
 def shard_signature(fs: fsspec.AbstractFileSystem, path: str) -> dict:
     """What identifies a shard's content: size plus ETag (object stores) or mtime (disks)."""
     info = fs.info(path)
     return {"size": info["size"], "etag": info.get("ETag") or info.get("etag"), "mtime": info.get("mtime")}
 
 
-def score_date(cfg: JobConfig, date: str, log=print) -> dict:
-    """Score the shards of ``date`` that its ledger does not list yet; see the module docstring."""
-    if not ray.is_initialized():
-        ray.init()  # the plan sizes pools for the cluster the job runs on, not for this driver's machine
-    job = plan(cfg)
+def locations(cfg: JobConfig, job: Plan, date: str) -> tuple[str, str, str]:
+    """(the date directory, the version name, the version directory) of ``date`` for this plan."""
+    day = join(cfg.output.path, f"dt={date}")
     version = f"version={job.model.fingerprint[:12]}-{cfg.fingerprint()}"
-    partition = Partition.open(join(cfg.output.path, f"dt={date}", version), cfg)
-    recovered = partition.roll_forward()
-    if recovered:
-        log(f"dt={date}: finished publishing interrupted run(s) {recovered}")
+    return day, version, join(day, version)
 
+
+def pending_shards(job: Plan, ledger: dict, date: str, version: str) -> tuple[dict[str, tuple[str, dict]], int]:
+    """The input shards ``ledger`` does not list (relative name -> (path, signature)), and how many it does.
+
+    Raises ``ConfigError`` for a listed shard whose content changed.
+    """
     shards = {job.shards.relative(f): (f, shard_signature(job.shards.fs, f)) for f in job.shards.files}
-    done = partition.ledger["shards"]
-    changed = [s for s, (_, sig) in shards.items() if s in done and {k: done[s][k] for k in sig} != sig]
+    changed = [s for s, (_, sig) in shards.items() if s in ledger and {k: ledger[s][k] for k in sig} != sig]
     if changed:
         raise ConfigError(
             f"dt={date}: input shard(s) {changed[:3]} changed after they were scored in {version}. A scored day's "
             "inputs must not change; write new shards instead, or delete the version directory to rescore it"
         )
-    pending = {s: v for s, v in shards.items() if s not in done}
-    if not pending:
-        log(f"dt={date}: already complete ({len(done)} shards, {version}); nothing to do")
-        return {"date": date, "version": version, "status": "complete", "new_shards": 0}
+    return {s: v for s, v in shards.items() if s not in ledger}, len(shards)
 
-    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    log(f"dt={date}: scoring {len(pending)} new shard(s) of {len(shards)} as run {run_id} ({version})")
-    staged_cfg = cfg.model_copy(
-        update={"output": cfg.output.model_copy(update={"path": join(partition.uri, STAGING, run_id), "mode": "overwrite"})}
+
+def with_run(previous: dict | None, run_id: str, run: dict, receipts: list[Receipt], shards: dict[str, dict]) -> dict:
+    """The version's manifest once ``run`` commits: its ledger and runs extended, totals over all runs."""
+    ledger = {**(previous or {}).get("shards", {}), **{s: {**sig, "run": run_id} for s, sig in shards.items()}}
+    entry = {k: v for k, v in run.items() if k not in SHARED}
+    entry["files"] = sorted(f for r in receipts for f in r.files)
+    runs = {**(previous or {}).get("runs", {}), run_id: entry}
+    reasons = sum((Counter(r["rejected_by_reason"]) for r in runs.values()), Counter())
+    totals = {k: sum(r[k] for r in runs.values()) for k in TOTALS}
+    return {**{k: run[k] for k in SHARED}, **totals, "rejected_by_reason": dict(reasons), "shards": ledger, "runs": runs}
+
+
+def score_date(cfg: JobConfig, date: str, log=print) -> dict:
+    """Score the shards of ``date`` that its version's ledger does not list yet; see the module docstring."""
+    if not ray.is_initialized():
+        ray.init()  # the plan sizes pools for the cluster the job runs on, not for this driver's machine
+    job = plan(cfg, table=False)
+    day, version, uri = locations(cfg, job, date)
+    inspect_output(uri, cfg.storage, identity=job.identity(), mode=None, lease_uri=day)  # refuses foreign content
+    with Writer(uri, cfg, lease_uri=day, current=True, log=log) as writer:
+        ledger = writer.manifest["shards"] if writer.manifest else {}
+        pending, total = pending_shards(job, ledger, date, version)
+        if not pending:
+            log(f"dt={date}: already complete ({len(ledger)} shards, {version}); nothing to do")
+            return {"date": date, "version": version, "status": "complete", "new_shards": 0}
+        log(f"dt={date}: scoring {len(pending)} new shard(s) of {total} as run {writer.run_id} ({version})")
+        resume = writer.resume(job.identity(), {s: sig["size"] for s, (_, sig) in pending.items()})
+        shards = replace(job.shards, files=[path for path, _ in pending.values()])
+        run, receipts = execute(job, shards, writer, resume)
+        # A shard quarantined as unreadable is not scored: it stays pending, and the next run tries it again.
+        unreadable = sorted(entry["file"] for entry in run["shards_unreadable"])
+        signatures = {s: sig for s, (_, sig) in pending.items() if s not in unreadable}
+        manifest = writer.commit(with_run(writer.manifest, writer.run_id, run, receipts, signatures), receipts, replace=False)
+    log(
+        f"dt={date}: committed run {writer.run_id}: {run['rows_out']} rows out, {run['rows_rejected']} rejected "
+        f"({run['rows_resumed']} kept from a killed run, {run['rows_scored']} scored)"
     )
-    manifest = run_job(staged_cfg, files=[path for path, _ in pending.values()], job=job)
-    # A shard quarantined as unreadable is not scored: it stays pending, and the next run tries it again.
-    unreadable = sorted(entry["file"] for entry in manifest["shards_unreadable"])
-    partition.commit(run_id, manifest, {s: sig for s, (_, sig) in pending.items() if s not in unreadable})
-    if cfg.faults.crash_after_commit:
-        os._exit(17)
-    partition.publish(run_id)
-    log(f"dt={date}: published run {run_id}: {manifest['rows_out']} rows out, {manifest['rows_rejected']} rejected")
     if unreadable:
         log(f"dt={date}: PARTIAL: {len(unreadable)} unreadable shard(s) quarantined and left pending: {unreadable[:5]}")
-    return {"date": date, "version": version, "status": "scored", "new_shards": len(pending), "manifest": manifest}
+    return {
+        "date": date,
+        "version": version,
+        "status": "partial" if unreadable else "scored",
+        "new_shards": len(pending),
+        "manifest": manifest,
+    }
+
+
+def describe_date(cfg: JobConfig, date: str) -> str:
+    """What ``score_date`` would do for ``date``, for ``--dry-run``: the plan, the version, shards, lease."""
+    job = plan(cfg, table=False)
+    day, version, uri = locations(cfg, job, date)
+    lines = inspect_output(uri, cfg.storage, identity=job.identity(), mode=None, lease_uri=day)
+    manifest = Table(uri, cfg.storage).manifest()
+    pending, total = pending_shards(job, manifest["shards"] if manifest else {}, date, version)
+    return "\n".join(
+        [
+            job.describe(),
+            f"dt={date}  {uri}: {len(pending)} of {total} shard(s) to score",
+            *(f"         {line}" for line in lines),
+        ]
+    )

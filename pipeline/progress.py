@@ -1,39 +1,59 @@
-"""Progress heartbeats and the stall watchdog: a job that stops moving fails with a diagnosis.
+"""Progress heartbeats, restart accounting, the stall watchdog and the non-interactive progress log.
 
 Stage workers report rows done to one tiny ``Progress`` actor (0 CPUs, fire-and-forget
-calls). A driver thread watches it; when no stage has moved for
+calls). Each stage actor also registers there when it starts, which is how a restarted
+actor knows it is one and how ``execution.max_actor_restarts`` is enforced: Ray Data
+restarts a crashed stage actor and retries its unfinished batches on it without limit
+(its default, ``max_restarts=-1``), so past the limit the restarted actor refuses to
+start and the job fails with ``RestartLimitError``.
+
+A driver thread watches the actor; when no stage has moved for
 ``execution.stall_timeout_s`` it kills the stage actors (a stuck call would otherwise keep
 its actor, and its CPUs, alive) and interrupts the run, which raises ``StallError`` naming
-the last progress of each stage and the resources the cluster has left.
+the last progress of each stage and the resources the cluster has left. When stdout is not
+a terminal, the watchdog also logs one line of rows per stage every interval instead of
+Ray Data's progress bars.
 """
 
 from __future__ import annotations
 
 import _thread
+import logging
 import threading
 import time
 
 import ray
+
+log = logging.getLogger(__name__)
 
 
 class StallError(RuntimeError):
     """No stage made progress for ``execution.stall_timeout_s``."""
 
 
+class RestartLimitError(RuntimeError):
+    """A stage actor crashed more often than ``execution.max_actor_restarts`` allows."""
+
+
 @ray.remote(num_cpus=0, max_restarts=-1)
 class Progress:
-    """Per stage: rows done, time of the last beat, and seconds workers spent busy."""
+    """Per stage: rows done, time of the last beat, and seconds workers spent busy; per stage
+    actor: its handle and how many times it started."""
 
-    def __init__(self):
+    def __init__(self, max_restarts: int):
+        self.max_restarts = max_restarts
         self.stages: dict[str, tuple[int, float, float]] = {}
-        self.workers: list = []
+        self.workers: dict[str, tuple[object, int]] = {}
 
-    def register(self, worker) -> None:
-        """Stage actors announce themselves, so a stalled run can kill them instead of leaking them."""
-        self.workers.append(worker)
+    def register(self, actor_id: str, worker) -> tuple[int, int]:
+        """A stage actor announces itself (so a stalled run can kill it instead of leaking it);
+        returns (how many times this actor has started, ``max_restarts``)."""
+        _, starts = self.workers.get(actor_id, (worker, 0))
+        self.workers[actor_id] = (worker, starts + 1)
+        return starts + 1, self.max_restarts
 
     def registered(self) -> list:
-        return list(self.workers)
+        return [worker for worker, _ in self.workers.values()]
 
     def beat(self, stage: str, rows: int, busy_s: float = 0.0) -> None:
         done, _, busy = self.stages.get(stage, (0, 0.0, 0.0))
@@ -41,6 +61,24 @@ class Progress:
 
     def snapshot(self) -> dict[str, tuple[int, float, float]]:
         return dict(self.stages)
+
+
+def register(progress, stage: str) -> int:
+    """Register the calling stage actor with ``progress``; return its start count (1: first start).
+
+    Raises ``RestartLimitError`` in a restarted actor that has used up ``execution.max_actor_restarts``:
+    the actor then stays dead and Ray Data fails the job with this error.
+    """
+    context = ray.get_runtime_context()
+    starts, max_restarts = ray.get(progress.register.remote(context.get_actor_id(), context.current_actor))
+    if starts > max_restarts + 1:
+        crashes = starts - 1
+        raise RestartLimitError(
+            f"the {stage} actor crashed {crashes} time{'s' if crashes > 1 else ''}, one more than "
+            f"execution.max_actor_restarts={max_restarts} allows; each crash's cause is in that actor's log "
+            "(`ray logs`, or logs/ in the Ray session directory)"
+        )
+    return starts
 
 
 def stage_throughput(snapshot: dict[str, tuple[int, float, float]]) -> dict[str, dict]:
@@ -51,11 +89,41 @@ def stage_throughput(snapshot: dict[str, tuple[int, float, float]]) -> dict[str,
     }
 
 
-class Watchdog:
-    """Context manager: interrupts the main thread when no stage beats for ``timeout_s``."""
+STAGES = ("tokenize", "infer", "write")  # the stages that beat, in data-flow order
 
-    def __init__(self, progress, timeout_s: float, expected: str, poll_s: float = 1.0):
+
+def progress_line(snapshot: dict[str, tuple[int, float, float]], rows: int, elapsed_s: float) -> str:
+    """Rows done per stage out of ``rows``, e.g. ``[1:30] of 2225 rows: tokenized 2225, inferred 1024 (11.4/s), written 0``.
+
+    Parts are written once they hold ``output.rows_per_file`` rows, so "written" moves in steps.
+    """
+    done = {stage: snapshot.get(stage, (0, 0.0, 0.0))[0] for stage in STAGES}
+    minutes, seconds = divmod(int(elapsed_s), 60)
+    return (
+        f"[{minutes}:{seconds:02d}] of {rows} rows: tokenized {done['tokenize']}, "
+        f"inferred {done['infer']} ({done['infer'] / max(elapsed_s, 1e-9):.1f}/s), written {done['write']}"
+    )
+
+
+class Watchdog:
+    """Context manager: interrupts the main thread when no stage beats for ``timeout_s``.
+
+    With ``log_every_s`` it also logs ``progress_line`` (out of ``rows``) that often: for output that
+    is not a terminal (a CI log, a file, ``ray job submit``), where the run turns Ray Data's progress
+    bars off, one line per interval instead of a block of bars.
+    """
+
+    def __init__(
+        self,
+        progress,
+        timeout_s: float,
+        expected: str,
+        poll_s: float = 1.0,
+        rows: int = 0,
+        log_every_s: float | None = None,
+    ):
         self.progress, self.timeout_s, self.expected, self.poll_s = progress, timeout_s, expected, poll_s
+        self.rows, self.log_every_s = rows, log_every_s
         self.diagnosis: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="stall-watchdog")
@@ -71,11 +139,15 @@ class Watchdog:
 
     def _watch(self) -> None:
         stages: dict[str, tuple[int, float, float]] = {}
+        logged = self._started
         while not self._stop.wait(self.poll_s):
             try:  # the watchdog itself must never block or die: a silent progress actor is no progress
                 stages = ray.get(self.progress.snapshot.remote(), timeout=self.timeout_s)
             except Exception:  # noqa: BLE001
                 pass
+            if self.log_every_s and time.time() - logged >= self.log_every_s:
+                logged = time.time()
+                log.info(progress_line(stages, self.rows, logged - self._started))
             last = max([t for _, t, _ in stages.values()] + [self._started])
             if time.time() - last > self.timeout_s:
                 self.diagnosis = self._diagnose(stages)

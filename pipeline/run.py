@@ -1,14 +1,18 @@
 """Plan and run a job: source -> tokenize -> infer -> sink, on whichever Ray cluster is current.
 
 ``plan`` does everything that can be checked before Ray starts (config, shards and their
-schema, checkpoint and head, output location, pool sizing) and is what ``--dry-run``
-prints. ``run_job`` executes the plan with Ray Data and returns the manifest.
+schema, checkpoint and head, output location and what a run would do there, pool sizing)
+and is what ``--dry-run`` prints. ``run_job`` takes the output's lease, executes the plan
+with Ray Data (resuming what a killed run left) and commits it (``pipeline.commit``);
+``execute`` is the part ``jobs.nightly`` shares.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -18,9 +22,10 @@ import pyarrow as pa
 from pipeline import __version__
 from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, resolve
+from pipeline.commit import OutputError, Receipt, Resume, Writer, check_location, inspect_output
 from pipeline.config import ConfigError, JobConfig
 from pipeline.source import InputError, InputScan, Shards, Unreadable, check_schema, discover, scan_input
-from pipeline.storage import check_access, filesystem, join
+from pipeline.storage import check_access, filesystem
 from pipeline.tasks import Task, build
 
 READ_CPUS = 0.25  # read and write tasks are I/O bound; a small share keeps them schedulable beside the actors
@@ -89,6 +94,11 @@ class Plan:
     task: Task  # model.task configured for this job and checkpoint
     pools: Pools
     unreadable: dict[str, Unreadable] = field(default_factory=dict)  # shards that do not even open
+    output: tuple[str, ...] = ()  # what a run would do at output.path (``commit.inspect_output``)
+
+    def identity(self) -> dict:
+        """What a resumed run must share with the killed one it resumes (``pipeline.commit``)."""
+        return {"model_revision": self.model.fingerprint, "config_hash": self.cfg.fingerprint(), "input_path": self.cfg.input.path}
 
     def metadata(self) -> dict:
         """File-level Parquet metadata: what produced these rows (secrets masked)."""
@@ -109,10 +119,11 @@ class Plan:
         return S.output_schema(list(passthrough), self.task.fields(), self.metadata())
 
     def describe(self) -> str:
-        files = self.shards.files
+        files, skipped = self.shards.files, self.shards.skipped
         lines = [
-            f"input    {self.cfg.input.path}: {len(files)} {self.shards.format} file(s)"
-            + (f" ({files[0]} ... {files[-1]})" if len(files) > 1 else f" ({files[0]})"),
+            f"input    {self.cfg.input.path}: {self.shards.describe()}"
+            + (f" ({files[0]} ... {files[-1]})" if len(files) > 1 else f" ({files[0]})")
+            + (f"; skipped, not shards: {list(skipped[:10])}{' ...' if len(skipped) > 10 else ''}" if skipped else ""),
             f"columns  text={self.cfg.input.text_column!r}"
             + (f" pair={self.cfg.input.text_pair_column!r}" if self.cfg.input.text_pair_column else "")
             + f" passthrough={self.shards.passthrough or [S.GENERATED_ID + ' (generated)']}"
@@ -127,6 +138,7 @@ class Plan:
             lines.append(f"labels   {self.model.id2label}")
         lines += [
             f"output   {self.cfg.output.path} (mode {self.cfg.output.mode}), columns {self.output_schema(self.passthrough_schema).names}",
+            *(f"         {line}" for line in self.output),
             f"pools    {self.pools.describe()}",
         ]
         lines += [
@@ -150,13 +162,22 @@ def cluster_resources() -> tuple[float, float, float]:
     return cpus, float(torch.cuda.device_count()), cpus
 
 
-def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None, node_cpus: float | None = None) -> Plan:
+def plan(
+    cfg: JobConfig,
+    cpus: float | None = None,
+    gpus: float | None = None,
+    node_cpus: float | None = None,
+    *,
+    table: bool = True,
+) -> Plan:
     """Validate everything that can be checked without running inference; see the module docstring.
 
-    Pools are sized for the given resources, else for ``cluster_resources()``.
+    Pools are sized for the given resources, else for ``cluster_resources()``. ``table``: output.path
+    is one output (jobs.run), whose contents are inspected; jobs.nightly checks its versions itself.
     """
     if cpus is None:
         cpus, gpus, node_cpus = cluster_resources()
+    check_location(cfg.output.path, cfg.input.path)
     check_access(cfg.input.path, cfg.storage)
     check_access(cfg.output.path, cfg.storage, write=True)
     fs, in_path = filesystem(cfg.input.path, cfg.storage)
@@ -170,11 +191,6 @@ def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None, n
             f"inference.max_tokens_per_batch={budget} is less than the max length of {model.max_length} tokens: "
             f"one full-length row would not fit in a forward pass. Set it to at least {model.max_length}, or auto"
         )
-    out_fs, out_root = filesystem(cfg.output.path, cfg.storage)
-    if cfg.output.mode == "error" and out_fs.exists(join(out_root, S.SUCCESS)):
-        raise ConfigError(
-            f"output.path {cfg.output.path} already holds a finished run; choose a new path or set output.mode: overwrite"
-        )
     pools = size_pools(cfg, cpus, gpus or 0.0, node_cpus)
     job = Plan(cfg, shards, passthrough_schema, footer_rows, model, build(cfg, model), pools, unreadable)
     clashes = set(passthrough) & set(job.output_schema(pa.schema([])).names)
@@ -183,7 +199,10 @@ def plan(cfg: JobConfig, cpus: float | None = None, gpus: float | None = None, n
             f"input column(s) {sorted(clashes)} would collide with output columns of the same name; "
             "rename them in the input (e.g. a gold `label` column to `topic`)"
         )
-    return job
+    if not table:
+        return job
+    output = inspect_output(cfg.output.path, cfg.storage, identity=job.identity(), mode=cfg.output.mode)
+    return replace(job, output=tuple(output))
 
 
 def user_error(e: BaseException) -> Exception | None:
@@ -227,58 +246,138 @@ def scan_shards(job: Plan, shards: Shards) -> tuple[Shards, InputScan]:
     return readable, replace(scan, rows=scan.rows + sum(p.rows_counted for p in known.values()), unreadable=unreadable)
 
 
-def quarantine(job: Plan, unreadable: dict[str, Unreadable]) -> list[dict]:
-    """Write one ``_rejected/`` record (reason ``unreadable_shard``) per unreadable shard; their manifest entries."""
-    from pipeline.sink import write_rejected
+def quarantine(job: Plan, writer: Writer, unreadable: dict[str, Unreadable]) -> tuple[list[dict], list[Receipt]]:
+    """One ``_rejected/`` record (reason ``unreadable_shard``) per unreadable shard, staged for this run's
+    commit; returns their manifest entries and the receipt of that file (none without unreadable shards).
+
+    The receipt counts each shard's ``rows_counted`` as rejected rows and names no input rows, so a
+    resumed run never skips such a shard; it is not written to the staging, so a killed run's
+    quarantine is redone, not kept.
+    """
+    from pipeline.sink import WriteStats, write_rejected
 
     entries = [
         {"file": job.shards.relative(path), "error": job.cfg.redact(problem.error), "rows": problem.rows,
          "rows_counted": problem.rows_counted}
         for path, problem in unreadable.items()
     ]  # fmt: skip
-    if entries:
-        ids = list(job.passthrough_schema) or [pa.field(S.GENERATED_ID, pa.string())]
-        records = []
-        for e in entries:
-            held = f"{e['rows']} rows by its footer" if e["rows"] is not None else f"{e['rows_counted']} rows read before it"
-            records.append({"source_file": e["file"], "reason": str(S.Reason.UNREADABLE_SHARD), "detail": f"{e['error']}; {held}"})
-        write_rejected(job.cfg.output.path, job.cfg.storage, S.rejected_schema(ids), records)
-    return entries
+    if not entries:
+        return [], []
+    ids = list(job.passthrough_schema) or [pa.field(S.GENERATED_ID, pa.string())]
+    records = []
+    for e in entries:
+        held = f"{e['rows']} rows by its footer" if e["rows"] is not None else f"{e['rows_counted']} rows read before it"
+        records.append({"source_file": e["file"], "reason": str(S.Reason.UNREADABLE_SHARD), "detail": f"{e['error']}; {held}"})
+    part = f"part-{writer.run_id}-quarantined.parquet"
+    write_rejected(writer.staging_uri, job.cfg.storage, part, S.rejected_schema(ids), records)
+    lost = sum(e["rows_counted"] for e in entries)
+    stats = WriteStats(rows_rejected=lost, rejected_by_reason=Counter({str(S.Reason.UNREADABLE_SHARD): lost}))
+    receipt = Receipt(run=writer.run_id, part=part, data_rows=0, rejected_rows=len(records), rows={}, stats=stats.to_json())
+    return entries, [receipt]
 
 
 def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = None) -> dict:
-    """Run the job on the current Ray cluster (started locally if none); return the manifest.
+    """Run the job on the current Ray cluster (started locally if none) and commit it; return the manifest.
 
-    ``files`` restricts the input to these shards (as listed by ``plan``), e.g. the ones
-    a nightly run has not scored yet. ``job`` is a plan already made for the same input and
-    model (a nightly run plans before it picks its shards and output): it is not made again,
-    only its output is taken from ``cfg`` and its pools sized for this cluster.
+    Holds the lease of ``output.path`` throughout, resumes what a killed run with the same model,
+    config and input staged there, and replaces the committed output (``output.mode: overwrite``)
+    only once this run has committed. ``files`` restricts the input to these shards (as listed by
+    ``plan``). ``job`` is a plan already made for the same input and model: it is not made again,
+    only its pools are sized for this cluster.
     """
     import ray
-
-    from pipeline.infer import InferWorker
-    from pipeline.progress import Progress, StallError, Watchdog, stage_throughput
-    from pipeline.sink import ParquetSink, evaluation, publish
-    from pipeline.source import ShardDatasource
-    from pipeline.storage import arrow_filesystem
-    from pipeline.tokenize import TokenizeWorker, stage_tokenizer
 
     if not ray.is_initialized():
         ray.init()
     job = plan(cfg) if job is None else replace(job, cfg=cfg, pools=size_pools(cfg, *cluster_resources()))
     shards = replace(job.shards, files=files) if files is not None else job.shards
-    started = time.time()
-    out_fs, out_root = filesystem(cfg.output.path, cfg.storage)
-    if cfg.output.mode == "overwrite" and out_fs.exists(out_root):
-        out_fs.rm(out_root, recursive=True)
-    out_fs.makedirs(out_root, exist_ok=True)
-    shards, scan = scan_shards(job, shards)
+    with Writer(cfg.output.path, cfg) as writer:
+        if cfg.output.mode == "error" and writer.manifest is not None:  # committed since the plan looked
+            raise OutputError(f"output.path {cfg.output.path} already holds run {writer.manifest['run']}: set output.mode: overwrite")
+        resume = writer.resume(job.identity(), {shards.relative(f): shards.sizes[f] for f in shards.files})
+        manifest, receipts = execute(job, shards, writer, resume)
+        return writer.commit(manifest, receipts, replace=True)
 
-    pools, execution = job.pools, cfg.execution
-    progress = Progress.remote()
-    # Ray 2.60 has no named parameter for these yet (it warns that ray_remote_args are deprecated).
-    retries = {"max_restarts": execution.max_actor_restarts, "max_task_retries": execution.max_task_retries}
-    ds = ray.data.read_datasource(ShardDatasource(shards, cfg.input, arrow_filesystem(shards.fs), job.passthrough_schema, scan.duplicates), num_cpus=READ_CPUS)
+
+def execute(job: Plan, shards: Shards, writer: Writer, resume: Resume) -> tuple[dict, list[Receipt]]:
+    """Score ``shards`` into the writer's staging, skipping the rows ``resume`` kept; return the run's
+    manifest (statistics over kept and new parts) and every part's receipt, ready to commit.
+
+    Raises ``RowCountError`` unless rows in == rows out + rows rejected.
+    """
+    from pipeline.sink import WriteStats, evaluation
+
+    cfg = job.cfg
+    started = time.time()
+    shards, scan = scan_shards(job, shards)
+    # Parquet shards whose every row is in a kept part are not read at all; others skip row by row.
+    todo = [f for f in shards.files if resume.skip.get(shards.relative(f)) != [(0, job.footer_rows.get(f, -1))]]
+    receipts, stages = _stream(job, replace(shards, files=todo), writer, scan, resume) if todo else ([], {})
+    wall = time.time() - started
+    unreadable, quarantined = quarantine(job, writer, scan.unreadable)
+
+    kept = [*resume.receipts, *receipts, *quarantined]
+    stats, scored = WriteStats.total(kept), WriteStats.total(receipts)
+    rows_scored = scored.rows_out + scored.rows_rejected
+    manifest = {
+        "version": __version__,
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "wall_s": round(wall, 3),
+        "input_files": len(shards.files) + len(unreadable),
+        "files_skipped": list(shards.skipped),
+        "rows_in": scan.rows,
+        "rows_out": stats.rows_out,
+        "rows_rejected": stats.rows_rejected,
+        "rows_resumed": resume.rows,
+        "rows_scored": rows_scored,
+        "rejected_by_reason": dict(stats.rejected_by_reason),
+        "partial": bool(unreadable),
+        "shards_unreadable": unreadable,
+        "rows_truncated": stats.rows_truncated,
+        "real_tokens": stats.real_tokens,
+        "padded_tokens": stats.padded_tokens,
+        "padding_efficiency": round(stats.real_tokens / stats.padded_tokens, 4) if stats.padded_tokens else None,
+        "rows_per_s": round(rows_scored / wall, 2),  # this run's own rows: resumed ones cost it nothing
+        "tokens_per_s": round(scored.real_tokens / wall, 1),
+        "rows_by_node": dict(stats.rows_by_node),
+        "rows_by_actor_process": dict(stats.rows_by_actor),
+        "stages": stages,
+        "model": job.metadata(),
+        "pools": job.pools.describe(),
+        "config": cfg.public_dict(),
+    }
+    if cfg.eval.label_column:
+        manifest["eval"] = evaluation(stats.confusion)
+    if scan.rows != stats.rows_out + stats.rows_rejected:
+        raise RowCountError(
+            f"rows_in={scan.rows} but rows_out={stats.rows_out} + rows_rejected={stats.rows_rejected}: "
+            f"the run is not committed (no {S.MANIFEST})"
+        )
+    return manifest, kept
+
+
+def _stream(job: Plan, shards: Shards, writer: Writer, scan, resume: Resume) -> tuple[list[Receipt], dict]:
+    """The Ray Data pipeline over ``shards``: (receipts of the parts it wrote, per-stage throughput)."""
+    import ray
+
+    from pipeline.infer import InferWorker
+    from pipeline.progress import Progress, StallError, Watchdog, stage_throughput
+    from pipeline.sink import ParquetSink
+    from pipeline.source import READ_BATCH_ROWS, ShardDatasource
+    from pipeline.storage import arrow_filesystem
+    from pipeline.tokenize import TokenizeWorker, stage_tokenizer
+
+    cfg, pools, execution = job.cfg, job.pools, job.cfg.execution
+    # Stage actors keep Ray Data's fault tolerance (restart, retry the batch); Progress bounds the restarts.
+    progress = Progress.remote(execution.max_actor_restarts)
+    # Blocks no larger than a part: a part (and so what a killed run leaves to redo) holds about rows_per_file rows.
+    block_rows = min(READ_BATCH_ROWS, cfg.output.rows_per_file)
+    fs = arrow_filesystem(shards.fs)
+    source = ShardDatasource(shards, cfg.input, fs, job.passthrough_schema, scan.duplicates, resume.skip, block_rows)
+    ds = ray.data.read_datasource(source, num_cpus=READ_CPUS)
+    interactive = sys.stdout.isatty()
+    if not interactive:  # a log gets the watchdog's progress lines, not a block of progress bars every 10 s
+        ds.context.enable_progress_bars = False
     ds = ds.map_batches(
         TokenizeWorker,
         fn_constructor_kwargs={"tokenizer": stage_tokenizer(job.model), "task": job.task, "progress": progress},
@@ -286,7 +385,6 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
         batch_format="pyarrow",
         num_cpus=pools.tokenize_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=pools.tokenize[0], max_size=pools.tokenize[1]),
-        **retries,
     )
     ds = ds.map_batches(
         InferWorker,
@@ -304,10 +402,10 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
         num_cpus=pools.infer_cpus,
         num_gpus=pools.infer_gpus,
         compute=ray.data.ActorPoolStrategy(min_size=pools.infer[0], max_size=pools.infer[1]),
-        **retries,
     )
     sink = ParquetSink(
-        cfg.output.path,
+        writer.staging_uri,
+        writer.run_id,
         cfg.storage,
         job.output_schema(pa.schema([])),
         shards.passthrough,
@@ -317,7 +415,10 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
         cfg.output.rows_per_file,
         progress,
     )
-    watchdog = Watchdog(progress, execution.stall_timeout_s, pools.describe())
+    rows = scan.rows - resume.rows - sum(u.rows_counted for u in scan.unreadable.values())  # what this stream reads
+    watchdog = Watchdog(
+        progress, execution.stall_timeout_s, pools.describe(), rows=rows, log_every_s=None if interactive else 30
+    )
     try:
         with watchdog:
             ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
@@ -333,44 +434,4 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
         raise StallError(watchdog.diagnosis) from None
     finally:
         ray.kill(progress)
-    wall = time.time() - started
-    rows_in = scan.rows
-    unreadable = quarantine(job, scan.unreadable)
-
-    stats = sink.stats
-    lost = sum(entry["rows_counted"] for entry in unreadable)
-    rows_rejected = stats.rows_rejected + lost
-    manifest = {
-        "version": __version__,
-        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "wall_s": round(wall, 3),
-        "input_files": len(shards.files) + len(unreadable),
-        "rows_in": rows_in,
-        "rows_out": stats.rows_out,
-        "rows_rejected": rows_rejected,
-        "rejected_by_reason": {**stats.rejected_by_reason, **({str(S.Reason.UNREADABLE_SHARD): lost} if unreadable else {})},
-        "partial": bool(unreadable),
-        "shards_unreadable": unreadable,
-        "rows_truncated": stats.rows_truncated,
-        "real_tokens": stats.real_tokens,
-        "padded_tokens": stats.padded_tokens,
-        "padding_efficiency": round(stats.real_tokens / stats.padded_tokens, 4) if stats.padded_tokens else None,
-        "rows_per_s": round((rows_in - lost) / wall, 2),  # rows read: not those of unreadable shards
-        "tokens_per_s": round(stats.real_tokens / wall, 1),
-        "files": sorted(stats.files),
-        "rows_by_node": dict(stats.rows_by_node),
-        "rows_by_actor_process": dict(stats.rows_by_actor),
-        "stages": stages,
-        "model": job.metadata(),
-        "pools": pools.describe(),
-        "config": cfg.public_dict(),
-    }
-    if cfg.eval.label_column:
-        manifest["eval"] = evaluation(stats.confusion)
-    if rows_in != stats.rows_out + rows_rejected:
-        raise RowCountError(
-            f"rows_in={rows_in} but rows_out={stats.rows_out} + rows_rejected={rows_rejected}: "
-            f"the run is not published (no {S.SUCCESS})"
-        )
-    publish(cfg.output.path, cfg.storage, manifest)
-    return manifest
+    return sink.receipts, stages

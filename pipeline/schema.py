@@ -84,8 +84,13 @@ def rejected_schema(id_fields: list[pa.Field]) -> pa.Schema:
 
 # ---- file-level metadata and run artifacts ----------------------------------------------
 METADATA_KEY = b"encoder_batch"  # JSON: model, revision, task, config hash, version, pooling...
-MANIFEST = "_manifest.json"
-SUCCESS = "_SUCCESS"
+# An output directory and its commit protocol (pipeline.commit):
+MANIFEST = "_manifest.json"  # the commit record: exactly the files of the output
+SUCCESS = "_SUCCESS"  # written last, after the manifest and its clean-up
 REJECTED_DIR = "_rejected"
-MANIFEST_DIR = "_manifests"  # jobs.nightly: one manifest per published run
+STAGING = "_staging"  # _staging/<run>/: where a run writes until it commits
+RUN_FILE = "_run.json"  # _staging/<run>/_run.json: what the run computes (model, config, input)
+RECEIPTS = "_receipts"  # _staging/<run>/_receipts/<part>.json: one per finished write task
+LEASE = "_lease"  # _lease/<generation>.json: the one driver allowed to write
+CURRENT = "_CURRENT"  # jobs.nightly: dt=<date>/_CURRENT names the version readers use
 INDEX_DIR = "_index"  # jobs.index: the ANN index over an embedding output (pipeline.index)

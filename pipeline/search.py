@@ -2,8 +2,9 @@
 the texts of the hits from the job's input (output files hold ids and vectors, not texts).
 
 Everything comes from what an output records about itself: its file-level Parquet metadata (checkpoint,
-revision, ``max_length``, dtype) and ``_manifest.json`` (the job config: the embedding task's settings, input
-path, text and id columns, tokenizer path, trust flags). The index itself lives in ``pipeline.index``.
+revision, ``max_length``, dtype) and its manifest (``pipeline.commit``: the job config, with the embedding
+task's settings, input path, text and id columns, tokenizer path, trust flags). The index itself lives in
+``pipeline.index``.
 
     hits = Searcher("out/bbc_embed").search("football match goal striker", k=5)
 """
@@ -11,7 +12,6 @@ path, text and id columns, tokenizer path, trust flags). The index itself lives 
 from __future__ import annotations
 
 import functools
-import json
 import operator
 from typing import Any
 
@@ -22,21 +22,20 @@ import pyarrow.dataset as ds
 
 from pipeline import schema as S
 from pipeline.checkpoint import actor_tokenizer, load_model, resolve
+from pipeline.commit import OutputError, committed_output
 from pipeline.config import InputConfig, JobConfig, StorageConfig
 from pipeline.index import QUERY, IndexInfo, SearchError, load_info, open_output, search
 from pipeline.source import Shards, discover, open_shard, read_records, visible
-from pipeline.storage import arrow_filesystem, filesystem, join
+from pipeline.storage import arrow_filesystem, filesystem
 from pipeline.tasks import ModelBatch, build
 
 
 def job_config(output_path: str, storage: StorageConfig | None = None) -> JobConfig:
-    """The config of the job that wrote ``output_path``, from its ``_manifest.json``."""
-    fs, root = filesystem(output_path, storage)
-    path = join(root, S.MANIFEST)
-    if not fs.exists(path):
-        raise SearchError(f"{output_path} has no {S.MANIFEST}: point at the output.path of a finished jobs.run job")
-    with fs.open(path) as f:
-        return JobConfig.model_validate(json.load(f)["config"])
+    """The config of the job that wrote ``output_path`` (nightly: its latest run), from its manifest."""
+    try:
+        return JobConfig.model_validate(committed_output(output_path, storage).manifest["config"])
+    except OutputError as e:
+        raise SearchError(str(e)) from None
 
 
 def check_query(query: str) -> None:
@@ -124,7 +123,7 @@ def fetch_texts(job: JobConfig, ids: pa.Table, storage: StorageConfig | None = N
     shards = discover(cfg, fs, path, [])
     key_columns = cfg.id_columns or [S.GENERATED_ID]
     keys = [tuple(row.values()) for row in ids.select(key_columns).to_pylist()]
-    if cfg.id_columns and shards.format == "parquet":
+    if cfg.id_columns and all(shards.format_of(f) == "parquet" for f in shards.files):
         dataset = ds.dataset(shards.files, filesystem=arrow_filesystem(fs), format="parquet")
         matches = functools.reduce(operator.and_, (pc.field(c).isin(ids[c].combine_chunks()) for c in cfg.id_columns))
         rows = dataset.to_table(columns=[*cfg.id_columns, cfg.text_column], filter=matches).to_pylist()
@@ -144,7 +143,7 @@ def _scan(shards: Shards, cfg: InputConfig, keys: set[tuple]) -> dict[tuple, Any
         if wanted_files is not None and relative not in wanted_files:
             continue
         with open_shard(shards, path) as f:
-            for row, record, _ in read_records(f, shards.format, [*cfg.id_columns, cfg.text_column]):
+            for row, record, _ in read_records(f, shards.format_of(path), [*cfg.id_columns, cfg.text_column]):
                 if record is None:
                     continue
                 key = tuple(record.get(c) for c in cfg.id_columns) if cfg.id_columns else (f"{relative}:{row}",)

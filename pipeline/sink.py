@@ -1,14 +1,15 @@
-"""Stage 4, sink: Parquet parts, quarantined rows, per-task stats; the run's manifest.
+"""Stage 4, sink: Parquet parts, quarantined rows, per-task stats, a receipt per part.
 
-Each write task writes its good rows to ``part-<task>-<uuid>.parquet`` (zstd, with the
-run's file-level metadata) and its rejected rows to ``_rejected/``, and returns its
-stats. ``on_write_complete`` sums them on the driver. ``publish`` writes
-``_manifest.json`` and then ``_SUCCESS`` last, after checking that no row was lost.
+Each write task writes, into its run's staging directory, its good rows to
+``part-<run>-<task>-<id>.parquet`` (zstd, with the run's file-level metadata) and its rejected
+rows to ``_rejected/`` under the same name; after closing them it writes the part's receipt
+(``pipeline.commit.Receipt``: files, row counts, stats, the input rows it holds) and returns it.
+``on_write_complete`` keeps the receipts of the tasks that succeeded; ``pipeline.commit`` commits
+their parts.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections import Counter
@@ -23,6 +24,7 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink, WriteResult
 
 from pipeline import schema as S
+from pipeline.commit import Receipt, to_ranges
 from pipeline.config import StorageConfig
 from pipeline.storage import filesystem, join
 
@@ -36,7 +38,6 @@ class WriteStats:
     real_tokens: int = 0
     padded_tokens: int = 0
     rows_truncated: int = 0
-    files: list[str] = field(default_factory=list)
     rejected_by_reason: Counter = field(default_factory=Counter)
     rows_by_node: Counter = field(default_factory=Counter)
     rows_by_actor: Counter = field(default_factory=Counter)  # "<actor id>:<pid>" -> rows
@@ -45,9 +46,28 @@ class WriteStats:
     def add(self, other: WriteStats) -> None:
         for name in ("rows_out", "rows_rejected", "real_tokens", "padded_tokens", "rows_truncated"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.files += other.files
         for name in ("rejected_by_reason", "rows_by_node", "rows_by_actor", "confusion"):
             getattr(self, name).update(getattr(other, name))
+
+    def to_json(self) -> dict:
+        """JSON-able form for receipts; ``confusion`` as ``[gold, predicted, rows]`` triples."""
+        data = {name: getattr(self, name) for name in ("rows_out", "rows_rejected", "real_tokens", "padded_tokens", "rows_truncated")}
+        data.update({name: dict(getattr(self, name)) for name in ("rejected_by_reason", "rows_by_node", "rows_by_actor")})
+        return {**data, "confusion": [[gold, pred, n] for (gold, pred), n in self.confusion.items()]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> WriteStats:
+        counters = {name: Counter(data[name]) for name in ("rejected_by_reason", "rows_by_node", "rows_by_actor")}
+        confusion = Counter({(gold, pred): n for gold, pred, n in data["confusion"]})
+        scalars = {k: v for k, v in data.items() if k not in counters and k != "confusion"}
+        return cls(**scalars, **counters, confusion=confusion)
+
+    @classmethod
+    def total(cls, receipts: Iterable[Receipt]) -> WriteStats:
+        stats = cls()
+        for receipt in receipts:
+            stats.add(cls.from_json(receipt.stats))
+        return stats
 
 
 class _PartWriter:
@@ -72,16 +92,17 @@ class _PartWriter:
         return True
 
 
-class ParquetSink(Datasink[WriteStats]):
+class ParquetSink(Datasink[Receipt | None]):
     """Writes inference results; see the module docstring."""
 
     def __init__(
         self,
-        output_path: str,
+        staging_uri: str,
+        run_id: str,
         storage: StorageConfig,
         results: pa.Schema,
         passthrough: list[str],
-        passthrough_schema: pa.Schema | None,
+        passthrough_schema: pa.Schema,
         label_column: str | None,
         prediction_column: str | None,
         rows_per_file: int,
@@ -89,11 +110,12 @@ class ParquetSink(Datasink[WriteStats]):
     ):
         """``results``: the task's output columns (with file metadata); passthrough columns go first.
 
-        ``passthrough_schema`` is None when the input has no schema (JSONL): then it is
-        taken from the data, with all-null columns written as strings. ``label_column`` (gold)
+        ``passthrough_schema``: the declared type of each passthrough column (``source.check_schema``);
+        every block's values already have it. ``label_column`` (gold)
         and ``prediction_column`` (the task's ``evaluates``) feed the confusion matrix.
         """
-        self.output_path = output_path
+        self.staging_uri = staging_uri
+        self.run_id = run_id
         self.storage = storage
         self.results = results
         self.passthrough = passthrough
@@ -102,28 +124,27 @@ class ParquetSink(Datasink[WriteStats]):
         self.prediction_column = prediction_column
         self.rows_per_file = rows_per_file
         self.progress = progress
-        self.stats = WriteStats()
+        self.receipts: list[Receipt] = []
 
     @property
     def min_rows_per_write(self) -> int:
         return self.rows_per_file
 
     def _schemas(self, table: pa.Table) -> tuple[pa.Schema, pa.Schema]:
-        passthrough = self.passthrough_schema or pa.schema(
-            [pa.field(f.name, pa.string() if pa.types.is_null(f.type) else f.type) for f in table.schema]
-        )
-        fields = [passthrough.field(c) for c in self.passthrough] or [table.schema.field(S.GENERATED_ID)]
+        fields = [self.passthrough_schema.field(c) for c in self.passthrough] or [table.schema.field(S.GENERATED_ID)]
         schema = pa.schema([*fields, *self.results], metadata=self.results.metadata)
         return schema, S.rejected_schema(fields)
 
-    def write(self, blocks: Iterable[Block], ctx) -> WriteStats:
-        fs, root = filesystem(self.output_path, self.storage)
-        name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
+    def write(self, blocks: Iterable[Block], ctx) -> Receipt | None:
+        fs, root = filesystem(self.staging_uri, self.storage)
+        name = f"part-{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
         data = rejected = None
         stats = WriteStats()
+        origins = []  # (_source_file, _source_row) of every row, good and rejected
         for block in blocks:
             started = time.perf_counter()
             table = BlockAccessor.for_block(block).to_arrow()
+            origins.append(table.select([S.SOURCE_FILE, S.SOURCE_ROW]))
             if data is None:
                 schema, rejected_schema = self._schemas(table)
                 data = _PartWriter(fs, join(root, name), schema)
@@ -138,10 +159,25 @@ class ParquetSink(Datasink[WriteStats]):
                 stats.rows_rejected += bad.num_rows
                 stats.rejected_by_reason.update(bad[S.ERROR].to_pylist())
             self.progress.beat.remote("write", table.num_rows, time.perf_counter() - started)
-        if data is not None:
-            stats.files = [name] if data.close() else []
-            rejected.close()
-        return stats
+        if data is None:
+            return None
+        data.close()
+        rejected.close()
+        origin = pa.concat_tables(origins)
+        rows = {
+            shard: to_ranges(origin.filter(pc.equal(origin[S.SOURCE_FILE], shard))[S.SOURCE_ROW].to_numpy())
+            for shard in pc.unique(origin[S.SOURCE_FILE]).to_pylist()
+        }
+        receipt = Receipt(
+            run=self.run_id,
+            part=name,
+            data_rows=stats.rows_out,
+            rejected_rows=stats.rows_rejected,
+            rows=rows,
+            stats=stats.to_json(),
+        )
+        receipt.write(fs, root)  # last: a part without its receipt is garbage
+        return receipt
 
     def _count(self, good: pa.Table, stats: WriteStats) -> None:
         stats.rows_out += good.num_rows
@@ -153,9 +189,8 @@ class ParquetSink(Datasink[WriteStats]):
         if self.label_column:
             stats.confusion.update(zip(good[self.label_column].to_pylist(), good[self.prediction_column].to_pylist()))
 
-    def on_write_complete(self, write_result: WriteResult[WriteStats]) -> None:
-        for part in write_result.write_returns:
-            self.stats.add(part)
+    def on_write_complete(self, write_result: WriteResult[Receipt | None]) -> None:
+        self.receipts = [receipt for receipt in write_result.write_returns if receipt is not None]
 
 
 def counts(column: pa.ChunkedArray) -> dict:
@@ -168,14 +203,12 @@ def _rejected_rows(bad: pa.Table, schema: pa.Schema) -> pa.Table:
     return bad.rename_columns([names.get(c, c) for c in bad.column_names]).select(schema.names).cast(schema)
 
 
-def write_rejected(output_path: str, storage: StorageConfig, schema: pa.Schema, records: list[dict]) -> str:
-    """Write ``records`` (dicts of ``schema``'s columns; missing ones null) as one ``_rejected/`` file, from the
-    driver: what is quarantined before the run, such as unreadable shards. Returns the file's name."""
-    fs, root = filesystem(output_path, storage)
-    name = f"quarantined-{uuid.uuid4().hex[:8]}.parquet"
-    with fs.open(join(root, S.REJECTED_DIR, name), "wb") as f:
+def write_rejected(staging_uri: str, storage: StorageConfig, part: str, schema: pa.Schema, records: list[dict]) -> None:
+    """Write ``records`` (dicts of ``schema``'s columns; missing ones null) as ``_rejected/<part>`` in a run's
+    staging, from the driver: what is quarantined before the run, such as unreadable shards."""
+    fs, root = filesystem(staging_uri, storage)
+    with fs.open(join(root, S.REJECTED_DIR, part), "wb") as f:
         pq.write_table(pa.Table.from_pylist(records, schema=schema), f, compression="zstd")
-    return name
 
 
 def evaluation(confusion: Counter) -> dict:
@@ -191,12 +224,3 @@ def evaluation(confusion: Counter) -> dict:
         "labels": labels,
         "confusion_matrix": matrix.tolist(),
     }
-
-
-def publish(output_path: str, storage: StorageConfig, manifest: dict) -> None:
-    """Write the manifest, then ``_SUCCESS`` last: readers trust a directory only once it exists."""
-    fs, root = filesystem(output_path, storage)
-    with fs.open(join(root, S.MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True, default=str)
-    with fs.open(join(root, S.SUCCESS), "w") as f:
-        f.write("")

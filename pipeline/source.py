@@ -32,11 +32,13 @@ from ray.data.datasource import DefaultFileMetadataProvider, FileBasedDatasource
 from ray.exceptions import UserCodeException
 
 from pipeline import schema as S
+from pipeline.commit import Ranges, covered, covered_rows
 from pipeline.config import InputConfig
 from pipeline.schema import Reason
 from pipeline.storage import relative_to
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
+SUFFIXES = {"parquet": (".parquet", ".pq"), "jsonl": JSONL_SUFFIXES}
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
 READ_BATCH_ROWS = 2048
 
@@ -56,29 +58,45 @@ class ShardChangedError(InputError, UserCodeException):
 
 @dataclass(frozen=True)
 class Shards:
-    """The input, resolved on the driver: files in a deterministic order and their format."""
+    """The input, resolved on the driver: files in a deterministic order, each with its format."""
 
     root: str  # ids are file paths relative to this
     files: list[str]
     sizes: dict[str, int]  # from the one listing; read tasks reuse it instead of listing again
-    format: str
+    formats: dict[str, str]  # file -> "parquet" or "jsonl"
     passthrough: list[str]  # columns copied to the output unchanged
     fs: fsspec.AbstractFileSystem
+    skipped: tuple[str, ...] = ()  # files under the input that are not shards (README, .csv), relative
 
     def relative(self, path: str) -> str:
         return relative_to(path, self.root)
 
+    def format_of(self, path: str) -> str:
+        return self.formats[path]
 
-def infer_format(path: str) -> str:
-    if path.endswith((".parquet", ".pq")):
-        return "parquet"
-    if path.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    raise InputError(f"cannot infer the format of {path}: set input.format to parquet or jsonl")
+    def describe(self) -> str:
+        """E.g. ``3 parquet file(s)``, or ``3 file(s): 2 jsonl, 1 parquet``."""
+        counts: dict[str, int] = {}
+        for path in self.files:
+            counts[self.formats[path]] = counts.get(self.formats[path], 0) + 1
+        if len(counts) == 1:
+            return f"{len(self.files)} {next(iter(counts))} file(s)"
+        return f"{len(self.files)} file(s): " + ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items()))
+
+
+def infer_format(path: str) -> str | None:
+    """A file's shard format by its extension; None for files that are not shards."""
+    return next((fmt for fmt, suffixes in SUFFIXES.items() if path.endswith(suffixes)), None)
 
 
 def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthrough: list[str]) -> Shards:
-    """List the shards under ``path`` (file, directory or glob), skipping ``_``/``.`` names."""
+    """List the shards under ``path`` (file, directory or glob), skipping ``_``/``.`` names.
+
+    Each file is read by its extension; with ``input.format`` set, shards of the other format are an
+    error. Files that are not shards at all are returned as ``skipped``, never silently dropped. A
+    single file named by ``input.path`` is read as ``input.format`` whatever its extension.
+    """
+    single = False
     if globlib.has_magic(path):
         listing = fs.glob(path, detail=True)
         root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
@@ -86,7 +104,7 @@ def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthr
         listing = fs.find(path, detail=True)
         root = path.rstrip("/")
     elif fs.isfile(path):
-        listing, root = {path: fs.info(path)}, posixpath.dirname(path)
+        listing, root, single = {path: fs.info(path)}, posixpath.dirname(path), True
     else:
         raise InputError(f"input.path {cfg.path} does not exist")
     sizes = {name: info["size"] for name, info in listing.items() if info["type"] == "file"}
@@ -94,12 +112,29 @@ def discover(cfg: InputConfig, fs: fsspec.AbstractFileSystem, path: str, passthr
     files = [f for f in files if not any(part[:1] in "_." for part in relative_to(f, root).split("/"))]
     if not files:
         raise InputError(f"input.path {cfg.path} holds no input files")
-    fmt = cfg.format or infer_format(files[0])
-    wanted = (".parquet", ".pq") if fmt == "parquet" else JSONL_SUFFIXES
-    files = [f for f in files if f.endswith(wanted)]
-    if not files:
-        raise InputError(f"input.path {cfg.path} holds no {fmt} files")
-    return Shards(root=root, files=files, sizes={f: sizes[f] for f in files}, format=fmt, passthrough=passthrough, fs=fs)
+    formats = {f: cfg.format if single and cfg.format else infer_format(f) for f in files}
+    if single and formats[path] is None:
+        raise InputError(f"cannot infer the format of {path}: set input.format to parquet or jsonl")
+    if cfg.format:
+        other = [relative_to(f, root) for f, fmt in formats.items() if fmt not in (None, cfg.format)]
+        if other:
+            raise InputError(
+                f"input.format is {cfg.format}, but {len(other)} file(s) under {cfg.path} are shards of another "
+                f"format: {other[:5]}. Move them away, or unset input.format to read each file by its extension"
+            )
+    shards = [f for f in files if formats[f]]
+    skipped = [relative_to(f, root) for f in files if not formats[f]]
+    if not shards:
+        raise InputError(f"input.path {cfg.path} holds no Parquet or JSONL shards (only {skipped[:5]})")
+    return Shards(
+        root=root,
+        files=shards,
+        sizes={f: sizes[f] for f in shards},
+        formats={f: formats[f] for f in shards},
+        passthrough=passthrough,
+        fs=fs,
+        skipped=tuple(skipped),
+    )
 
 
 @dataclass(frozen=True)
@@ -126,13 +161,13 @@ def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema, dict[str,
 
     Returns the declared type of each passthrough column, each Parquet shard's row count from
     its footer, and the shards that cannot even be opened (a Parquet footer or a JSONL shard's
-    first lines that do not read): those are quarantined whole, the rest run. Parquet types come
-    from the footers (and must agree); JSONL types from the first value of each column in the
-    first lines of every shard (see ``sample_jsonl``). ``InputError`` when no shard is readable
-    or the columns do not fit the config.
+    first lines that do not read): those are quarantined whole, the rest run. Types come from the
+    Parquet footers (which must agree) when the input has Parquet shards, else from the first
+    value of each column in the first lines of every JSONL shard (see ``sample_jsonl``).
+    ``InputError`` when no shard is readable or the columns do not fit the config.
     """
-    if shards.format != "parquet":
-        return _check_jsonl(shards, cfg)
+    parquet = [path for path in shards.files if shards.format_of(path) == "parquet"]
+    jsonl = [path for path in shards.files if shards.format_of(path) == "jsonl"]
 
     def footer(path: str) -> pq.FileMetaData | Unreadable:
         try:
@@ -142,10 +177,13 @@ def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema, dict[str,
             return Unreadable(f"not a readable Parquet file ({_describe(e)})", rows=None)
 
     with ThreadPoolExecutor(16) as pool:
-        footers = dict(zip(shards.files, pool.map(footer, shards.files)))
-    unreadable = {path: f for path, f in footers.items() if isinstance(f, Unreadable)}
-    readable = {path: f for path, f in footers.items() if not isinstance(f, Unreadable)}
+        footers = dict(zip(parquet, pool.map(footer, parquet)))
+        samples = dict(zip(jsonl, pool.map(lambda path: sample_jsonl(shards, path), jsonl)))
+    unreadable = {path: f for path, f in {**footers, **samples}.items() if isinstance(f, Unreadable)}
     _require_some(shards, unreadable)
+    readable = {path: f for path, f in footers.items() if not isinstance(f, Unreadable)}
+    records = [r for s in samples.values() if not isinstance(s, Unreadable) for r in s]
+    jsonl_types = _jsonl_types(shards, cfg, records) if jsonl else None
     expected = None
     for path, file_schema in ((path, f.schema.to_arrow_schema()) for path, f in readable.items()):
         for column in [cfg.text_column, cfg.text_pair_column]:
@@ -165,7 +203,7 @@ def check_schema(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema, dict[str,
             expected = passthrough
         elif not passthrough.equals(expected):
             raise InputError(f"{path}: id/label column types {passthrough} differ from other shards' {expected}")
-    return expected, {path: f.num_rows for path, f in readable.items()}, unreadable
+    return expected if expected is not None else jsonl_types, {p: f.num_rows for p, f in readable.items()}, unreadable
 
 
 def _values(type: pa.DataType) -> pa.DataType:
@@ -185,12 +223,9 @@ SAMPLE_BYTES = 64 << 10  # what the plan reads of each JSONL shard
 SAMPLE_ROWS = 20
 
 
-def _check_jsonl(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema, dict[str, int], dict[str, Unreadable]]:
-    with ThreadPoolExecutor(16) as pool:
-        samples = dict(zip(shards.files, pool.map(lambda path: sample_jsonl(shards, path), shards.files)))
-    unreadable = {path: s for path, s in samples.items() if isinstance(s, Unreadable)}
-    _require_some(shards, unreadable)
-    records = [r for s in samples.values() if not isinstance(s, Unreadable) for r in s]
+def _jsonl_types(shards: Shards, cfg: InputConfig, records: list[dict]) -> pa.Schema:
+    """Declared passthrough types from sample JSONL ``records``; ``InputError`` for a configured column
+    that none of them holds, or ids that are not scalars."""
     fields = []
     for column in list(dict.fromkeys([cfg.text_column, cfg.text_pair_column, *shards.passthrough])):
         if column is None:
@@ -210,7 +245,7 @@ def _check_jsonl(shards: Shards, cfg: InputConfig) -> tuple[pa.Schema, dict[str,
                     "ids and labels must be strings, numbers or booleans"
                 )
             fields.append(pa.field(column, json_type(first)))
-    return pa.schema(fields), {}, unreadable
+    return pa.schema(fields)
 
 
 def sample_jsonl(shards: Shards, path: str) -> list[dict] | Unreadable:
@@ -277,7 +312,7 @@ def type_name(value: Any) -> str:
 
 def open_shard(shards: Shards, path: str):
     """A binary file object for one shard (JSONL decompressed by extension)."""
-    return shards.fs.open(path, "rb", compression=None if shards.format == "parquet" else "infer")
+    return shards.fs.open(path, "rb", compression=None if shards.format_of(path) == "parquet" else "infer")
 
 
 def projected_columns(cfg: InputConfig, passthrough: list[str]) -> list[str]:
@@ -331,7 +366,7 @@ def scan_input(
         count, rows, digests = 0, [], []
         try:
             with open_shard(shards, path) as f:
-                if shards.format == "parquet":
+                if shards.format_of(path) == "parquet":
                     for batch in _parquet_batches(f, columns):
                         if id_columns:
                             for row, record, problem in _parquet_records(batch.select(id_columns), count):
@@ -343,7 +378,7 @@ def scan_input(
                     for line in f:
                         count += bool(line.strip())
                 else:
-                    for row, record, problem in read_records(f, shards.format, columns):
+                    for row, record, problem in read_records(f, shards.format_of(path), columns):
                         count += 1
                         if (d := digest(record, problem)) is not None:
                             rows.append(row)
@@ -376,10 +411,10 @@ def scan_input(
     return InputScan(total, duplicates, unreadable)
 
 
-def _parquet_batches(f, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """Decoded row batches of the projected columns, page checksums verified where present (the file is opened
-    on the first ``next``)."""
-    yield from pq.ParquetFile(f, page_checksum_verification=True).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns)
+def _parquet_batches(f, columns: list[str], rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """Decoded batches of up to ``rows`` rows of the projected columns, page checksums verified where present
+    (the file is opened on the first ``next``)."""
+    yield from pq.ParquetFile(f, page_checksum_verification=True).iter_batches(batch_size=rows, columns=columns)
 
 
 def _parquet_records(batch: pa.RecordBatch, first_row: int) -> Iterator[Record]:
@@ -546,6 +581,8 @@ class ShardDatasource(FileBasedDatasource):
 
     ``types`` declares each passthrough column's type (``check_schema``): values are converted
     to it (``coerce``) or their row is rejected, so every block has the same schema.
+    ``skip`` (relative shard -> row ranges, ``pipeline.commit``) holds rows a killed run already
+    wrote: they are not read again. Blocks hold at most ``block_rows`` rows.
     """
 
     def __init__(
@@ -555,16 +592,20 @@ class ShardDatasource(FileBasedDatasource):
         filesystem,
         types: pa.Schema,
         duplicates: dict[str, dict[int, str]],
+        skip: dict[str, Ranges] | None = None,
+        block_rows: int = READ_BATCH_ROWS,
     ):
         super().__init__(shards.files, filesystem=filesystem, meta_provider=ListedFiles(shards.sizes))
         self._shards = shards
         self._cfg = cfg
         self._types = types
         self._duplicates = duplicates
+        self._skip = skip or {}
+        self._block_rows = block_rows
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         try:
-            if self._shards.format == "parquet":  # Parquet needs random access for its footer.
+            if self._shards.format_of(path) == "parquet":  # Parquet needs random access for its footer.
                 return filesystem.open_input_file(path)
             return super()._open_input_source(filesystem, path, **open_args)
         except Exception as e:  # noqa: BLE001 - see _changed
@@ -572,16 +613,24 @@ class ShardDatasource(FileBasedDatasource):
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         relative = self._shards.relative(path)
-        if self._shards.format == "parquet":
+        skip = self._skip.get(relative, [])
+        if self._shards.format_of(path) == "parquet":
             first_row = 0
-            for batch in self._guarded(_parquet_batches(f, self._columns()), path):
-                yield self._parquet_block(relative, batch, first_row)
+            for batch in self._guarded(_parquet_batches(f, self._columns(), self._block_rows), path):
+                rows = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
                 first_row += batch.num_rows
+                if skip:
+                    fresh = ~covered_rows(skip, rows)
+                    batch, rows = batch.filter(pa.array(fresh)), rows[fresh]
+                if len(rows):
+                    yield self._parquet_block(relative, batch, rows)
             return
         batch: list[Record] = []
-        for item in self._guarded(read_records(f, self._shards.format, self._columns()), path):
+        for item in self._guarded(read_records(f, self._shards.format_of(path), self._columns()), path):
+            if skip and covered(skip, item[0]):
+                continue
             batch.append(item)
-            if len(batch) == READ_BATCH_ROWS:
+            if len(batch) == self._block_rows:
                 yield self._block(relative, batch)
                 batch = []
         if batch:
@@ -646,8 +695,9 @@ class ShardDatasource(FileBasedDatasource):
         table[S.ERROR_DETAIL] = pa.array(details, pa.string())
         return pa.table(table)
 
-    def _parquet_block(self, relative: str, batch: pa.RecordBatch, first_row: int) -> pa.Table:
-        """``_block`` for a Parquet row batch, computed column by column: the same table, the same rejections.
+    def _parquet_block(self, relative: str, batch: pa.RecordBatch, rows: np.ndarray) -> pa.Table:
+        """``_block`` for a Parquet row batch (``rows``: its rows' numbers in the shard), computed column by
+        column: the same table, the same rejections.
 
         Parquet values have their declared types already (``check_schema``), so what is left to check per row
         is a null id, a duplicate id and the text (``check_text``); only texts without a visible ASCII character
@@ -660,8 +710,7 @@ class ShardDatasource(FileBasedDatasource):
                 if pa.types.is_string(batch.column(c).type) or pa.types.is_large_string(batch.column(c).type):
                     batch.column(c).validate(full=True)
         except pa.ArrowInvalid:
-            return self._block(relative, list(_parquet_records(batch, first_row)))
-        rows = np.arange(first_row, first_row + n, dtype=np.int64)
+            return self._block(relative, [(row, *item[1:]) for row, item in zip(rows.tolist(), _parquet_records(batch, 0))])
         rejected = Rejections(n)
         for c in cfg.id_columns:
             missing = batch.column(c).is_null().to_numpy(zero_copy_only=False)

@@ -62,6 +62,10 @@ RETRY_MODE = "standard"
 """botocore retry mode unless ``$AWS_RETRY_MODE`` is set."""
 
 
+ACCESS_PROBE_PREFIX = ".encoder-batch-access-check-"
+"""Name prefix of the empty object :func:`check_access` puts (and deletes) to test write access."""
+
+
 class StorageError(ValueError):
     """A location that cannot be used as configured; the message names bucket, key and the fix."""
 
@@ -135,6 +139,46 @@ def relative_to(path: str, root: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step: readers see the old bytes or the new, never a mix.
+
+    Local: a temporary file beside it, flushed and renamed over it. S3: one PUT (atomic per object).
+    """
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    os.replace(_local_tmp(path, data), path)
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Create ``path`` holding ``data`` unless it exists (then ``FileExistsError``), in one atomic step.
+
+    Local: the bytes go to a temporary file that is hard-linked to ``path`` (``link`` fails if it
+    exists), so no reader ever sees it empty. S3: ``PutObject`` with ``If-None-Match: *``.
+    """
+    if not isinstance(fs, LocalFileSystem):
+        bucket, _, key = path.partition("/")
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")  # 412 -> FileExistsError
+        fs.invalidate_cache(path)
+        return
+    tmp = _local_tmp(path, data)
+    try:
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+
+
+def _local_tmp(path: str, data: bytes) -> str:
+    """A flushed temporary file holding ``data`` next to ``path`` (same filesystem, so it can be renamed)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 # --- access checks -------------------------------------------------------------------------------------
 
 _READ_ACTIONS = "s3:ListBucket and s3:GetObject"
@@ -187,7 +231,7 @@ def _explained(fs: s3fs.S3FileSystem, path: str, *, write: bool) -> Iterator[Non
         raise StorageError(f"cannot {'write' if write else 'read'} s3://{path}: {reason}") from e
 
 
-def _literal_prefix(path: str) -> str:
+def literal_prefix(path: str) -> str:
     """The part of ``path`` before its first glob character."""
     magic = [i for i in (path.find(c) for c in "*?[") if i >= 0]
     return path[: min(magic)] if magic else path
@@ -205,12 +249,12 @@ def check_access(path: str, storage: StorageConfig | None = None, *, write: bool
     if isinstance(fs, LocalFileSystem):
         _check_local(root, write=write)
         return
-    prefix = _literal_prefix(root).rstrip("/")
+    prefix = literal_prefix(root).rstrip("/")
     bucket, _, key = prefix.partition("/")
     with _explained(fs, prefix, write=write):
         listing = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1)
         if write:
-            probe = join(key, f".encoder-batch-access-check-{uuid.uuid4().hex}").lstrip("/")
+            probe = join(key, f"{ACCESS_PROBE_PREFIX}{uuid.uuid4().hex}").lstrip("/")
             fs.call_s3("put_object", Bucket=bucket, Key=probe, Body=b"")
             fs.call_s3("delete_object", Bucket=bucket, Key=probe)
         elif not listing.get("Contents"):

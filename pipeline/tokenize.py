@@ -19,11 +19,11 @@ from collections.abc import Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 from tokenizers import Tokenizer
 
 from pipeline import schema as S
 from pipeline.checkpoint import CheckpointError, ResolvedModel, actor_tokenizer
+from pipeline.progress import register
 from pipeline.tasks import Task
 
 
@@ -68,7 +68,7 @@ class TokenizeWorker:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.tokenizer = tokenizer
         self.progress = progress
-        progress.register.remote(ray.get_runtime_context().current_actor)
+        register(progress, "tokenizer")
         self.offsets = task.tokenization.offsets
         # Character offsets cost time to track; only tasks that return spans need them.
         self.encode = tokenizer.encode_batch if self.offsets else tokenizer.encode_batch_fast

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -27,6 +28,7 @@ from bad_inputs import BIG_GZIP_LINES, CASES, GROUPS, SECRET, STORAGE_KEY, STORA
 
 from jobs.run import main
 from pipeline import schema as S
+from pipeline.commit import Receipt, Writer, committed_output
 from pipeline.config import load_config
 from pipeline.run import plan
 from pipeline.source import ShardDatasource, coerce, discover, scan_input
@@ -306,8 +308,6 @@ def test_relative_paths_are_textual():
 def test_object_store_paths_do_not_depend_on_the_working_directory(tiny_models, s3_server, s3_bucket, tmp_path, monkeypatch):
     """A process whose working directory was deleted (as when Ray re-extracts a job's working_dir) still
     lists, names and commits object-store shards: their paths are handled as text, never via os.getcwd."""
-    from pipeline.nightly import Partition, STAGING
-
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint_url})
     for name in ("a.jsonl", "sub/b.jsonl"):
         fs.pipe_file(f"{s3_bucket}/in/{name}", b'{"text": "the cup final"}\n{"text": "the vote"}\n')
@@ -327,10 +327,13 @@ def test_object_store_paths_do_not_depend_on_the_working_directory(tiny_models, 
     shards = plan(cfg, cpus=2, gpus=0).shards
     assert [shards.relative(f) for f in shards.files] == ["a.jsonl", "sub/b.jsonl"]
 
-    partition = Partition.open(f"s3://{s3_bucket}/scores/dt=2026-01-01/version=v", cfg)
-    fs.pipe_file(partition.path(STAGING, "run1", "part-0.parquet"), b"")
-    partition.commit("run1", {"rows_in": 4, "rows_out": 4, "rows_rejected": 0, "model": {"model_revision": "r", "config_hash": "c"}}, {})
-    assert partition.ledger["runs"]["run1"]["files"] == ["part-0.parquet"]
+    uri = f"s3://{s3_bucket}/scores"
+    with Writer(uri, cfg) as writer:
+        writer.resume({"model_revision": "r"}, {"a.jsonl": 1})
+        fs.pipe_file(f"{s3_bucket}/scores/{S.STAGING}/{writer.run_id}/part-{writer.run_id}-0.parquet", b"")
+        receipt = Receipt(writer.run_id, f"part-{writer.run_id}-0.parquet", 2, 0, {"a.jsonl": [(0, 2)]}, {})
+        writer.commit({"rows_in": 2}, [receipt], replace=True)
+    assert committed_output(uri, cfg.storage).files == [f"part-{writer.run_id}-0.parquet"]
 
 
 @pytest.mark.parametrize("entry", ["jobs.run", "jobs.nightly"])
@@ -373,7 +376,7 @@ def test_parquet_blocks_are_built_column_wise_with_the_rejections_of_the_row_pat
     types = pa.schema([("doc", pa.string()), ("topic", pa.int64())])
     source = ShardDatasource(shards, cfg, None, types, {"a.parquet": {5: "a.parquet:0", 9: "b.parquet:1"}})
     by_rows = source._block("a.parquet", list(_parquet_records(batch, 3)))
-    by_columns = source._parquet_block("a.parquet", batch, 3)
+    by_columns = source._parquet_block("a.parquet", batch, np.arange(3, 15))
     assert by_columns.equals(by_rows)
     assert set(by_columns[S.ERROR].to_pylist()) == {
         None, "null_text", "missing_id", "empty_text", "text_too_large", "duplicate_id"
@@ -384,7 +387,7 @@ def test_parquet_blocks_are_built_column_wise_with_the_rejections_of_the_row_pat
     plain = load_config(raw={"input": {"path": str(tmp_path)}, "model": {"path": "m", "task": "embedding"}, "output": {"path": "o"}})
     generated = ShardDatasource(discover(plain.input, *filesystem(cfg.path), []), plain.input, None, pa.schema([]), {})
     binary = pa.RecordBatch.from_pydict({"text": pa.array([b"ok", b"\xff\xfe", None, b" "], pa.binary())})
-    block = generated._parquet_block("a.parquet", binary, 7)
+    block = generated._parquet_block("a.parquet", binary, np.arange(7, 11))
     assert block.equals(generated._block("a.parquet", list(_parquet_records(binary, 7))))
     assert block[S.ERROR].to_pylist() == [None, "invalid_utf8", "null_text", "empty_text"]
     assert block[S.GENERATED_ID].to_pylist() == [f"a.parquet:{row}" for row in range(7, 11)]

@@ -1,24 +1,24 @@
-"""jobs.nightly: exactly-once, resumable, versioned scoring of date partitions."""
+"""jobs.nightly: exactly-once, resumable, versioned scoring of date partitions, one driver per date."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import struct
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import s3fs
 import yaml
 from conftest import WORDS
+from drivers import finish, kill, receipted_rows, holding, start, wait_until
 
 from jobs.nightly import main
+from pipeline import read_output
 from pipeline import schema as S
+from pipeline.commit import CRASH_EXIT_CODE, HOST, Lease
+from pipeline.config import StorageConfig
 
 DATE = "2026-11-20"
 
@@ -52,11 +52,17 @@ def version_dirs(scores: Path) -> list[Path]:
 
 def published_ids(version: Path) -> list[str]:
     assert (version / S.SUCCESS).exists()
-    return pq.read_table(version, columns=["doc_id"])["doc_id"].to_pylist()
+    ids = read_output(str(version), columns=["doc_id"])["doc_id"].to_pylist()
+    assert sorted(pq.read_table(version, columns=["doc_id"])["doc_id"].to_pylist()) == sorted(ids)  # plain readers agree
+    return ids
 
 
 def rejected_ids(version: Path) -> list[str]:
-    return pq.read_table(version / S.REJECTED_DIR, columns=["doc_id"])["doc_id"].to_pylist()
+    return read_output(str(version), columns=["doc_id"], rejected=True)["doc_id"].to_pylist()
+
+
+def manifest_of(version: Path) -> dict:
+    return json.loads((version / S.MANIFEST).read_text())
 
 
 def expected_ids(events: Path) -> list[str]:
@@ -80,10 +86,16 @@ def test_rerun_is_a_noop_new_shards_alone_are_scored_and_changes_make_new_versio
     assert "scoring 1 new shard(s) of 3" in capsys.readouterr().out
     ids = published_ids(version) + rejected_ids(version)
     assert sorted(ids) == expected_ids(job["events"]) and len(ids) == len(set(ids)) == 130
-    ledger = json.loads((version / "_ledger.json").read_text())
-    assert len(ledger["runs"]) == 2 and set(ledger["shards"]) == {"a.parquet", "b.parquet", "c.parquet"}
-    assert all(run["published"] for run in ledger["runs"].values())
-    assert not list((version / "_staging").glob("*"))
+    manifest = manifest_of(version)
+    assert len(manifest["runs"]) == 2 and set(manifest["shards"]) == {"a.parquet", "b.parquet", "c.parquet"}
+    assert manifest["rows_in"] == 130 == manifest["rows_out"] + manifest["rows_rejected"]
+    assert sorted(f for run in manifest["runs"].values() for f in run["files"]) == sorted(
+        [*manifest["files"], *manifest["rejected_files"]]
+    )
+    assert not (version / S.STAGING).exists()
+    # The date directory reads as its _CURRENT version.
+    by_date = read_output(str(job["scores"]), columns=["doc_id"])["doc_id"].to_pylist()
+    assert sorted(by_date) == sorted(published_ids(version))
 
     # A different config is a different version; the published one is untouched.
     assert main(["--config", job["config"], "--date", DATE, "--set", "model.max_length=32"]) == 0
@@ -96,50 +108,65 @@ def test_rerun_is_a_noop_new_shards_alone_are_scored_and_changes_make_new_versio
     assert "changed after they were scored" in capsys.readouterr().err
 
 
-def nightly_process(job: dict, *overrides: str) -> subprocess.Popen:
-    """jobs.nightly as its own driver process, on the tests' Ray cluster (as on a real cluster)."""
-    import ray
-
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    args = [sys.executable, "-m", "jobs.nightly", "--config", job["config"], "--date", DATE]
-    for o in overrides:
-        args += ["--set", o]
-    return subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def test_sigkill_mid_run_then_rerun_scores_every_row_exactly_once(ray_session, job):
-    for name in "abcdef":
-        write_shard(job["events"], name, 50)
-    driver = nightly_process(job, "faults.delay_s=0.5")
-    deadline = time.time() + 240
-    while not list(job["scores"].glob("version=*/_staging/*/part-*.parquet")):
-        assert driver.poll() is None and time.time() < deadline, driver.stdout.read().decode()[-3000:]
-        time.sleep(0.2)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-run: some parts written, nothing committed
-    driver.wait()
+def test_killed_runs_are_resumed_row_by_row_and_a_crash_after_the_commit_point_is_finished(ray_session, job, capsys):
+    for name in "ab":
+        write_shard(job["events"], name, 30)
+    small_parts = ("output.rows_per_file=5", "tokenize.batch_size=5", "inference.batch_size=5")
+    driver = start("jobs.nightly", job["config"], "--date", DATE, overrides=(*small_parts, "faults.delay_s=0.4"))
+    staging = lambda: [p / S.STAGING for p in version_dirs(job["scores"])]  # noqa: E731
+    wait_until(lambda: sum(receipted_rows(p) for p in staging()) >= 30, driver)
+    kill(driver)  # mid-run: some parts receipted, nothing committed
     [version] = version_dirs(job["scores"])
-    assert not (version / S.SUCCESS).exists() and not (version / "_ledger.json").exists()
+    assert not (version / S.SUCCESS).exists() and not (version / S.MANIFEST).exists()
 
-    assert main(["--config", job["config"], "--date", DATE]) == 0
-    ids = published_ids(version) + rejected_ids(version)
-    assert sorted(ids) == expected_ids(job["events"]) and len(ids) == len(set(ids)) == 300
-    assert not list((version / "_staging").glob("*"))  # the killed run's partial output is gone
-
-
-def test_a_crash_between_commit_and_publish_is_rolled_forward(ray_session, job, capsys):
-    write_shard(job["events"], "a", 50)
-    driver = nightly_process(job, "faults.crash_after_commit=true")
-    assert driver.wait(timeout=300) == 17, driver.stdout.read().decode()[-3000:]
-    [version] = version_dirs(job["scores"])
-    ledger = json.loads((version / "_ledger.json").read_text())
-    assert [run["published"] for run in ledger["runs"].values()] == [False]
-    assert not (version / S.SUCCESS).exists()
+    # The next driver takes the dead one's lease over at once (its process is gone), resumes its parts,
+    # commits, and dies right after the commit point.
+    crashing = start("jobs.nightly", job["config"], "--date", DATE, overrides=(*small_parts, "faults.crash_at=committed"))
+    code, log = finish(crashing)
+    assert code == CRASH_EXIT_CODE and "took over the lease" in log, log
+    manifest = manifest_of(version)
+    [run] = manifest["runs"].values()
+    assert manifest["shards"].keys() == {"a.parquet", "b.parquet"}
+    assert run["rows_resumed"] >= 30 and run["rows_resumed"] + run["rows_scored"] == 60
+    assert not (version / S.SUCCESS).exists() and (version / S.STAGING).exists()  # committed, not cleaned up
 
     assert main(["--config", job["config"], "--date", DATE]) == 0
     out = capsys.readouterr().out
-    assert "finished publishing interrupted run(s)" in out and "already complete" in out
+    assert "finished the interrupted commit" in out and "already complete" in out
     ids = published_ids(version) + rejected_ids(version)
-    assert sorted(ids) == expected_ids(job["events"]) and len(ids) == len(set(ids))
+    assert sorted(ids) == expected_ids(job["events"]) and len(ids) == len(set(ids)) == 60
+    assert not (version / S.STAGING).exists() and (job["scores"] / S.CURRENT).read_text() == version.name
+
+
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_a_second_driver_for_the_same_date_is_refused_naming_the_holder(ray_session, job, request, capsys, storage):
+    write_shard(job["events"], "a", 20)
+    config = yaml.safe_load(Path(job["config"]).read_text())
+    if storage == "s3":
+        endpoint, bucket = request.getfixturevalue("s3_server").endpoint_url, request.getfixturevalue("s3_bucket")
+        config["output"]["path"] = f"s3://{bucket}/scores"
+        config["storage"] = {"endpoint_url": endpoint}
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+        held = lambda: bool(fs.invalidate_cache() or fs.glob(f"{bucket}/scores/dt={DATE}/{S.LEASE}/*.json"))  # noqa: E731
+    else:
+        held = lambda: any((job["scores"] / S.LEASE).glob("*.json"))  # noqa: E731
+    Path(job["config"]).write_text(yaml.safe_dump(config))
+    day = f"{config['output']['path']}/dt={DATE}"
+
+    with holding("jobs.nightly", job["config"], "--date", DATE, held=held) as first:
+        code, log = finish(start("jobs.nightly", job["config"], "--date", DATE))
+        dry_code = main(["--config", job["config"], "--date", DATE, "--dry-run"])
+    plan_text = capsys.readouterr().out
+    assert dry_code == 0 and "1 of 1 shard(s) to score" in plan_text and "lease held by run " in plan_text, plan_text
+    assert code == 2, log
+    assert f"{day} is being written by run " in log and f"pid {first.pid} on {HOST}" in log, log
+    code, log = finish(first)
+    assert code == 0, log
+    storage_cfg = StorageConfig(endpoint_url=config.get("storage", {}).get("endpoint_url"))
+    ids = read_output(day, storage_cfg, columns=["doc_id"])["doc_id"].to_pylist()
+    ids += read_output(day, storage_cfg, columns=["doc_id"], rejected=True)["doc_id"].to_pylist()
+    assert sorted(ids) == expected_ids(job["events"]) and len(ids) == len(set(ids)) == 20
+    assert Lease(day, storage_cfg, "", 1).state() == "free"
 
 
 def test_backfill_and_date_validation(ray_session, job, tmp_path, capsys):
@@ -154,11 +181,13 @@ def test_backfill_and_date_validation(ray_session, job, tmp_path, capsys):
 
 
 def test_an_unreadable_shard_is_quarantined_and_left_pending(ray_session, job, capsys):
-    """A shard that cannot be read is recorded in _rejected/ and the run exits 3, but the ledger does not list it."""
+    """A shard that cannot be read is recorded in _rejected/ and the run exits 3, but the ledger does not list
+    it: once it reads, the next run scores it like any new shard, and every row is there exactly once."""
     write_shard(job["events"], "a", 30)
     write_shard(job["events"], "b", 30)
     shard = job["events"] / "b.parquet"
-    data = bytearray(shard.read_bytes())
+    good = shard.read_bytes()
+    data = bytearray(good)
     footer = len(data) - 8 - struct.unpack("<I", data[-8:-4])[0]
     data[4:footer] = b"\xff" * (footer - 4)  # the footer still reads; the pages do not
     shard.write_bytes(bytes(data))
@@ -167,11 +196,16 @@ def test_an_unreadable_shard_is_quarantined_and_left_pending(ray_session, job, c
     printed = capsys.readouterr()
     assert "PARTIAL: 1 unreadable shard(s) quarantined and left pending: ['b.parquet']" in printed.out
     [version] = version_dirs(job["scores"])
-    assert set(json.loads((version / "_ledger.json").read_text())["shards"]) == {"a.parquet"}
-    rejected = pq.read_table(version / S.REJECTED_DIR).to_pylist()
+    assert set(manifest_of(version)["shards"]) == {"a.parquet"}
+    rejected = read_output(str(version), rejected=True).to_pylist()
     [record] = [r for r in rejected if r["reason"] == "unreadable_shard"]
     assert record["source_file"] == "b.parquet" and "30 rows by its footer" in record["detail"]
-
-    # Not in the ledger, so pending: the next run scores it (as any new shard) once it reads.
     ids = published_ids(version) + [r["doc_id"] for r in rejected if r["doc_id"]]
     assert sorted(ids) == sorted(f"a-{i}" for i in range(30))
+
+    shard.write_bytes(good)  # repaired
+    assert main(["--config", job["config"], "--date", DATE]) == 0
+    assert set(manifest_of(version)["shards"]) == {"a.parquet", "b.parquet"}
+    ids = published_ids(version) + rejected_ids(version)
+    scored = [i for i in ids if i is not None]
+    assert sorted(scored) == expected_ids(job["events"]) and len(scored) == len(set(scored)) == 60

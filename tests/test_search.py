@@ -26,7 +26,9 @@ from conftest import WORDS
 from jobs import bbc
 from jobs import index as index_job
 from jobs import search as search_job
+from pipeline import read_output
 from pipeline import schema as S
+from pipeline.commit import PROTOCOL
 from pipeline.config import load_config
 from pipeline.schema import INDEX_DIR
 from pipeline.index import INFO_FILE, QUERY, SearchError, build_index, load_info, open_output, search
@@ -61,12 +63,14 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def write_output(
     root: Path, vectors: np.ndarray, *, parts: int = 3, embedding_dtype: str = "float32", id_column: str = "doc_id"
 ) -> list[str]:
-    """An embedding output as the pipeline writes it: id + stats + vectors in ``parts`` files, metadata, _SUCCESS."""
+    """An embedding output as the pipeline commits it: id + stats + vectors in ``parts`` files with metadata,
+    a manifest listing them, _SUCCESS."""
     metadata = {"task": "embedding", "model_path": "synthetic", "model_revision": "0", "normalize": False}
     task = Embedding(hidden_size=vectors.shape[1], pooling="mean", normalize=False, dtype=embedding_dtype)
     schema = S.output_schema([pa.field(id_column, pa.string())], task.fields(), metadata)
     ids = [f"doc-{i:05d}" for i in range(len(vectors))]
     root.mkdir(parents=True, exist_ok=True)
+    files = {}
     for p, rows in enumerate(np.array_split(np.arange(len(vectors)), parts)):
         flat = pa.array(vectors[rows].astype(embedding_dtype).reshape(-1))
         columns = [
@@ -76,6 +80,9 @@ def write_output(
             pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
         ]
         pq.write_table(pa.Table.from_arrays(columns, schema=schema), root / f"part-{p:05d}-test.parquet")
+        files[f"part-{p:05d}-test.parquet"] = len(rows)
+    manifest = {"protocol": PROTOCOL, "run": "test", "files": files, "rejected_files": {}, "config": {}}
+    (root / S.MANIFEST).write_text(json.dumps(manifest))
     (root / S.SUCCESS).write_text("")
     return ids
 
@@ -162,10 +169,11 @@ def test_stale_index_is_refused_until_rebuilt(tmp_path, synthetic):
 
 def test_unfinished_outputs_wrong_queries_and_clashing_ids_are_refused(tmp_path, synthetic):
     write_output(tmp_path, synthetic[0][:10], parts=1)
-    (tmp_path / S.SUCCESS).unlink()
+    manifest = (tmp_path / S.MANIFEST).read_bytes()
+    (tmp_path / S.MANIFEST).unlink()
     with pytest.raises(SearchError, match="no finished run"):
         build_index(str(tmp_path))
-    (tmp_path / S.SUCCESS).write_text("")
+    (tmp_path / S.MANIFEST).write_bytes(manifest)
     with pytest.raises(SearchError, match="8 dimensions, the embeddings 64"):
         search(str(tmp_path), np.ones((1, 8)), K)
     write_output(tmp_path / "clash", synthetic[0][:10], parts=1, id_column=S.SCORE)
@@ -199,7 +207,7 @@ def test_clis_explain_unusable_outputs(tmp_path, capsys):
     assert index_job.main(["--embeddings", str(tmp_path)]) == 2
     assert "no finished run" in capsys.readouterr().err
     assert search_job.main(["--embeddings", str(tmp_path), "--query", "anything"]) == 2
-    assert f"no {S.MANIFEST}" in capsys.readouterr().err
+    assert f"no finished run (no {S.MANIFEST})" in capsys.readouterr().err
 
 
 # ---- snippets: texts fetched from the job's input by id ------------------------------------------------
@@ -248,7 +256,7 @@ def tiny_output(tmp_path_factory, tiny_models, ray_session) -> Path:
 
 
 def test_query_embedder_reproduces_the_pipeline_vectors(tiny_output):
-    output = pq.read_table(tiny_output)
+    output = read_output(str(tiny_output))
     texts = fetch_texts(job_config(str(tiny_output)), output.select(["doc_id"]))
     embed = QueryEmbedder(str(tiny_output))
 
@@ -263,10 +271,10 @@ def test_query_embedder_refuses_a_changed_checkpoint(tmp_path, tiny_output):
     changed.mkdir()
     for name in [S.SUCCESS, S.MANIFEST]:
         (changed / name).write_bytes((tiny_output / name).read_bytes())
-    part = next(tiny_output.glob("part-*.parquet"))
-    table = pq.read_table(part)
     stale = {**metadata, "model_revision": "0" * 16}
-    pq.write_table(table.replace_schema_metadata({S.METADATA_KEY: json.dumps(stale)}), changed / part.name)
+    for part in tiny_output.glob("part-*.parquet"):
+        table = pq.read_table(part)
+        pq.write_table(table.replace_schema_metadata({S.METADATA_KEY: json.dumps(stale)}), changed / part.name)
     with pytest.raises(SearchError, match="another vector space"):
         QueryEmbedder(str(changed))
 
@@ -313,7 +321,7 @@ def test_search_cli_prints_hits_with_snippets(bbc_output, capsys):
 
 
 def test_real_embeddings_ann_recall(bbc_output, record_property):
-    output = pq.read_table(bbc_output)
+    output = read_output(str(bbc_output))
     vectors = np.stack(output[S.EMBEDDING].to_numpy(zero_copy_only=False))
     queries = np.concatenate([vectors, QueryEmbedder(str(bbc_output))([SPORTS_QUERY, "oil prices"])])
     truth = cosine(queries, vectors)

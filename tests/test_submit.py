@@ -160,12 +160,12 @@ def test_job_succeeds_across_both_nodes_with_its_runtime_env(cluster: LocalClust
 
 @pytest.mark.cluster
 def test_failing_job_exits_nonzero_with_its_logs_and_status(cluster: LocalCluster) -> None:
-    result = submit(cluster, "--entrypoint", "python -c 'import sys; print(\"about to fail\"); sys.exit(3)'")
+    result = submit(cluster, "--entrypoint", "python -c 'import sys; print(\"about to fail\"); sys.exit(5)'")
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert re.search(r"^submitted raysubmit_\w+", result.stdout, re.M)
     assert "about to fail" in result.stdout
-    assert re.search(r"^job raysubmit_\w+ FAILED: the driver exited with code 3$", result.stdout, re.M)
+    assert re.search(r"^job raysubmit_\w+ FAILED: the driver exited with code 5$", result.stdout, re.M)
 
 
 @pytest.mark.cluster

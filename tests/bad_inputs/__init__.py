@@ -225,6 +225,14 @@ def raw(case: str, i: int, text: bytes) -> bytes:
     return b'{"doc_id": "%d", "case": "%s", "text": "%s"}' % (i, case.encode(), text)
 
 
+def finished_manifest() -> bytes:
+    """The commit record of a finished run of ours (``pipeline.commit``), with no files."""
+    from pipeline.commit import PROTOCOL
+
+    record = {"protocol": PROTOCOL, "run": "r1", "committed_at": "2026-11-30T00:00:00+00:00", "files": {}, "rejected_files": {}}
+    return json.dumps(record).encode()
+
+
 def one_row(case: str) -> dict[str, bytes]:
     return jsonl(*good_lines(case, 1))
 
@@ -321,8 +329,8 @@ CASES: list[Case] = [
     Case("empty_input_directory", lambda c: {"_SUCCESS": b"", ".hidden.jsonl": b"{}"}, **refused("holds no input files")),
     Case("input_path_missing", overrides=("input.path={dir}/nowhere",), **refused("nothing exists there")),
     Case("unsupported_scheme", overrides=("input.path=gs://bucket/in",), **refused("unsupported storage scheme")),
-    Case("output_already_finished", lambda c: {**one_row(c), "done/_SUCCESS": b""}, overrides=("output.path={dir}/in/done",),
-         **refused("already holds a finished run")),
+    Case("output_already_finished", lambda c: {**one_row(c), "../done/_manifest.json": finished_manifest()},
+         overrides=("output.path={dir}/done",), **refused("already holds run r1 committed at")),
     Case("id_column_collides_with_output", lambda c: jsonl(line(c, 0, label="x")), overrides=("input.id_columns=[label]",),
          **refused("would collide with output columns")),
     # --- config -------------------------------------------------------------------------------------------

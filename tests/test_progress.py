@@ -1,0 +1,28 @@
+"""Progress reporting for output that is not a terminal: one line of rows per stage per interval."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pipeline.progress import Progress, Watchdog, progress_line
+
+
+def test_progress_line_shows_rows_per_stage_in_data_flow_order():
+    snapshot = {"write": (0, 0.0, 0.0), "infer": (1024, 0.0, 0.0), "tokenize": (2225, 0.0, 0.0)}
+    assert progress_line(snapshot, 2225, 90.5) == "[1:30] of 2225 rows: tokenized 2225, inferred 1024 (11.3/s), written 0"
+    assert progress_line({}, 10, 0) == "[0:00] of 10 rows: tokenized 0, inferred 0 (0.0/s), written 0"
+
+
+def test_the_watchdog_logs_a_progress_line_per_interval(ray_session, caplog):
+    progress = Progress.remote(3)
+    progress.beat.remote("tokenize", 50, 0.1)
+    watchdog = Watchdog(progress, 60, "-", poll_s=0.1, rows=100, log_every_s=0.5)
+    try:
+        with caplog.at_level(logging.INFO, logger="pipeline.progress"), watchdog:
+            time.sleep(2.2)
+    finally:
+        ray_session.kill(progress)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+    assert 2 <= len(lines) <= 5, lines
+    assert all(" of 100 rows: tokenized 50, inferred 0 " in line for line in lines), lines
