@@ -858,20 +858,24 @@ class SingleProcess:
 
 
 class TokenizerAlone:
-    """(t) the tokenizer call the tokenize stage makes, on the same rows in batches of ``tokenize.batch_size``,
-    in this process: the most a tokenizer actor can do."""
+    """(t) the tokenizer call the tokenize stage makes (``pipeline.tokenize.stage_tokenizer``), on the same rows in
+    batches of ``tokenize.batch_size``, in this process: the most a tokenizer actor can do."""
 
     key = "t"
 
     def __init__(self, spec: Spec, batch_size: int):
+        from pipeline.checkpoint import resolve
+        from pipeline.config import ModelConfig, StorageConfig
+        from pipeline.tokenize import stage_tokenizer
+
         self.spec, self.batch_size = spec, batch_size
         start = time.perf_counter()
-        self.tokenizer = load_tokenizer(spec)
+        model = resolve(ModelConfig(path=spec.model, task=spec.task, max_length=spec.max_length), StorageConfig())
+        self.tokenizer = stage_tokenizer(model)
         self.setup_s = time.perf_counter() - start
 
     def tokenize(self, texts: list[str]) -> int:
-        ids = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length, return_attention_mask=False)
-        return sum(map(len, ids["input_ids"]))
+        return sum(len(e.ids) for e in self.tokenizer.encode_batch_fast(texts))
 
     def __call__(self, workload: Workload, shards: Path) -> Result:
         self.tokenize(workload.texts[:WARMUP_ROWS])
