@@ -488,7 +488,15 @@ class ProcessUsage:
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.seen.update(self.sample())
+            self._record(self.sample())
+
+    def _record(self, found: dict[int, tuple[str, float]]) -> None:
+        """Keeps a process in the stage group it was first seen in: Ray retitles an actor's process (``ray::IDLE``
+        once the actor is gone), and its CPU seconds stay the stage's."""
+        stages = set(self.GROUPS.values())
+        for pid, (group, cpu) in found.items():
+            before = self.seen.get(pid)
+            self.seen[pid] = (before[0] if before and before[0] in stages else group, cpu)
 
     def __enter__(self) -> ProcessUsage:
         self._thread.start()
@@ -497,7 +505,7 @@ class ProcessUsage:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.seen.update(self.sample())
+        self._record(self.sample())
 
     def seconds(self) -> dict[str, float]:
         """CPU seconds per group since this object was made."""
