@@ -5,6 +5,7 @@
     python -m jobs.benchmark --task sequence-classification [--model DIR]
     python -m jobs.benchmark --scaling                 # (a) with 1 model actor vs 2, one thread each
     python -m jobs.benchmark --scan-cost               # reading 1,000 shards whole before a run vs footers only
+    python -m jobs.benchmark --dataplane --rows 100000,1000000   # the data plane, with a near-free model
 
 Every contender runs, one after another, on the same texts, checkpoint, dtype, max_length (256),
 torch thread count (``--threads``, default all cores) and malloc settings (``keep_freed_memory``):
@@ -60,6 +61,19 @@ shards (default 1,000) of ``--scan-rows`` BBC articles each (default 20), as Par
 local disk, against what ``--dry-run`` reads (``check_schema``: Parquet footers, the first 64 KiB of each
 JSONL shard). Both run after a warm-up on the same files, so the page cache holds them and worker
 processes are started: the figures are the passes' own CPU and Ray task costs, not disk or network.
+
+Data plane (--dataplane): what the pipeline costs beyond the model. A near-free model (``near_free_model``:
+1 layer, 32 wide, MiniLM's tokenizer) embeds ``--rows`` short rows (default 100,000; BBC headlines and
+sentences, ~27 tokens) from 16 Parquet shards, once per count given, with 1 torch thread by default:
+  l  single-process loop: read -> tokenize -> sort -> forward -> mean-pool -> write Parquet, in slices of
+     8,192 rows (its memory stays flat too)
+  t  the tokenize stage's tokenizer call alone, in this process, in batches of ``tokenize.batch_size``
+  p  the whole Ray job (defaults for batch sizes and pools)
+  k  the same job with ``faults.constant_outputs``: model actors skip the forward pass, so the infer
+     stage's cost is its data plane alone (sorting, padding, Arrow in and out, the head's columns)
+Per pipeline run it prints the stages' busy µs per row (manifest ``stages``), CPU µs per row per group of
+processes, and the peak memory of the whole process tree (driver, raylet, workers, actors: summed RSS and
+private anonymous memory from /proc every 0.5 s). p's embeddings are compared with l's (cosine).
 
 Default size: 256 rows per set, sized to finish in < 10 minutes on 2 cores. The three sets then
 hold ~107k real tokens (long 64k, short 7k, mixed 36k), 2.5 TFLOP by the formula above; c pads
