@@ -11,7 +11,7 @@ import sys
 
 from jobs import argument_parser
 from jobs.run import USER_ERRORS, report
-from pipeline.index import SearchError, build_index
+from pipeline.index import BINARY_METRIC, SearchError, build_index
 from pipeline.schema import INDEX_DIR
 from pipeline.storage import join
 
@@ -29,12 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, SearchError) as e:
         return report(e)
     params = ", ".join(f"{k}={v}" for k, v in sorted(info.params.items()))
+    vectors = "sign bits" if info.metric == BINARY_METRIC else "L2-normalised vectors"
     print(
         f"built {join(args.embeddings, INDEX_DIR)}/ in {info.build_s:.1f} s\n"
-        f"  {info.kind} index, {info.metric} on L2-normalised vectors ({params})\n"
+        f"  {info.kind} index, {info.metric} on {vectors} ({params})\n"
         f"  {info.rows} vectors x {info.dim} dims from {len(info.parts)} part(s)\n"
         f"  embeddings of {info.embedding['model_path']} @ {info.embedding['model_revision']} "
-        f"({info.embedding['pooling']} pooling, normalize={info.embedding['normalize']})"
+        f"({info.embedding['pooling']} pooling, normalize={info.embedding['normalize']}, "
+        f"{info.embedding.get('precision', 'float32')})"
     )
     return 0
 

@@ -1,8 +1,10 @@
 """Search an embedding output: ``python -m jobs.search --embeddings out/bbc_embed --query "..." [-k 10] [--exact]``.
 
-Embeds the query with the checkpoint and settings recorded in the output's metadata, searches its
-``_index/`` (``python -m jobs.index``), or every row when there is none or with ``--exact``, and prints
-the top k rows: rank, cosine score, id columns and a snippet of the text from the job's input.
+Embeds the query with the checkpoint and embedding chain recorded in the output's metadata and the
+checkpoint's query prompt (``--prompt`` / ``--prompt-name`` override it), searches its ``_index/``
+(``python -m jobs.index``), or every row when there is none or with ``--exact``, and prints the top k rows:
+rank, cosine score, id columns and a snippet of the text from the job's input. Binary outputs are searched
+by Hamming distance, then the best ``k x --rescore-multiplier`` are rescored with the float query.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pyarrow as pa
 from jobs import argument_parser
 from jobs.run import USER_ERRORS, report
 from pipeline import schema as S
-from pipeline.index import SearchError
+from pipeline.index import RESCORE_MULTIPLIER, SearchError
 from pipeline.search import Searcher, check_query
 
 SNIPPET_CHARS = 100
@@ -27,9 +29,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--query", required=True, help="text to search for")
     parser.add_argument("-k", type=int, default=10, help="number of hits (default: 10; at most every row)")
     parser.add_argument("--exact", action="store_true", help="score every row instead of using the index")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="literal prompt for the query (default: the checkpoint's query prompt)")
+    prompt.add_argument("--prompt-name", help="one of the checkpoint's named prompts for the query")
+    parser.add_argument("--rescore-multiplier", type=int, default=RESCORE_MULTIPLIER,
+                        help=f"binary outputs: Hamming candidates per hit rescored with the float query "
+                        f"(default: {RESCORE_MULTIPLIER}; 0: Hamming order only)")
     args = parser.parse_args(argv)
     if args.k < 1:
         parser.error("-k must be at least 1")
+    if args.rescore_multiplier < 0:
+        parser.error("--rescore-multiplier must be 0 or more")
     return args
 
 
@@ -56,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_query(args.query)
-        searcher = Searcher(args.embeddings)
-        hits = searcher.search(args.query, args.k, exact=args.exact)
+        searcher = Searcher(args.embeddings, prompt=args.prompt, prompt_name=args.prompt_name)
+        hits = searcher.search(args.query, args.k, exact=args.exact, rescore_multiplier=args.rescore_multiplier)
     except (*USER_ERRORS, SearchError) as e:
         return report(e)
     index = None if args.exact else searcher.index_info

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline import tasks
 from pipeline.config import ModelConfig, StorageConfig
+from pipeline.embedding import max_seq_length
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.json", "*.txt", "*.model", "tokenizer*")
 
@@ -32,6 +33,7 @@ class ResolvedModel:
 
     source: str  # model.path as configured
     load_path: str  # what actors pass to from_pretrained (local dir, Hub id or s3:// URI)
+    local_dir: str  # the checkpoint's files on the driver (Hub snapshot, s3:// cache): for the driver only
     revision: str | None  # Hub commit sha actors load (None for local / s3)
     fingerprint: str  # Hub commit sha, or content hash of a local/s3 checkpoint
     architecture: str
@@ -177,11 +179,9 @@ def _max_length(model: ModelConfig, local: Path, config, tokenizer) -> int:
                 f"hold {limit} tokens. Set model.max_length to at most {limit}, or leave it unset"
             )
         return model.max_length
-    st = local / "sentence_bert_config.json"
-    if st.is_file():
-        length = json.loads(st.read_text()).get("max_seq_length")
-        if length:
-            return min(int(length), limit or int(length))
+    length = max_seq_length(local)
+    if length:
+        return min(length, limit or length)
     limits = [limit, getattr(tokenizer, "model_max_length", None)]
     limits = [int(n) for n in limits if n and n < 1_000_000]
     if not limits:
@@ -245,6 +245,7 @@ def resolve(model: ModelConfig, storage: StorageConfig, tokenizer_path: str | No
     return ResolvedModel(
         source=model.path,
         load_path=load_path,
+        local_dir=str(local),
         revision=revision,
         fingerprint=fingerprint,
         architecture=architectures[0] if architectures else type(config).__name__,
@@ -268,8 +269,11 @@ def local_path(resolved: ResolvedModel) -> str:
     return resolved.load_path
 
 
-def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: bool = False):
-    """A fast tokenizer (offsets and overflow information need the Rust implementation)."""
+def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: bool = False, lowercase: bool = False):
+    """A fast tokenizer (offsets and overflow information need the Rust implementation).
+
+    ``lowercase`` puts a Lowercase normalizer in front of its own unless it already lowercases, as
+    sentence-transformers does for ``do_lower_case``."""
     from transformers import AutoTokenizer
 
     try:
@@ -283,14 +287,22 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
             f"{source} has no tokenizer files (tokenizer.json, vocab.txt, ...): its tokenizer would know only "
             f"{len(tokenizer)} special tokens. Save the tokenizer with the model, or set tokenize.path"
         )
+    if lowercase:
+        from tokenizers import normalizers
+
+        backend = tokenizer.backend_tokenizer
+        current = backend.normalizer
+        steps = list(current) if isinstance(current, normalizers.Sequence) else [] if current is None else [current]
+        if not any(isinstance(step, normalizers.Lowercase) for step in steps):
+            backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *steps])
     return tokenizer
 
 
-def actor_tokenizer(resolved: ResolvedModel):
+def actor_tokenizer(resolved: ResolvedModel, lowercase: bool = False):
     """The tokenizer an actor uses: ``tokenize.path`` if set, else the checkpoint's own."""
     if resolved.tokenizer_path:
-        return load_tokenizer(resolved.tokenizer_path, None, resolved.trust_remote_code)
-    return load_tokenizer(local_path(resolved), resolved.revision, resolved.trust_remote_code)
+        return load_tokenizer(resolved.tokenizer_path, None, resolved.trust_remote_code, lowercase)
+    return load_tokenizer(local_path(resolved), resolved.revision, resolved.trust_remote_code, lowercase)
 
 
 def load_model(resolved: ResolvedModel, task: tasks.Task, device: str, dtype: str):

@@ -669,6 +669,14 @@ class Writer:
             self.log(f"{self.table.uri}: resuming run(s) {', '.join(runs)}: keeping {resume.rows} rows, {len(kept)} part(s)")
         return resume
 
+    def part_metadata(self, receipt: Receipt) -> dict[str, Any]:
+        """The file-level metadata (``schema.METADATA_KEY``) of a kept part's data file, staged or already moved."""
+        staged = self.table.path(S.STAGING, receipt.run, receipt.part)
+        path = staged if self.table.fs.exists(staged) else self.table.path(receipt.part)
+        with self.table.fs.open(path, "rb") as f:
+            metadata = pq.read_schema(f).metadata or {}
+        return json.loads(metadata.get(S.METADATA_KEY, b"{}"))
+
     def commit(self, manifest: dict, receipts: list[Receipt], *, replace: bool) -> dict:
         """Publish the parts of ``receipts`` with ``manifest`` (the run's statistics) as the table's commit
         record: the table's only files (``replace``) or added to those already committed. Returns the record."""

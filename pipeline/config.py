@@ -70,6 +70,21 @@ class InputConfig(_Strict):
     max_text_bytes: int = Field(
         1_000_000, gt=0, description="Rows whose text exceeds this many UTF-8 bytes are rejected (`text_too_large`)."
     )
+    prompt_name: str | None = Field(
+        None,
+        description="embedding: the checkpoint's prompt (config_sentence_transformers.json `prompts`) prepended to every "
+        "text. Default: as sentence-transformers' encode_document: its first non-empty `document`, `passage` or "
+        "`corpus` prompt, else its `default_prompt_name`, else none.",
+    )
+    prompt: str | None = Field(
+        None, description="embedding: a literal prompt prepended to every text, instead of prompt_name."
+    )
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> InputConfig:
+        if self.prompt is not None and self.prompt_name is not None:
+            raise ValueError("set input.prompt (a literal) or input.prompt_name (one of the checkpoint's), not both")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -144,10 +159,49 @@ class InferenceConfig(_Strict):
         return value
 
 
+PoolingMode = Literal["cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"]
+
+
 class EmbeddingOutputConfig(_Strict):
-    pooling: Literal["cls", "mean"] = Field("mean", description="cls = first token; mean = attention-masked mean.")
-    normalize: bool = Field(True, description="L2-normalise embeddings (cosine = dot product).")
-    dtype: Literal["float32", "float16"] = Field("float32", description="Stored precision of embedding vectors.")
+    """Each key left unset comes from the checkpoint's sentence-transformers chain (see README: Embeddings)."""
+
+    pooling: PoolingMode | Annotated[list[PoolingMode], Field(min_length=1)] | None = Field(
+        None,
+        description="cls, max, mean, mean_sqrt_len_tokens, weightedmean or lasttoken, or a list (concatenated in "
+        "order). Default: the checkpoint's Pooling module; without one, mean (lasttoken for *ForCausalLM).",
+    )
+    include_prompt: bool | None = Field(
+        None, description="Pool over the prompt's tokens too. Default: the checkpoint's Pooling module, else true."
+    )
+    normalize: bool | None = Field(
+        None,
+        description="L2-normalise the vectors (cosine = dot product). Default: whether the checkpoint's chain ends "
+        "with a Normalize module; true without a sentence-transformers config.",
+    )
+    dimensions: int | None = Field(
+        None,
+        gt=0,
+        description="Matryoshka: keep the first N dimensions (re-normalised when normalising). Default: the "
+        "checkpoint's truncate_dim, else all.",
+    )
+    precision: Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"] = Field(
+        "float32",
+        description="Stored vectors, as sentence-transformers' quantize_embeddings: int8/uint8 buckets between "
+        "per-dimension ranges fixed before the run; binary/ubinary one sign bit per dimension, 8 per byte.",
+    )
+    calibration_rows: int = Field(
+        1000,
+        ge=2,
+        description="int8/uint8: input rows embedded first, before the distributed run, to fix the ranges "
+        "(recorded in the Parquet metadata).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "dtype" in data:
+            raise ValueError("output.embedding.dtype is now output.embedding.precision (float32, float16, int8, ...)")
+        return data
 
 
 class OutputConfig(_Strict):
@@ -251,6 +305,9 @@ class JobConfig(_Strict):
             raise ValueError(f"{task.name} takes a single text; remove input.text_pair_column")
         if task.inputs.pair == "required" and not self.input.text_pair_column:
             raise ValueError(f"{task.name} needs input.text_pair_column: the column holding {task.inputs.pair_role}")
+        if (self.input.prompt is not None or self.input.prompt_name is not None) and not task.inputs.prompt:
+            prompted = " or ".join(t.name for t in tasks.REGISTRY.values() if t.inputs.prompt)
+            raise ValueError(f"input.prompt and input.prompt_name are for model.task: {prompted}")
         if self.eval.label_column and task.evaluates is None:
             evaluated = " or ".join(t.name for t in tasks.REGISTRY.values() if t.evaluates)
             raise ValueError(f"eval.label_column needs model.task: {evaluated}")

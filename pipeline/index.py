@@ -3,7 +3,8 @@
 ``build_index`` reads the id columns and ``embedding`` of every part a finished embedding output's
 manifest lists (``pipeline.commit``: a jobs.run output, or a nightly date or version directory),
 L2-normalises the vectors (a no-op for ``output.embedding.normalize: true``; otherwise it turns inner
-product into cosine) and writes, in that output's directory::
+product into cosine; int8/uint8 vectors are first dequantised with the ranges recorded in the output's
+metadata) and writes, in that output's directory::
 
     <output>/_index/index.faiss   the index; its row i is row i of ids.parquet
     <output>/_index/ids.parquet   the id columns, in index order (parts sorted by name, rows in file order)
@@ -11,6 +12,15 @@ product into cosine) and writes, in that output's directory::
 
 ``search`` answers from the index, or by brute force over the parts when ``exact=True`` or there is no
 index. Scores are cosine similarities. This is the only module that knows the index library.
+
+Every precision of ``output.embedding.precision`` is searchable. float16 is read as float32; int8/uint8 are
+dequantised to float32 bucket values for the HNSW index (the Parquet keeps the compact vectors; the index
+does not: at this module's sizes, recall matters more than the 4x); binary/ubinary get a Hamming index, exact
+(faiss ``IndexBinaryFlat``: 1 bit per dimension, a scan of 10M 1024-bit vectors is ~10 ms per query core),
+and the float query is binarised, its ``k x rescore_multiplier`` nearest by Hamming distance are then
+rescored with the float query, as sentence-transformers' ``semantic_search_faiss`` does. Binary scores are
+cosines too: of the unit float query to each document's sign vector (rescored; the same order as
+sentence-transformers' rescoring), or of the two sign vectors (``rescore_multiplier=0``: Hamming only).
 
 Library: faiss-cpu, HNSW with 32 links per vector over float32 vectors (``HNSW32,Flat``), efConstruction
 200, efSearch 128. Compared on 2 shared CPU cores with LanceDB 0.40, hnswlib 0.8 and usearch 2.26 on
@@ -47,6 +57,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import embedding
 from pipeline import schema as S
 from pipeline.commit import OutputError, committed_output
 from pipeline.config import StorageConfig
@@ -63,6 +74,9 @@ FACTORY = "HNSW32,Flat"  # faiss index_factory string
 BUILD_PARAMS = {"efConstruction": 200}
 SEARCH_PARAMS = {"efSearch": 128}  # search beam; raised to k when k is larger
 MAX_INDEX_K = 1024  # more hits than this are found exactly: a beam that wide costs more than it saves
+BINARY_KIND, BINARY_METRIC, BINARY_FACTORY = "binary-flat", "hamming", "BFlat"  # binary/ubinary outputs
+RESCORE_MULTIPLIER = 4  # binary: Hamming candidates per hit rescored with the float query; 0: no rescoring
+POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.int32)
 
 
 class SearchError(ValueError):
@@ -91,19 +105,35 @@ class EmbeddingOutput:
     root: str
     parts: list[str]  # file names relative to root
     id_columns: list[str]
-    dim: int
+    dim: int  # dimensions of the vectors (binary: bits, 8 per stored byte)
+    width: int  # values per stored vector
     metadata: dict[str, Any]
 
+    @property
+    def precision(self) -> str:
+        return self.metadata.get("precision", "float32")
+
+    @property
+    def binary(self) -> bool:
+        return self.precision in embedding.PACKED
+
     def read(self) -> Iterator[tuple[pa.Table, np.ndarray]]:
-        """``(id columns, L2-normalised float32 vectors)`` of each part, in order."""
+        """``(id columns, vectors)`` of each part, in order: L2-normalised float32 (int8/uint8 dequantised
+        first), or for binary outputs the packed bits as ``ubinary`` bytes."""
         expected = json.dumps(self.metadata, sort_keys=True)
         for name in self.parts:
             with self.fs.open(join(self.root, name), "rb") as f:
                 table = pq.read_table(f, columns=[*self.id_columns, S.EMBEDDING])
             if json.dumps(_metadata(table.schema), sort_keys=True) != expected:
                 raise SearchError(f"{name} was written by another model or config than {self.parts[0]}")
-            flat = table[S.EMBEDDING].combine_chunks().flatten().to_numpy()
-            yield table.select(self.id_columns).replace_schema_metadata(), _normalized(flat.reshape(-1, self.dim))
+            values = table[S.EMBEDDING].combine_chunks().flatten().to_numpy().reshape(-1, self.width)
+            ids = table.select(self.id_columns).replace_schema_metadata()
+            if self.binary:
+                yield ids, embedding.unsigned_bits(values, self.precision)
+            elif self.precision in embedding.CALIBRATED:
+                yield ids, _normalized(embedding.dequantize(values, self.precision, self.metadata["quantization_ranges"]))
+            else:
+                yield ids, _normalized(values)
 
 
 def _metadata(schema: pa.Schema) -> dict[str, Any]:
@@ -144,8 +174,9 @@ def open_output(output_path: str, storage: StorageConfig | None = None) -> Embed
             "search needs a job run with model.task: embedding"
         )
     names = schema.names
-    dim = schema.field(S.EMBEDDING).type.list_size
-    return EmbeddingOutput(fs, root, parts, names[: names.index(S.NUM_TOKENS)], dim, metadata)
+    width = schema.field(S.EMBEDDING).type.list_size
+    dim = metadata.get("dimensions", width)
+    return EmbeddingOutput(fs, root, parts, names[: names.index(S.NUM_TOKENS)], dim, width, metadata)
 
 
 def build_index(output_path: str, storage: StorageConfig | None = None) -> IndexInfo:
@@ -153,16 +184,20 @@ def build_index(output_path: str, storage: StorageConfig | None = None) -> Index
     faiss = _faiss()
     started = time.perf_counter()
     output = open_output(output_path, storage)
-    index = faiss.index_factory(output.dim, FACTORY, faiss.METRIC_INNER_PRODUCT)
-    _set_params(index, BUILD_PARAMS)
+    if output.binary:
+        index, kind, metric, params = faiss.IndexBinaryFlat(output.width * 8), BINARY_KIND, BINARY_METRIC, {"factory": BINARY_FACTORY}
+    else:
+        index = faiss.index_factory(output.dim, FACTORY, faiss.METRIC_INNER_PRODUCT)
+        _set_params(index, BUILD_PARAMS)
+        kind, metric, params = KIND, METRIC, {"factory": FACTORY, **BUILD_PARAMS, **SEARCH_PARAMS}
     ids = []
     for part_ids, vectors in output.read():
         index.add(vectors)
         ids.append(part_ids)
     info = IndexInfo(
-        kind=KIND,
-        metric=METRIC,
-        params={"library": f"faiss {faiss.__version__}", "factory": FACTORY, **BUILD_PARAMS, **SEARCH_PARAMS},
+        kind=kind,
+        metric=metric,
+        params={"library": f"faiss {faiss.__version__}", **params},
         dim=output.dim,
         rows=index.ntotal,
         parts=output.parts,
@@ -173,7 +208,7 @@ def build_index(output_path: str, storage: StorageConfig | None = None) -> Index
     if fs.exists(index_dir):
         fs.rm(index_dir, recursive=True)
     with fs.open(join(index_dir, INDEX_FILE), "wb") as f:
-        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        (faiss.write_index_binary if output.binary else faiss.write_index)(index, faiss.PyCallbackIOWriter(f.write))
     with fs.open(join(index_dir, IDS_FILE), "wb") as f:
         pq.write_table(pa.concat_tables(ids), f, compression="zstd")
     with fs.open(join(index_dir, INFO_FILE), "w") as f:
@@ -198,14 +233,16 @@ def search(
     *,
     exact: bool = False,
     storage: StorageConfig | None = None,
+    rescore_multiplier: int = RESCORE_MULTIPLIER,
 ) -> pa.Table:
-    """The ``k`` rows most similar to each query vector, best first.
+    """The ``k`` rows most similar to each float query vector, best first.
 
     Columns: ``query`` (position in ``queries``), ``score`` (cosine similarity), then the output's id
     columns. Uses ``_index/`` unless ``exact`` is set, there is none, or ``k`` exceeds ``MAX_INDEX_K``
     (the beam would have to be as wide as ``k``); then every row is scored. ``k`` larger than the
-    number of rows returns every row. Raises ``SearchError`` when the index is stale (the output's
-    parts changed since it was built) or ``k`` is below 1.
+    number of rows returns every row. Binary outputs: see the module docstring (``rescore_multiplier``).
+    Raises ``SearchError`` when the index is stale (the output's parts changed since it was built)
+    or ``k`` is below 1.
     """
     if k < 1:
         raise SearchError(f"k must be at least 1, got {k}")
@@ -216,24 +253,72 @@ def search(
     queries = _normalized(queries)
     if queries.shape[1] != output.dim:
         raise SearchError(f"query vectors have {queries.shape[1]} dimensions, the embeddings {output.dim}")
+    if rescore_multiplier < 0:
+        raise SearchError(f"rescore_multiplier must be 0 (no rescoring) or more, got {rescore_multiplier}")
     info = None if exact else load_info(output_path, storage)
+    if output.binary:
+        return _binary_search(output, queries, k, rescore_multiplier, None if info is None else _check_fresh(output, info))
     if info is None or min(k, info.rows) > MAX_INDEX_K:
         return _exact_search(output, queries, k)
-    if info.parts != output.parts:
-        raise SearchError(
-            f"the index of {output_path} is stale: the output's parts changed since it was built "
-            f"({len(info.parts)} then, {len(output.parts)} now). Rebuild it (python -m jobs.index) or search exactly"
-        )
-    faiss = _faiss()
-    index_dir = join(output.root, S.INDEX_DIR)
-    with output.fs.open(join(index_dir, INDEX_FILE), "rb") as f:
-        index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
-    with output.fs.open(join(index_dir, IDS_FILE), "rb") as f:
-        ids = pq.read_table(f)
+    index, ids = _load_index(output, _check_fresh(output, info))
     k = min(k, index.ntotal)
     _set_params(index, {"efSearch": max(k, info.params["efSearch"])})  # a beam narrower than k loses recall
     scores, rows = index.search(queries, k)
     return _hits(ids, rows, scores)
+
+
+def _check_fresh(output: EmbeddingOutput, info: IndexInfo) -> IndexInfo:
+    if info.parts != output.parts:
+        raise SearchError(
+            f"the index of {output.root} is stale: the output's parts changed since it was built "
+            f"({len(info.parts)} then, {len(output.parts)} now). Rebuild it (python -m jobs.index) or search exactly"
+        )
+    return info
+
+
+def _load_index(output: EmbeddingOutput, info: IndexInfo) -> tuple[Any, pa.Table]:
+    """The faiss index of ``output`` (described by ``info``) and its id columns in index order."""
+    faiss = _faiss()
+    index_dir = join(output.root, S.INDEX_DIR)
+    with output.fs.open(join(index_dir, INDEX_FILE), "rb") as f:
+        read = faiss.read_index_binary if info.kind == BINARY_KIND else faiss.read_index
+        index = read(faiss.PyCallbackIOReader(f.read))
+    with output.fs.open(join(index_dir, IDS_FILE), "rb") as f:
+        return index, pq.read_table(f)
+
+
+def _binary_search(output: EmbeddingOutput, queries: np.ndarray, k: int, multiplier: int, info: IndexInfo | None) -> pa.Table:
+    """Binary outputs: each query's ``k x multiplier`` nearest rows by Hamming distance of the sign bits (its
+    index, or every part), then the best ``k`` of those by the float query's cosine to their sign vectors."""
+    query_bits = embedding.quantize(queries, "ubinary")
+    wanted = k * max(1, multiplier)
+    if info is not None:
+        index, ids = _load_index(output, info)
+        distances, rows = index.search(query_bits, min(wanted, index.ntotal))
+        stored = _faiss().vector_to_array(index.xb).reshape(index.ntotal, -1)
+        bits = stored[np.maximum(rows, 0)]
+    else:
+        parts = []
+        for part_ids, stored in output.read():
+            distances = POPCOUNT[query_bits[:, None, :] ^ stored[None, :, :]].sum(axis=2)
+            top = np.argsort(distances, axis=1, kind="stable")[:, :wanted]
+            parts.append((part_ids, np.take_along_axis(distances, top, axis=1), stored[top], top))
+        ids = pa.concat_tables([p[0] for p in parts])
+        offsets = np.cumsum([0] + [p[0].num_rows for p in parts[:-1]])
+        distances = np.concatenate([p[1] for p in parts], axis=1)
+        bits = np.concatenate([p[2] for p in parts], axis=1)
+        rows = np.concatenate([p[3] + offset for p, offset in zip(parts, offsets)], axis=1)
+        keep = np.argsort(distances, axis=1, kind="stable")[:, :wanted]
+        distances, rows = np.take_along_axis(distances, keep, axis=1), np.take_along_axis(rows, keep, axis=1)
+        bits = np.take_along_axis(bits, keep[:, :, None], axis=1)
+    if multiplier:
+        signs = np.unpackbits(bits, axis=-1)[..., : output.dim].astype(np.float32) * 2 - 1
+        scores = np.einsum("qd,qcd->qc", queries, signs) / np.sqrt(output.dim)
+    else:
+        scores = 1 - 2 * distances / output.dim
+    scores = np.where(rows >= 0, scores, -np.inf)
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return _hits(ids, np.take_along_axis(rows, best, axis=1), np.take_along_axis(scores, best, axis=1))
 
 
 def _set_params(index, params: dict[str, int]) -> None:

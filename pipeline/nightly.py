@@ -16,7 +16,8 @@ size, ETag/mtime, the run that committed it) and ``runs`` (run -> its statistics
 A run takes the date's lease, finishes a commit a killed run left half done, scores only the shards
 the ledger does not list (keeping the rows a killed run of the same version receipted, see
 ``pipeline.commit``), and commits them added to the version: no shard is in two runs, no row in two
-parts. A shard that changes after it was scored is refused.
+parts. A shard that changes after it was scored is refused. Later runs into a version apply the
+calibration its runs recorded, if the task has one (``Task.calibrated_like``: int8 ranges).
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def score_date(cfg: JobConfig, date: str, log=print) -> dict:
     day, version, uri = locations(cfg, job, date)
     inspect_output(uri, cfg.storage, identity=job.identity(), mode=None, lease_uri=day)  # refuses foreign content
     with Writer(uri, cfg, lease_uri=day, current=True, log=log) as writer:
+        if writer.manifest:  # every run into a version applies the same calibration (int8 ranges)
+            job = replace(job, task=job.task.calibrated_like(writer.manifest["model"]))
         ledger = writer.manifest["shards"] if writer.manifest else {}
         pending, total = pending_shards(job, ledger, date, version)
         if not pending:

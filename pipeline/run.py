@@ -23,8 +23,19 @@ from pipeline import __version__
 from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, resolve
 from pipeline.commit import OutputError, Receipt, Resume, Writer, check_location, inspect_output
-from pipeline.config import ConfigError, JobConfig
-from pipeline.source import InputError, InputScan, Shards, Unreadable, check_schema, discover, scan_input
+from pipeline.config import ConfigError, InputConfig, JobConfig
+from pipeline.source import (
+    InputError,
+    InputScan,
+    Shards,
+    Unreadable,
+    check_schema,
+    check_text,
+    discover,
+    open_shard,
+    read_records,
+    scan_input,
+)
 from pipeline.storage import check_access, filesystem
 from pipeline.tasks import Task, build
 
@@ -130,9 +141,8 @@ class Plan:
             + (f" schema={self.passthrough_schema}" if self.passthrough_schema else ""),
             f"model    {self.model.source} @ {self.model.fingerprint} ({self.model.architecture}, "
             f"max_length {self.model.max_length}, dtype {self.cfg.model.dtype})",
-            f"task     {self.task.name} ({self.task.auto_model}"
-            + "".join(f", {key} {value}" for key, value in self.task.metadata().items())
-            + ")",
+            f"task     {self.task.name} ({self.task.auto_model})",
+            *(f"         {line}" for line in self.task.describe()),
         ]
         if self.model.id2label:
             lines.append(f"labels   {self.model.id2label}")
@@ -303,16 +313,22 @@ def execute(job: Plan, shards: Shards, writer: Writer, resume: Resume) -> tuple[
     """Score ``shards`` into the writer's staging, skipping the rows ``resume`` kept; return the run's
     manifest (statistics over kept and new parts) and every part's receipt, ready to commit.
 
-    Raises ``RowCountError`` unless rows in == rows out + rows rejected.
+    Parts kept from a killed run fix the task's calibration (``Task.calibrated_like``), so that old and
+    new parts agree. Raises ``RowCountError`` unless rows in == rows out + rows rejected.
     """
     from pipeline.sink import WriteStats, evaluation
 
     cfg = job.cfg
     started = time.time()
     shards, scan = scan_shards(job, shards)
+    kept_part = next((r for r in resume.receipts if r.data_rows), None)
+    if kept_part is not None:
+        job = replace(job, task=job.task.calibrated_like(writer.part_metadata(kept_part)))
     # Parquet shards whose every row is in a kept part are not read at all; others skip row by row.
     todo = [f for f in shards.files if resume.skip.get(shards.relative(f)) != [(0, job.footer_rows.get(f, -1))]]
-    receipts, stages = _stream(job, replace(shards, files=todo), writer, scan, resume) if todo else ([], {})
+    receipts, stages = [], {}
+    if todo:
+        job, receipts, stages = _stream(job, replace(shards, files=todo), writer, scan, resume)
     wall = time.time() - started
     unreadable, quarantined = quarantine(job, writer, scan.unreadable)
 
@@ -356,37 +372,83 @@ def execute(job: Plan, shards: Shards, writer: Writer, resume: Resume) -> tuple[
     return manifest, kept
 
 
-def _stream(job: Plan, shards: Shards, writer: Writer, scan, resume: Resume) -> tuple[list[Receipt], dict]:
-    """The Ray Data pipeline over ``shards``: (receipts of the parts it wrote, per-stage throughput)."""
+def _stream(job: Plan, shards: Shards, writer: Writer, scan: InputScan, resume: Resume) -> tuple[Plan, list[Receipt], dict]:
+    """The Ray Data pipeline over ``shards``, calibrating the task first if it needs it: (the job as it
+    ran, the receipts of the parts it wrote, per-stage throughput)."""
     import ray
 
-    from pipeline.infer import InferWorker
     from pipeline.progress import Progress, StallError, Watchdog, stage_throughput
     from pipeline.sink import ParquetSink
     from pipeline.source import READ_BATCH_ROWS, ShardDatasource
     from pipeline.storage import arrow_filesystem
-    from pipeline.tokenize import TokenizeWorker, stage_tokenizer
 
     cfg, pools, execution = job.cfg, job.pools, job.cfg.execution
     # Stage actors keep Ray Data's fault tolerance (restart, retry the batch); Progress bounds the restarts.
     progress = Progress.remote(execution.max_actor_restarts)
-    # Blocks no larger than a part: a part (and so what a killed run leaves to redo) holds about rows_per_file rows.
-    block_rows = min(READ_BATCH_ROWS, cfg.output.rows_per_file)
-    fs = arrow_filesystem(shards.fs)
-    source = ShardDatasource(shards, cfg.input, fs, job.passthrough_schema, scan.duplicates, resume.skip, block_rows)
-    ds = ray.data.read_datasource(source, num_cpus=READ_CPUS)
     interactive = sys.stdout.isatty()
-    if not interactive:  # a log gets the watchdog's progress lines, not a block of progress bars every 10 s
-        ds.context.enable_progress_bars = False
+    rows = scan.rows - resume.rows - sum(u.rows_counted for u in scan.unreadable.values())  # what this stream reads
+    watchdog = Watchdog(
+        progress, execution.stall_timeout_s, pools.describe(), rows=rows, log_every_s=None if interactive else 30
+    )
+    try:
+        with watchdog:
+            job = calibrate(job, shards, progress)
+            # Blocks no larger than a part: a part (and so what a killed run leaves to redo) holds about rows_per_file rows.
+            block_rows = min(READ_BATCH_ROWS, cfg.output.rows_per_file)
+            fs = arrow_filesystem(shards.fs)
+            source = ShardDatasource(shards, cfg.input, fs, job.passthrough_schema, scan.duplicates, resume.skip, block_rows)
+            ds = ray.data.read_datasource(source, num_cpus=READ_CPUS)
+            if not interactive:  # a log gets the watchdog's progress lines, not a block of progress bars every 10 s
+                ds.context.enable_progress_bars = False
+            sink = ParquetSink(
+                writer.staging_uri,
+                writer.run_id,
+                cfg.storage,
+                job.output_schema(pa.schema([])),
+                shards.passthrough,
+                job.passthrough_schema,
+                cfg.eval.label_column,
+                job.task.evaluates,
+                cfg.output.rows_per_file,
+                progress,
+            )
+            model_stages(ds, job, progress).write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
+        stages = stage_throughput(ray.get(progress.snapshot.remote()))
+    except BaseException as e:
+        # Once the watchdog has fired (killing the stage actors and interrupting this thread),
+        # whatever comes out of the run is the stall.
+        if watchdog.diagnosis is None:
+            cause = user_error(e)
+            if cause is None:
+                raise
+            raise cause from None
+        raise StallError(watchdog.diagnosis) from None
+    finally:
+        ray.kill(progress)
+    return job, sink.receipts, stages
+
+
+def model_stages(ds, job: Plan, progress):
+    """``ds`` (source rows) through the tokenize and model actor pools of ``job``: the task's columns."""
+    import ray
+
+    from pipeline.infer import InferWorker
+    from pipeline.tokenize import TokenizeWorker, stage_tokenizer
+
+    cfg, pools = job.cfg, job.pools
     ds = ds.map_batches(
         TokenizeWorker,
-        fn_constructor_kwargs={"tokenizer": stage_tokenizer(job.model), "task": job.task, "progress": progress},
+        fn_constructor_kwargs={
+            "tokenizer": stage_tokenizer(job.model, job.task.tokenization.lowercase),
+            "task": job.task,
+            "progress": progress,
+        },
         batch_size=cfg.tokenize.batch_size,
         batch_format="pyarrow",
         num_cpus=pools.tokenize_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=pools.tokenize[0], max_size=pools.tokenize[1]),
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         InferWorker,
         fn_constructor_kwargs={
             "model": job.model,
@@ -403,35 +465,53 @@ def _stream(job: Plan, shards: Shards, writer: Writer, scan, resume: Resume) -> 
         num_gpus=pools.infer_gpus,
         compute=ray.data.ActorPoolStrategy(min_size=pools.infer[0], max_size=pools.infer[1]),
     )
-    sink = ParquetSink(
-        writer.staging_uri,
-        writer.run_id,
-        cfg.storage,
-        job.output_schema(pa.schema([])),
-        shards.passthrough,
-        job.passthrough_schema,
-        cfg.eval.label_column,
-        job.task.evaluates,
-        cfg.output.rows_per_file,
-        progress,
-    )
-    rows = scan.rows - resume.rows - sum(u.rows_counted for u in scan.unreadable.values())  # what this stream reads
-    watchdog = Watchdog(
-        progress, execution.stall_timeout_s, pools.describe(), rows=rows, log_every_s=None if interactive else 30
-    )
-    try:
-        with watchdog:
-            ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
-        stages = stage_throughput(ray.get(progress.snapshot.remote()))
-    except BaseException as e:
-        # Once the watchdog has fired (killing the stage actors and interrupting this thread),
-        # whatever comes out of the run is the stall.
-        if watchdog.diagnosis is None:
-            cause = user_error(e)
-            if cause is None:
-                raise
-            raise cause from None
-        raise StallError(watchdog.diagnosis) from None
-    finally:
-        ray.kill(progress)
-    return sink.receipts, stages
+
+
+CALIBRATION_SHARDS = 16  # a calibration sample takes the first rows of this many shards, spread over the input
+
+
+def sample_texts(shards: Shards, cfg: InputConfig, rows: int) -> list[str]:
+    """Up to ``rows`` valid texts of the input, read on the driver, the same on every run: the first ones
+    of ``CALIBRATION_SHARDS`` shards spread evenly over the listing, then of the others while it is short."""
+    step = max(1, math.ceil(len(shards.files) / CALIBRATION_SHARDS))
+    spread = shards.files[::step]
+    quota = math.ceil(rows / len(spread))
+    texts: list[str] = []
+    for path in [*spread, *(f for f in shards.files if f not in spread)]:
+        taken = 0
+        with open_shard(shards, path) as f:
+            for _, record, problem in read_records(f, shards.format_of(path), [cfg.text_column]):
+                text, reason, _ = check_text((record or {}).get(cfg.text_column), cfg.max_text_bytes)
+                if problem is None and reason is None:
+                    texts.append(text)
+                    taken += 1
+                if taken == quota or len(texts) == rows:
+                    break
+        if len(texts) == rows:
+            break
+    return texts
+
+
+def calibrate(job: Plan, shards: Shards, progress) -> Plan:
+    """``job`` with its task calibrated (``Task.calibration``) on a sample of the input, scored by the
+    same tokenize and model actors as the run; ``job`` itself when the task needs no calibration."""
+    import ray
+
+    calibration = job.task.calibration()
+    if calibration is None:
+        return job
+    rows, probe = calibration
+    texts = sample_texts(shards, job.cfg.input, rows)
+    if not texts:  # not one valid row: nothing will be scored, so nothing needs calibrating
+        return job
+    sample = pa.table({S.TEXT: pa.array(texts, pa.string()), S.ERROR: pa.nulls(len(texts), pa.string())})
+    scored = model_stages(ray.data.from_arrow(sample), replace(job, task=probe), progress)
+    table = pa.concat_tables(ray.get(scored.to_arrow_refs()))
+    outputs = {}
+    for f in probe.fields():
+        column = table[f.name].combine_chunks()
+        if isinstance(f.type, pa.FixedSizeListType):
+            outputs[f.name] = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, f.type.list_size)
+        else:
+            outputs[f.name] = column.to_pylist()
+    return replace(job, task=job.task.calibrated(outputs))

@@ -2,8 +2,10 @@
 the texts of the hits from the job's input (output files hold ids and vectors, not texts).
 
 Everything comes from what an output records about itself: its file-level Parquet metadata (checkpoint,
-revision, ``max_length``, dtype) and its manifest (``pipeline.commit``: the job config, with the embedding
-task's settings, input path, text and id columns, tokenizer path, trust flags). The index itself lives in
+revision, ``max_length``, dtype, the embedding chain) and its manifest (``pipeline.commit``: the job config,
+with the embedding task's settings, input path, text and id columns, tokenizer path, trust flags). Queries go
+through the job's own embedding chain (``pipeline.embedding``) with the checkpoint's query prompt, as
+sentence-transformers' ``encode_query``, in float32 whatever the stored precision. The index itself lives in
 ``pipeline.index``.
 
     hits = Searcher("out/bbc_embed").search("football match goal striker", k=5)
@@ -19,23 +21,33 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+from pydantic import ValidationError
 
+from pipeline import embedding
 from pipeline import schema as S
 from pipeline.checkpoint import actor_tokenizer, load_model, resolve
 from pipeline.commit import OutputError, committed_output
 from pipeline.config import InputConfig, JobConfig, StorageConfig
-from pipeline.index import QUERY, IndexInfo, SearchError, load_info, open_output, search
+from pipeline.index import QUERY, RESCORE_MULTIPLIER, IndexInfo, SearchError, load_info, open_output, search
 from pipeline.source import Shards, discover, open_shard, read_records, visible
 from pipeline.storage import arrow_filesystem, filesystem
-from pipeline.tasks import ModelBatch, build
+from pipeline.tasks import build
 
 
 def job_config(output_path: str, storage: StorageConfig | None = None) -> JobConfig:
     """The config of the job that wrote ``output_path`` (nightly: its latest run), from its manifest."""
     try:
-        return JobConfig.model_validate(committed_output(output_path, storage).manifest["config"])
+        config = committed_output(output_path, storage).manifest["config"]
     except OutputError as e:
         raise SearchError(str(e)) from None
+    try:
+        return JobConfig.model_validate(config)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        raise SearchError(
+            f"{output_path} was written with a config this version cannot read ({'.'.join(map(str, first['loc']))}: "
+            f"{first['msg']}): re-run its embedding job with this version"
+        ) from None
 
 
 def check_query(query: str) -> None:
@@ -45,11 +57,21 @@ def check_query(query: str) -> None:
 
 
 class QueryEmbedder:
-    """Embeds texts exactly as the job behind an embedding output did: the same checkpoint bytes,
-    tokenizer, ``max_length`` and dtype, and the job's own embedding task (its pooling and
-    normalisation), rebuilt from the job's config."""
+    """Embeds queries as the job behind an embedding output embedded its rows: the same checkpoint bytes,
+    tokenizer, ``max_length`` and dtype, and the job's own embedding chain rebuilt from its config, with
+    the query prompt instead of the document prompt: the checkpoint's ``query`` prompt (as
+    ``encode_query``), or ``prompt`` / ``prompt_name`` (one of the checkpoint's) when given. Vectors
+    are float32, before quantisation (binary outputs are searched by the sign of each dimension, then
+    rescored with the float query, as sentence-transformers does)."""
 
-    def __init__(self, output_path: str, storage: StorageConfig | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        output_path: str,
+        storage: StorageConfig | None = None,
+        device: str = "cpu",
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+    ):
         storage = storage or StorageConfig()
         metadata = open_output(output_path, storage).metadata
         job = job_config(output_path, storage)
@@ -70,19 +92,27 @@ class QueryEmbedder:
                 f"{metadata['model_revision']}: queries would land in another vector space. Restore that "
                 "checkpoint or re-run the embedding job"
             )
-        self.task = build(job, resolved)
-        self.tokenizer = actor_tokenizer(resolved)
-        self.model = load_model(resolved, self.task, device, model.dtype)
+        task = build(job, resolved)
+        self.tokenizer = actor_tokenizer(resolved, lowercase=task.chain.lowercase)
+        self.tokenizer.padding_side = "right"  # as the model actors pad (pooling reads the attention mask either way)
         self.max_length = resolved.max_length
+        if prompt_name is not None:
+            if prompt_name not in task.chain.prompts:
+                raise SearchError(f"prompt name {prompt_name!r} is not one of {metadata['model_path']}'s prompts: "
+                                  f"{sorted(task.chain.prompts) or 'it has none'}")
+            prompt = task.chain.prompts[prompt_name]
+        length = None if prompt is None else embedding.prompt_length(self.tokenizer, prompt, self.max_length)
+        self.chain = task.chain.for_queries(prompt, length)
+        self.model = load_model(resolved, task, device, model.dtype)
         self.device = device
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         """One float32 vector per text."""
         import torch
 
-        # As the pipeline: truncate to max_length, no token type ids for single texts, pads masked out.
+        # As the pipeline: the prompt in front, truncate to max_length, no token type ids, pads masked out.
         encoded = self.tokenizer(
-            texts,
+            [self.chain.prompt + text for text in texts],
             truncation=True,
             max_length=self.max_length,
             padding=True,
@@ -90,23 +120,30 @@ class QueryEmbedder:
             return_tensors="pt",
         ).to(self.device)
         with torch.inference_mode():
-            columns = self.task.head(self.model(**encoded), ModelBatch(dict(encoded)))
-        return columns[S.EMBEDDING]
+            outputs = self.model(**encoded)
+            return self.chain.embed(outputs.last_hidden_state, encoded["attention_mask"]).cpu().numpy()
 
 
 class Searcher:
     """Text search over one embedding output: its query embedder, its index (if built) and its input."""
 
-    def __init__(self, output_path: str, storage: StorageConfig | None = None):
+    def __init__(
+        self,
+        output_path: str,
+        storage: StorageConfig | None = None,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+    ):
         self.output_path, self.storage = output_path, storage
         self.job = job_config(output_path, storage)
-        self.embed = QueryEmbedder(output_path, storage)
+        self.embed = QueryEmbedder(output_path, storage, prompt=prompt, prompt_name=prompt_name)
         self.index_info: IndexInfo | None = load_info(output_path, storage)  # None: every search is exact
 
-    def search(self, query: str, k: int = 10, exact: bool = False) -> pa.Table:
+    def search(self, query: str, k: int = 10, exact: bool = False, rescore_multiplier: int = RESCORE_MULTIPLIER) -> pa.Table:
         """The ``k`` rows most similar to ``query``, best first: ``score``, the id columns and the input text."""
         check_query(query)
-        hits = search(self.output_path, self.embed([query]), k, exact=exact, storage=self.storage)
+        hits = search(self.output_path, self.embed([query]), k, exact=exact, storage=self.storage,
+                      rescore_multiplier=rescore_multiplier)
         texts = fetch_texts(self.job, hits, self.storage)
         return hits.drop_columns([QUERY]).append_column(self.job.input.text_column, pa.array(texts, pa.string()))
 

@@ -1,8 +1,9 @@
 """Stage 2, tokenize: CPU actors, each holding one Rust (``tokenizers``) tokenizer.
 
 Input: source blocks. Output: the same rows with ``_input_ids`` (unpadded, truncated to
-``max_length``), ``num_tokens``, ``truncated``, for pairs ``_token_type_ids``, and ``_offsets``
-when the task's ``Tokenization`` asks for them. Rejected rows pass through with null token
+``max_length``; with the task's prompt in front, which truncation keeps), ``num_tokens``,
+``truncated``, for pairs ``_token_type_ids``, and ``_offsets`` when the task's ``Tokenization``
+asks for them. Rejected rows pass through with null token
 columns. Text is dropped here unless the task's head needs it for spans (with the offsets).
 
 The driver builds the tokenizer (``stage_tokenizer``) from the checkpoint's Hugging Face tokenizer
@@ -27,15 +28,16 @@ from pipeline.progress import register
 from pipeline.tasks import Task
 
 
-def stage_tokenizer(model: ResolvedModel) -> Tokenizer:
-    """The checkpoint's Rust tokenizer, set up as its Hugging Face tokenizer sets it up for
-    ``tokenizer(texts, pairs, truncation=True, max_length=model.max_length)``: truncation longest-first
-    on the tokenizer's side, no padding. Runs on the driver; ``CheckpointError`` for a tokenizer class
-    that encodes in Python (its ``__call__`` would not be what the Rust tokenizer does)."""
+def stage_tokenizer(model: ResolvedModel, lowercase: bool = False) -> Tokenizer:
+    """The checkpoint's Rust tokenizer (``actor_tokenizer``: with ``lowercase``, lowercasing first), set up as
+    its Hugging Face tokenizer sets it up for ``tokenizer(texts, pairs, truncation=True,
+    max_length=model.max_length)``: truncation longest-first on the tokenizer's side, no padding. Runs on the
+    driver; ``CheckpointError`` for a tokenizer class that encodes in Python (its ``__call__`` would not be
+    what the Rust tokenizer does)."""
     from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    tokenizer = actor_tokenizer(model)
+    tokenizer = actor_tokenizer(model, lowercase)
     if type(tokenizer)._encode_plus is not TokenizersBackend._encode_plus:
         raise CheckpointError(
             f"{type(tokenizer).__name__} encodes text in Python on top of its Rust tokenizer; the pipeline runs "
@@ -69,6 +71,7 @@ class TokenizeWorker:
         self.tokenizer = tokenizer
         self.progress = progress
         register(progress, "tokenizer")
+        self.prompt = task.tokenization.prompt
         self.offsets = task.tokenization.offsets
         # Character offsets cost time to track; only tasks that return spans need them.
         self.encode = tokenizer.encode_batch if self.offsets else tokenizer.encode_batch_fast
@@ -79,6 +82,8 @@ class TokenizeWorker:
         valid = pc.is_null(batch[S.ERROR]).to_numpy(zero_copy_only=False)
         texts = batch[S.TEXT].filter(valid).to_pylist()
         pairs = batch[S.TEXT_PAIR].filter(valid).to_pylist() if S.TEXT_PAIR in batch.column_names else None
+        if self.prompt:
+            texts = [self.prompt + text for text in texts]
         encodings = self.encode(texts if pairs is None else list(zip(texts, pairs)))
         ids = [e.ids for e in encodings]
         lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import BertConfig
 
+from pipeline import read_output
 from pipeline import schema as S
 from pipeline.config import load_config
 from pipeline.infer import CPU_TOKEN_BUDGET, micro_batches, token_budget
@@ -84,7 +85,7 @@ def test_cuda_oom_splits_the_micro_batch_and_gives_identical_results(ray_session
             "faults": faults,
         }
         run_job(load_config(raw=raw))
-        return pq.read_table(tmp_path / name).sort_by("doc_id")
+        return read_output(str(tmp_path / name)).sort_by("doc_id")
 
     normal, split = run("normal"), run("split", oom_above_rows=3)  # every micro-batch > 3 rows "OOMs"
     assert split.num_rows == normal.num_rows == 200

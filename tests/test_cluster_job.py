@@ -24,6 +24,7 @@ from cluster import RAY, LocalCluster
 from conftest import forward, sentence
 from transformers import AutoModelForSequenceClassification
 
+from pipeline import read_output
 from pipeline import schema as S
 
 pytestmark = pytest.mark.cluster
@@ -115,7 +116,7 @@ def test_job_submitted_with_the_ray_cli_scores_every_row_on_both_nodes(
     assert len(nodes) == 1 + cluster.num_workers
     assert set(manifest["rows_by_node"]) == nodes, manifest["rows_by_node"]
 
-    table = pq.read_table(out)
+    table = read_output(str(out))
     assert table.num_rows == SHARDS * ROWS
     texts = {row["doc_id"]: row["text"] for row in pq.read_table(shards).to_pylist()}
     id2label = AutoModelForSequenceClassification.from_pretrained(model_dir).config.id2label

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import WORDS
 
+from pipeline import read_output
 from pipeline.config import load_config
 from pipeline.progress import StallError
 from pipeline.run import run_job
@@ -39,7 +40,7 @@ def config(shards, model, out, **sections):
 def test_a_crashed_model_actor_is_restarted_and_its_batch_retried(ray_session, tiny_models, shards, tmp_path):
     model = tiny_models["sequence-classification"]
     manifest = run_job(config(shards, model, tmp_path / "out", faults={"exit_after_calls": 2}))
-    table = pq.read_table(tmp_path / "out")
+    table = read_output(str(tmp_path / "out"))
     assert manifest["rows_in"] == manifest["rows_out"] == table.num_rows == 400
     assert len(table["doc_id"].unique()) == 400  # complete, no duplicates
     processes = manifest["rows_by_actor_process"]

@@ -209,3 +209,20 @@ def test_an_unreadable_shard_is_quarantined_and_left_pending(ray_session, job, c
     ids = published_ids(version) + rejected_ids(version)
     scored = [i for i in ids if i is not None]
     assert sorted(scored) == expected_ids(job["events"]) and len(scored) == len(set(scored)) == 60
+
+def test_a_date_scored_in_several_runs_applies_one_int8_calibration(ray_session, job, tiny_models):
+    """int8 ranges are fixed before a run from its own rows; a later run into the same version (a late
+    shard) applies the first run's ranges, so every part is on one scale and the output stays searchable."""
+    from pipeline.index import build_index
+
+    embed = ["--set", f"model.path={tiny_models['embedding']}", "--set", "model.task=embedding",
+             "--set", "output.embedding.precision=int8"]  # fmt: skip
+    write_shard(job["events"], "a", 20)
+    assert main(["--config", job["config"], "--date", DATE, *embed]) == 0
+    write_shard(job["events"], "b", 20, start=20)
+    assert main(["--config", job["config"], "--date", DATE, *embed]) == 0
+    [version] = version_dirs(job["scores"])
+    parts = [version / name for name in manifest_of(version)["files"]]
+    ranges = {json.dumps(json.loads(pq.read_schema(p).metadata[S.METADATA_KEY])["quantization_ranges"]) for p in parts}
+    assert len(parts) >= 2 and len(ranges) == 1 and None not in ranges
+    assert build_index(str(version)).rows == 38

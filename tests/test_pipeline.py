@@ -16,12 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import MAX_LENGTH, forward, sentence
+from conftest import forward, sentence
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+from pipeline import read_output
 from pipeline import schema as S
 from pipeline.config import load_config
-from pipeline.tasks.embedding import pool
+from pipeline.embedding import pool
 from pipeline.run import run_job
 
 
@@ -65,7 +66,7 @@ def jsonl_shards(tmp_path_factory) -> Path:
 def run(tmp_path: Path, **raw) -> tuple[dict, pa.Table]:
     raw.setdefault("output", {})["path"] = str(tmp_path / "out")
     manifest = run_job(load_config(raw=raw))
-    return manifest, pq.read_table(tmp_path / "out", schema=None)
+    return manifest, read_output(str(tmp_path / "out"))
 
 
 def read_rows(path: Path, column: str, pair: str | None = None) -> dict[str, tuple]:
@@ -116,7 +117,7 @@ def test_sequence_classification_matches_forward_pass(ray_session, tiny_models, 
         truncated += row[S.TRUNCATED]
     assert truncated == manifest["rows_truncated"] > 0
 
-    rejected = pq.read_table(tmp_path / "out" / S.REJECTED_DIR).to_pylist()
+    rejected = read_output(str(tmp_path / "out"), rejected=True).to_pylist()
     assert sorted(r["doc_id"] for r in rejected) == [f"doc-{s}-7" for s in range(5)]
     assert {r["reason"] for r in rejected} == {"empty_text"} and {r["source_row"] for r in rejected} == {7}
 
@@ -159,7 +160,8 @@ def test_embeddings_from_jsonl_match_forward_pass(ray_session, tiny_models, json
         name, line = row[S.GENERATED_ID].rsplit(":", 1)
         text = json.loads(lines[name][int(line) - 1])["text"]
         out, inputs = forward(model_dir, AutoModel, text)
-        expected = pool(out.last_hidden_state, inputs["attention_mask"], pooling, pooling == "mean")[0].numpy()
+        expected = pool(out.last_hidden_state, inputs["attention_mask"], pooling)
+        expected = (torch.nn.functional.normalize(expected, dim=-1) if pooling == "mean" else expected)[0].numpy()
         np.testing.assert_allclose(row[S.EMBEDDING], expected, atol=1e-4)
 
 

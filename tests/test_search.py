@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,6 @@ from pipeline.schema import INDEX_DIR
 from pipeline.index import INFO_FILE, QUERY, SearchError, build_index, load_info, open_output, search
 from pipeline.run import run_job
 from pipeline.search import QueryEmbedder, Searcher, fetch_texts, job_config
-from pipeline.tasks.embedding import Embedding
 
 K = 10
 RECALL_BAR = 0.95
@@ -65,9 +65,10 @@ def write_output(
 ) -> list[str]:
     """An embedding output as the pipeline commits it: id + stats + vectors in ``parts`` files with metadata,
     a manifest listing them, _SUCCESS."""
-    metadata = {"task": "embedding", "model_path": "synthetic", "model_revision": "0", "normalize": False}
-    task = Embedding(hidden_size=vectors.shape[1], pooling="mean", normalize=False, dtype=embedding_dtype)
-    schema = S.output_schema([pa.field(id_column, pa.string())], task.fields(), metadata)
+    metadata = {"task": "embedding", "model_path": "synthetic", "model_revision": "0", "normalize": False,
+                "precision": embedding_dtype}
+    field = pa.field(S.EMBEDDING, S.vector(vectors.shape[1], pa.from_numpy_dtype(np.dtype(embedding_dtype))))
+    schema = S.output_schema([pa.field(id_column, pa.string())], [field], metadata)
     ids = [f"doc-{i:05d}" for i in range(len(vectors))]
     root.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -260,7 +261,7 @@ def test_query_embedder_reproduces_the_pipeline_vectors(tiny_output):
     texts = fetch_texts(job_config(str(tiny_output)), output.select(["doc_id"]))
     embed = QueryEmbedder(str(tiny_output))
 
-    assert (embed.task.pooling, embed.task.normalize, embed.max_length) == ("cls", False, 16)
+    assert (embed.chain.pooling, embed.chain.normalize, embed.max_length) == (("cls",), False, 16)
     stored = np.stack(output[S.EMBEDDING].to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(embed(texts), stored, atol=1e-5)
 
@@ -277,6 +278,18 @@ def test_query_embedder_refuses_a_changed_checkpoint(tmp_path, tiny_output):
         pq.write_table(table.replace_schema_metadata({S.METADATA_KEY: json.dumps(stale)}), changed / part.name)
     with pytest.raises(SearchError, match="another vector space"):
         QueryEmbedder(str(changed))
+
+
+def test_an_output_of_an_older_config_is_refused_with_one_line(tmp_path, tiny_output, capsys):
+    """Outputs written before output.embedding.dtype became precision: a clear line, not a traceback."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_output, old)
+    manifest = json.loads((old / S.MANIFEST).read_text())
+    manifest["config"]["output"]["embedding"]["dtype"] = "float32"
+    (old / S.MANIFEST).write_text(json.dumps(manifest))
+    assert search_job.main(["--embeddings", str(old), "--query", "goal"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read (output.embedding" in err and "re-run its embedding job" in err and "Traceback" not in err
 
 
 # ---- the real model on a stratified BBC subset --------------------------------------------------------

@@ -6,14 +6,19 @@ declares what the stages need from it; its instance computes its head and output
 
 - ``inputs``: the input columns it reads (``input.text_column`` always; ``input.text_pair_column``
   forbidden, optional or required). Config validation enforces it;
-- ``tokenization``: what the tokenize stage must produce beyond input ids (offsets and text);
+- ``tokenization``: what the tokenize stage does beyond truncated input ids (a prompt, lowercasing,
+  offsets and text);
 - ``auto_model``, ``head_suffix``, ``optional_weights``: the ``transformers`` Auto class the model
   actors load, the architecture suffix a checkpoint needs to have the trained head (checked
   before anything starts), and the weights it may lack without running random layers;
 - ``head``: model outputs of one micro-batch -> output columns, reduced on the device so only
   the columns leave it (``pipeline.infer`` calls it under ``torch.inference_mode()``);
 - ``fields`` and ``metadata``: its output columns (Arrow types; ``pipeline.schema`` assembles
-  the file schema from them) and its entries in the file-level metadata;
+  the file schema from them) and its entries in the file-level metadata; ``describe``: its lines
+  in ``--dry-run``'s plan;
+- ``calibration``, ``calibrated`` and ``calibrated_like``: constants the head needs from the data as a
+  whole (int8 ranges), measured on a sample before the distributed run so that every actor applies
+  the same, or taken from an earlier run into the same output;
 - ``evaluates``: the output column compared with ``eval.label_column``, if the task has one.
 
 Task modules import no torch at module level (heads use tensor methods): configs, read and
@@ -45,14 +50,18 @@ class Inputs:
 
     pair: Literal["forbidden", "optional", "required"] = "optional"  # input.text_pair_column
     pair_role: str = "the second text"  # what the pair is to this task, for messages (e.g. "the document")
+    prompt: bool = False  # takes input.prompt / input.prompt_name
 
 
 @dataclass(frozen=True)
 class Tokenization:
     """What the tokenize stage produces for a task besides (truncated, unpadded) input ids."""
 
+    prompt: str = ""  # prepended to every text before tokenizing, so truncation keeps it; counted in num_tokens
+    lowercase: bool = False  # lowercase in front of the tokenizer's own normalizer (sentence-transformers' do_lower_case)
     # Each token's (start, end) character span in the text, (-1, -1) for special tokens, and the
     # text itself, so the head can return spans of the original text (ModelBatch.offsets/texts).
+    # Spans index the text as tokenized: not with a prompt.
     offsets: bool = False
 
 
@@ -109,3 +118,22 @@ class Task(ABC):
     def metadata(self) -> dict[str, Any]:
         """Entries this task adds to the output's file-level metadata (JSON values)."""
         return {}
+
+    def describe(self) -> list[str]:
+        """Lines ``--dry-run`` prints under the task's name: by default its metadata entries."""
+        return [f"{key} {value}" for key, value in self.metadata().items()]
+
+    def calibration(self) -> tuple[int, Task] | None:
+        """``(rows, probe)`` when the head needs constants measured on the data (e.g. int8 ranges): before
+        the distributed run, the run scores up to ``rows`` rows of the input with ``probe`` and passes
+        the probe's columns to ``calibrated``. None (the default): nothing to measure."""
+        return None
+
+    def calibrated(self, outputs: Columns) -> Task:
+        """This task with the constants measured on ``outputs``, the probe's columns for the sample rows."""
+        raise NotImplementedError(f"{self.name} has no calibration")
+
+    def calibrated_like(self, metadata: dict[str, Any]) -> Task:
+        """This task with the constants an earlier run recorded in its ``metadata``, so that every run
+        writing into one output applies the same (a nightly date scored in several runs). Default: itself."""
+        return self
