@@ -110,8 +110,8 @@ def test_process_usage_attributes_cpu_and_memory_to_the_tree():
     import subprocess
     import sys
 
-    # Burns 0.6 CPU seconds, then idles past two sampling intervals, so the sampler sees all of it.
-    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(0.6)"
+    # Burns 0.6 CPU seconds, then idles for four sampling intervals, so the sampler sees all of it.
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(1.0)"
     # As Ray retitles an actor's process once the actor is gone: its CPU seconds stay the stage's.
     retitled = burn.replace("import time", "import time, ray._raylet").replace("time.sleep", "ray._raylet.setproctitle('ray::IDLE'); time.sleep")
     hold = "import time\nblock = bytearray(300 << 20)\nblock[::4096] = b'x' * len(block[::4096])\ntime.sleep(1.5)"
