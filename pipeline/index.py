@@ -108,6 +108,14 @@ class EmbeddingOutput:
     dim: int  # dimensions of the vectors (binary: bits, 8 per stored byte)
     width: int  # values per stored vector
     metadata: dict[str, Any]
+    rows: int  # rows in the parts, as the manifest lists them
+
+    @property
+    def documents(self) -> list[str] | None:
+        """Chunk rows (``input.long_text: chunk``): the id columns naming a chunk's document; else None."""
+        if self.metadata.get("long_text") != "chunk":
+            return None
+        return [c for c in self.id_columns if c not in {f.name for f in S.chunk_fields(text=True)}]
 
     @property
     def precision(self) -> str:
@@ -156,27 +164,99 @@ def _faiss():
     return faiss
 
 
-def open_output(output_path: str, storage: StorageConfig | None = None) -> EmbeddingOutput:
-    """The finished embedding output at ``output_path``, as its manifest lists it; ``SearchError`` for anything else."""
+def _committed(output_path: str, storage: StorageConfig | None, task: str | None = None) -> tuple[Any, pa.Schema, dict[str, Any]]:
+    """(the committed output at ``output_path``, its first part's schema, its metadata); ``SearchError`` when
+    there is none, or when ``task`` is given and the output holds another task's."""
     try:
         committed = committed_output(output_path, storage)
     except OutputError as e:
         raise SearchError(f"{e}; run the embedding job first") from None
-    fs, root, parts = committed.fs, committed.root, committed.files
-    if not parts:
+    if not committed.files:
         raise SearchError(f"{output_path} holds no part files: every input row was rejected")
-    with fs.open(join(root, parts[0]), "rb") as f:
+    with committed.fs.open(join(committed.root, committed.files[0]), "rb") as f:
         schema = pq.read_schema(f)
     metadata = _metadata(schema)
-    if metadata.get("task") != "embedding":
+    if task is not None and metadata.get("task") != task:
         raise SearchError(
-            f"{output_path} holds {metadata.get('task', 'unknown')} output, not embeddings: "
-            "search needs a job run with model.task: embedding"
+            f"{output_path} holds {metadata.get('task', 'unknown')} output, not embeddings: search needs a job run "
+            "with model.task: embedding or sparse-embedding"
         )
+    return committed, schema, metadata
+
+
+def output_task(output_path: str, storage: StorageConfig | None = None) -> str:
+    """The task that wrote the finished output at ``output_path`` (its file-level metadata)."""
+    return str(_committed(output_path, storage)[2].get("task", "unknown"))
+
+
+def open_output(output_path: str, storage: StorageConfig | None = None) -> EmbeddingOutput:
+    """The finished embedding output at ``output_path``, as its manifest lists it; ``SearchError`` for anything else."""
+    committed, schema, metadata = _committed(output_path, storage, "embedding")
     names = schema.names
     width = schema.field(S.EMBEDDING).type.list_size
     dim = metadata.get("dimensions", width)
-    return EmbeddingOutput(fs, root, parts, names[: names.index(S.NUM_TOKENS)], dim, width, metadata)
+    ids = names[: names.index(S.NUM_TOKENS)]
+    if metadata.get("long_text") == "chunk":  # a hit names its chunk and the characters it quotes
+        ids += [f.name for f in S.chunk_fields(text=False)]
+    rows = sum(committed.manifest["files"].values())
+    return EmbeddingOutput(committed.fs, committed.root, committed.files, ids, dim, width, metadata, rows)
+
+
+@dataclass(frozen=True)
+class SparseOutput:
+    """A finished sparse-embedding output: its parts in row order, id columns and vocabulary size."""
+
+    fs: fsspec.AbstractFileSystem
+    root: str
+    parts: list[str]
+    id_columns: list[str]
+    vocab_size: int
+    metadata: dict[str, Any]
+
+    def read(self) -> Iterator[tuple[pa.Table, Any]]:
+        """``(id columns, vectors)`` of each part, in order: the vectors as a ``scipy.sparse`` CSR matrix
+        (rows x vocabulary), so that ``queries @ vectors.T`` is the dot product of every pair."""
+        from scipy import sparse
+
+        for name in self.parts:
+            with self.fs.open(join(self.root, name), "rb") as f:
+                table = pq.read_table(f, columns=[*self.id_columns, S.SPARSE_EMBEDDING])
+            column = table[S.SPARSE_EMBEDDING].combine_chunks()
+            entries = column.flatten()
+            indptr = column.offsets.to_numpy()
+            indptr = indptr - indptr[0]
+            matrix = sparse.csr_matrix(
+                (entries.field("value").to_numpy(), entries.field("index").to_numpy(), indptr),
+                shape=(table.num_rows, self.vocab_size),
+            )
+            yield table.select(self.id_columns).replace_schema_metadata(), matrix
+
+
+def open_sparse_output(output_path: str, storage: StorageConfig | None = None) -> SparseOutput:
+    """The finished sparse-embedding output at ``output_path``; ``SearchError`` for anything else."""
+    committed, schema, metadata = _committed(output_path, storage, "sparse-embedding")
+    names = schema.names
+    return SparseOutput(committed.fs, committed.root, committed.files, names[: names.index(S.NUM_TOKENS)],
+                        int(metadata["vocab_size"]), metadata)
+
+
+def sparse_search(output_path: str, queries: np.ndarray, k: int = 10, storage: StorageConfig | None = None) -> pa.Table:
+    """The ``k`` rows of a sparse-embedding output with the largest dot product with each query vector
+    (dense float32, queries x vocabulary), best first: exact, one part at a time (a scan; no index).
+    Columns as ``search``'s, ``score`` being the dot product (sentence-transformers' SparseEncoder similarity)."""
+    output = _searchable(open_sparse_output, output_path, storage, k)
+    return _exact_search(output, np.asarray(queries, dtype=np.float32), k)
+
+
+def _searchable(opener, output_path: str, storage: StorageConfig | None, k: int):
+    """``opener(output_path, storage)``, refused (``SearchError``) for ``k`` < 1 or id columns named like hit columns."""
+    if k < 1:
+        raise SearchError(f"k must be at least 1, got {k}")
+    output = opener(output_path, storage)
+    clashes = sorted({QUERY, S.SCORE} & set(output.id_columns))
+    if clashes:
+        raise SearchError(f"id column(s) {clashes} of {output_path} clash with the hits' own columns; rename them")
+    return output
 
 
 def build_index(output_path: str, storage: StorageConfig | None = None) -> IndexInfo:
@@ -238,24 +318,47 @@ def search(
     """The ``k`` rows most similar to each float query vector, best first.
 
     Columns: ``query`` (position in ``queries``), ``score`` (cosine similarity), then the output's id
-    columns. Uses ``_index/`` unless ``exact`` is set, there is none, or ``k`` exceeds ``MAX_INDEX_K``
+    columns. Over chunk rows (``input.long_text: chunk``): the ``k`` documents with the most similar chunks,
+    each with its best chunk (``chunk_index``, ``num_chunks``, ``char_start``, ``char_end``). Uses ``_index/`` unless ``exact`` is set, there is none, or ``k`` exceeds ``MAX_INDEX_K``
     (the beam would have to be as wide as ``k``); then every row is scored. ``k`` larger than the
     number of rows returns every row. Binary outputs: see the module docstring (``rescore_multiplier``).
     Raises ``SearchError`` when the index is stale (the output's parts changed since it was built)
     or ``k`` is below 1.
     """
-    if k < 1:
-        raise SearchError(f"k must be at least 1, got {k}")
-    output = open_output(output_path, storage)
-    clashes = sorted({QUERY, S.SCORE} & set(output.id_columns))
-    if clashes:
-        raise SearchError(f"id column(s) {clashes} of {output_path} clash with the hits' own columns; rename them")
+    output = _searchable(open_output, output_path, storage, k)
     queries = _normalized(queries)
     if queries.shape[1] != output.dim:
         raise SearchError(f"query vectors have {queries.shape[1]} dimensions, the embeddings {output.dim}")
     if rescore_multiplier < 0:
         raise SearchError(f"rescore_multiplier must be 0 (no rescoring) or more, got {rescore_multiplier}")
     info = None if exact else load_info(output_path, storage)
+    if output.documents is None:
+        return _search(output, queries, k, info, rescore_multiplier)
+    # Chunk rows: the best chunk of each document, deduplicated by document. Fetch more chunks until k
+    # documents are found or every chunk was scored.
+    fetch = k
+    while True:
+        fetch = min(fetch * 4, output.rows)
+        hits = _best_per_document(_search(output, queries, fetch, info, rescore_multiplier), output.documents)
+        query = hits[QUERY].to_numpy()
+        if fetch >= output.rows or np.bincount(query, minlength=len(queries)).min() >= k:
+            rank = np.arange(len(query)) - np.searchsorted(query, query)
+            return hits.filter(pa.array(rank < k))
+
+
+def _best_per_document(hits: pa.Table, documents: list[str]) -> pa.Table:
+    """Of each query's hits (best first), the first of each document."""
+    hits = hits.sort_by([(QUERY, "ascending"), (S.SCORE, "descending")])
+    seen, keep = set(), []
+    for row in hits.select([QUERY, *documents]).to_pylist():
+        key = tuple(row.values())
+        keep.append(key not in seen)
+        seen.add(key)
+    return hits.filter(pa.array(keep, pa.bool_()))
+
+
+def _search(output: EmbeddingOutput, queries: np.ndarray, k: int, info: IndexInfo | None, rescore_multiplier: int) -> pa.Table:
+    """The ``k`` rows most similar to each query (see ``search``)."""
     if output.binary:
         return _binary_search(output, queries, k, rescore_multiplier, None if info is None else _check_fresh(output, info))
     if info is None or min(k, info.rows) > MAX_INDEX_K:
@@ -327,11 +430,11 @@ def _set_params(index, params: dict[str, int]) -> None:
         space.set_index_parameter(index, name, value)
 
 
-def _exact_search(output: EmbeddingOutput, queries: np.ndarray, k: int) -> pa.Table:
+def _exact_search(output: EmbeddingOutput | SparseOutput, queries: np.ndarray, k: int) -> pa.Table:
     """Brute force, one part at a time: each part's top ``k`` per query, then the best ``k`` of those."""
     candidates = []
     for ids, vectors in output.read():
-        scores = queries @ vectors.T
+        scores = np.asarray(queries @ vectors.T)
         top = np.argpartition(-scores, min(k, len(ids)) - 1, axis=1)[:, :k]
         candidates.append(_hits(ids, top, np.take_along_axis(scores, top, axis=1)))
     hits = pa.concat_tables(candidates).sort_by([(QUERY, "ascending"), (S.SCORE, "descending")])

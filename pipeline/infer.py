@@ -1,11 +1,13 @@
 """Stage 3, infer: actors that each hold exactly one ``AutoModelFor*``.
 
-Per call (``inference.batch_size`` rows) an actor sorts the valid rows by length, cuts
+Per call (``inference.batch_size`` rows) an actor takes the valid rows' model sequences (one per
+row unless the task makes several: ``pipeline.tasks.base``), sorts them by length, cuts
 them into micro-batches that fit ``inference.max_tokens_per_batch`` (rows x padded
 length) and waste little padding (``inference.min_padding_efficiency``), pads each
 only to its own longest row, runs the model under
 ``torch.inference_mode()``, turns outputs into the task's columns with its head (reduced on the
-device) and restores the original row order. Only output columns leave the actor, never hidden
+device), restores the original order and lets the task reduce each row's sequences to its output
+rows (``Task.reduce``). Only output columns leave the actor, never hidden
 states. On CUDA OOM a micro-batch is split in two and retried.
 """
 
@@ -25,9 +27,9 @@ from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, load_model
 from pipeline.config import FaultConfig, InferenceConfig
 from pipeline.progress import register
-from pipeline.tasks import Columns, ModelBatch, Task
+from pipeline.tasks import Columns, ModelBatch, Task, Windows
 
-CONSUMED = (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS, S.TEXT)
+CONSUMED = (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS, S.SPANS, S.TEXT, S.TEXT_PAIR)
 
 
 def micro_batches(sorted_lengths: np.ndarray, max_tokens: int, min_efficiency: float) -> Iterator[slice]:
@@ -86,12 +88,19 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-def ragged_rows(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(flat values, offsets) of a list column, so row ``i`` is ``flat[offsets[i]:offsets[i + 1]]`` (no copies for
-    a single chunk)."""
-    array = column.combine_chunks()
+def ragged_rows(array: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """(flat values, offsets) of a list array, so row ``i`` is ``flat[offsets[i]:offsets[i + 1]]``."""
     offsets = array.offsets.to_numpy()
     return array.values.to_numpy(zero_copy_only=False), offsets
+
+
+def sequences(batch: pa.Table) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The model sequences of a call's rows (``Task.encode``): the row each belongs to, and each per-sequence
+    column as ``ragged_rows``, indexed by sequence. Rejected rows have none."""
+    per_row = pc.fill_null(pc.list_value_length(batch[S.INPUT_IDS]), 0).to_numpy()
+    row_of = np.repeat(np.arange(batch.num_rows), per_row)
+    names = (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS, S.SPANS)
+    return row_of, {c: ragged_rows(batch[c].combine_chunks().flatten()) for c in names if c in batch.column_names}
 
 
 def padded_positions(offsets: np.ndarray, picked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -106,13 +115,14 @@ def padded_positions(offsets: np.ndarray, picked: np.ndarray) -> tuple[np.ndarra
 
 
 class CallOutputs:
-    """The output columns of one model call, filled micro-batch by micro-batch at the rows' positions in it."""
+    """The head's columns for the sequences of one model call, filled micro-batch by micro-batch at the
+    sequences' positions in the call (``columns``: what ``Task.reduce`` takes)."""
 
     def __init__(self, rows: int):
         self.rows, self.columns = rows, {}
 
     def put(self, picked: np.ndarray, columns: Columns) -> None:
-        """The head's ``columns`` for the call's rows ``picked`` (in that order)."""
+        """The head's ``columns`` for the call's sequences ``picked`` (in that order)."""
         for name, values in columns.items():
             full = self.columns.get(name)
             if full is None:
@@ -124,17 +134,22 @@ class CallOutputs:
                 for row, value in zip(picked.tolist(), values):
                     full[row] = value
 
-    def to_arrow(self, field: pa.Field, valid: np.ndarray) -> pa.Array:
-        """``field``'s column for every row of the call, null where ``valid`` is false."""
-        full, mask = self.columns.get(field.name), pa.array(~valid)
-        if full is None:  # no valid row in this call
-            return pa.nulls(self.rows, field.type)
-        if isinstance(field.type, pa.FixedSizeListType):
-            flat = full.astype(field.type.value_type.to_pandas_dtype(), copy=False).reshape(-1)
-            return pa.FixedSizeListArray.from_arrays(pa.array(flat), field.type.list_size, mask=mask)
-        if isinstance(full, np.ndarray):
-            return pa.array(full, type=field.type, mask=~valid)
-        return pa.array(full, type=field.type)
+
+def to_arrow(values, valid: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    """Column for all rows of a call from values for its valid rows (nulls elsewhere)."""
+    n, mask = len(valid), pa.array(~valid)
+    if isinstance(dtype, pa.FixedSizeListType):
+        full = np.zeros((n, dtype.list_size), dtype=dtype.value_type.to_pandas_dtype())
+        full[valid] = values
+        return pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), dtype.list_size, mask=mask)
+    if isinstance(values, np.ndarray):
+        full = np.zeros(n, dtype=values.dtype)
+        full[valid] = values
+        return pa.array(full, type=dtype, mask=~valid)
+    full = [None] * n
+    for i, v in zip(np.flatnonzero(valid), values):
+        full[i] = v
+    return pa.array(full, type=dtype)
 
 
 class ConstantModel(torch.nn.Module):
@@ -223,28 +238,44 @@ class InferWorker:
         started = time.perf_counter()
         n = batch.num_rows
         valid = pc.is_null(batch[S.ERROR]).to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(valid)
-        columns = {c: ragged_rows(batch[c]) for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS) if c in batch.column_names}
+        # The micro-batcher's rows are the valid rows' model sequences (one per row unless the task makes more).
+        row_of, columns = sequences(batch)
         offsets = columns[S.INPUT_IDS][1]
-        lengths = (offsets[1:] - offsets[:-1])[rows].astype(np.int64)
-        texts = batch[S.TEXT].to_pylist() if S.TEXT in batch.column_names else None
-        order = np.argsort(-lengths, kind="stable")  # positions into `rows`, longest first
-        parts = [rows[order[part]] for part in micro_batches(lengths[order], self.max_tokens, self.min_efficiency)]
+        lengths = (offsets[1:] - offsets[:-1]).astype(np.int64)
+        kept = next((c for c in (S.TEXT, S.TEXT_PAIR) if c in batch.column_names), None)  # Tokenization.span_text
+        texts = batch[kept].to_pylist() if kept else None
+        texts = [texts[r] for r in row_of] if kept else None
+        order = np.argsort(-lengths, kind="stable")  # sequences, longest first
+        parts = [order[part] for part in micro_batches(lengths[order], self.max_tokens, self.min_efficiency)]
 
-        outputs = CallOutputs(n)
-        padded = np.zeros(n, dtype=np.int32)
+        outputs = CallOutputs(len(lengths))
+        padded = np.zeros(len(lengths), dtype=np.int64)
         for picked, columns_out in zip(parts, self._forward_all(columns, texts, parts)):
             outputs.put(picked, columns_out)
-            width = offsets[picked + 1] - offsets[picked]
-            padded[picked] = width.max()
+            padded[picked] = lengths[picked].max()
 
-        batch = batch.drop_columns([c for c in CONSUMED if c in batch.column_names])
+        spans = None
+        if S.SPANS in columns:
+            flat, bounds = columns[S.SPANS]
+            spans = flat[bounds[0] : bounds[-1]].reshape(-1, 2)
+        first, columns_out = self.task.reduce(outputs.columns, Windows(row_of, lengths, spans, texts)) if len(row_of) else ([], {})
+        first = np.asarray(first, dtype=np.int64)
+        # Each rejected row stays one row; each valid row becomes its output rows, in place.
+        per_row = np.bincount(row_of[first], minlength=n)
+        per_row[~valid] = 1
+        taken = np.repeat(np.arange(n), per_row)
+        valid = valid[taken]
+        batch = batch.drop_columns([c for c in CONSUMED if c in batch.column_names]).take(pa.array(taken))
         for field in self.fields:
-            batch = batch.append_column(field.name, outputs.to_arrow(field, valid))
-        batch = batch.append_column(S.PADDED_TOKENS, pa.array(padded, mask=~valid))
-        batch = batch.append_column(S.NODE, pa.repeat(pa.scalar(self.node, pa.string()), n))
+            if field.name in columns_out:
+                batch = batch.append_column(field.name, to_arrow(columns_out[field.name], valid, field.type))
+        for name, per_sequence in ((S.NUM_TOKENS, lengths), (S.PADDED_TOKENS, padded)):
+            summed = np.add.reduceat(per_sequence, first) if len(first) else np.zeros(0, dtype=np.int64)
+            batch = batch.append_column(name, to_arrow(summed.astype(np.int32), valid, pa.int32()))
+        rows = batch.num_rows
+        batch = batch.append_column(S.NODE, pa.repeat(pa.scalar(self.node, pa.string()), rows))
         self.progress.beat.remote("infer", n, time.perf_counter() - started)
-        return batch.append_column(S.ACTOR, pa.repeat(pa.scalar(self.process, pa.string()), n))
+        return batch.append_column(S.ACTOR, pa.repeat(pa.scalar(self.process, pa.string()), rows))
 
     def _forward_all(self, columns: dict, texts: list | None, parts: list[np.ndarray]) -> Iterator[Columns]:
         """Head outputs per micro-batch. While the device runs one micro-batch (CUDA kernels are

@@ -11,7 +11,8 @@ Layout under ``output.path``::
 
 The manifest of a version lists its files like any output, and adds ``shards`` (input shard ->
 size, ETag/mtime, the run that committed it) and ``runs`` (run -> its statistics and files);
-``rows_in``/``rows_out``/``rows_rejected``/``rejected_by_reason`` are totals over the runs.
+``rows_in``/``rows_out``/``rows_rejected``/``rejected_by_reason`` (and, for chunk rows, ``documents_out`` and
+``chunks_out``) are totals over the runs.
 
 A run takes the date's lease, finishes a commit a killed run left half done, scores only the shards
 the ledger does not list (keeping the rows a killed run of the same version receipted, see
@@ -35,6 +36,7 @@ from pipeline.run import Plan, execute, plan
 from pipeline.storage import join
 
 TOTALS = ("rows_in", "rows_out", "rows_rejected")
+CHUNKED = ("documents_out", "chunks_out")  # in the runs of a chunking task (``Task.chunked``)
 SHARED = ("version", "model", "config", "pools")  # the same for every run of a version, kept once
 
 
@@ -87,7 +89,7 @@ def with_run(previous: dict | None, run_id: str, run: dict, receipts: list[Recei
     entry["files"] = sorted(f for r in receipts for f in r.files)
     runs = {**(previous or {}).get("runs", {}), run_id: entry}
     reasons = sum((Counter(r["rejected_by_reason"]) for r in runs.values()), Counter())
-    totals = {k: sum(r[k] for r in runs.values()) for k in TOTALS}
+    totals = {k: sum(r[k] for r in runs.values()) for k in (*TOTALS, *CHUNKED) if k in run}
     return {**{k: run[k] for k in SHARED}, **totals, "rejected_by_reason": dict(reasons), "shards": ledger, "runs": runs}
 
 
@@ -107,7 +109,7 @@ def score_date(cfg: JobConfig, date: str, log=print) -> dict:
             log(f"dt={date}: already complete ({len(ledger)} shards, {version}); nothing to do")
             return {"date": date, "version": version, "status": "complete", "new_shards": 0}
         log(f"dt={date}: scoring {len(pending)} new shard(s) of {total} as run {writer.run_id} ({version})")
-        resume = writer.resume(job.identity(), {s: sig["size"] for s, (_, sig) in pending.items()})
+        resume = writer.resume(job.identity(), {s: sig["size"] for s, (_, sig) in pending.items()}, keep=job.task.group_by is None)
         shards = replace(job.shards, files=[path for path, _ in pending.values()])
         run, receipts = execute(job, shards, writer, resume)
         # A shard quarantined as unreadable is not scored: it stays pending, and the next run tries it again.
@@ -115,7 +117,9 @@ def score_date(cfg: JobConfig, date: str, log=print) -> dict:
         signatures = {s: sig for s, (_, sig) in pending.items() if s not in unreadable}
         manifest = writer.commit(with_run(writer.manifest, writer.run_id, run, receipts, signatures), receipts, replace=False)
     log(
-        f"dt={date}: committed run {writer.run_id}: {run['rows_out']} rows out, {run['rows_rejected']} rejected "
+        f"dt={date}: committed run {writer.run_id}: {run['rows_out']} rows out"
+        + (f" ({run['chunks_out']} chunks)" if "chunks_out" in run else "")
+        + f", {run['rows_rejected']} rejected "
         f"({run['rows_resumed']} kept from a killed run, {run['rows_scored']} scored)"
     )
     if unreadable:

@@ -191,7 +191,7 @@ def plan(
     check_access(cfg.input.path, cfg.storage)
     check_access(cfg.output.path, cfg.storage, write=True)
     fs, in_path = filesystem(cfg.input.path, cfg.storage)
-    passthrough = list(dict.fromkeys([*cfg.input.id_columns, *filter(None, [cfg.eval.label_column])]))
+    passthrough = list(dict.fromkeys([*cfg.input.id_columns, *filter(None, [cfg.eval.label_column, cfg.input.group_column])]))
     shards = discover(cfg.input, fs, in_path, passthrough)
     passthrough_schema, footer_rows, unreadable = check_schema(shards, cfg.input)
     model = resolve(cfg.model, cfg.storage, cfg.tokenize.path)
@@ -304,7 +304,8 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
     with Writer(cfg.output.path, cfg) as writer:
         if cfg.output.mode == "error" and writer.manifest is not None:  # committed since the plan looked
             raise OutputError(f"output.path {cfg.output.path} already holds run {writer.manifest['run']}: set output.mode: overwrite")
-        resume = writer.resume(job.identity(), {shards.relative(f): shards.sizes[f] for f in shards.files})
+        sizes = {shards.relative(f): shards.sizes[f] for f in shards.files}
+        resume = writer.resume(job.identity(), sizes, keep=job.task.group_by is None)
         manifest, receipts = execute(job, shards, writer, resume)
         return writer.commit(manifest, receipts, replace=True)
 
@@ -344,6 +345,7 @@ def execute(job: Plan, shards: Shards, writer: Writer, resume: Resume) -> tuple[
         "rows_in": scan.rows,
         "rows_out": stats.rows_out,
         "rows_rejected": stats.rows_rejected,
+        **({"documents_out": stats.rows_out, "chunks_out": stats.chunks_out} if job.task.chunked else {}),
         "rows_resumed": resume.rows,
         "rows_scored": rows_scored,
         "rejected_by_reason": dict(stats.rejected_by_reason),
@@ -432,14 +434,16 @@ def model_stages(ds, job: Plan, progress):
     """``ds`` (source rows) through the tokenize and model actor pools of ``job``: the task's columns."""
     import ray
 
+    from pipeline.checkpoint import actor_tokenizer
     from pipeline.infer import InferWorker
-    from pipeline.tokenize import TokenizeWorker, stage_tokenizer
+    from pipeline.tokenize import TokenizeWorker
 
     cfg, pools = job.cfg, job.pools
     ds = ds.map_batches(
         TokenizeWorker,
         fn_constructor_kwargs={
-            "tokenizer": stage_tokenizer(job.model, job.task.tokenization.lowercase),
+            "tokenizer": actor_tokenizer(job.model, job.task.tokenization.lowercase),
+            "model": job.model,
             "task": job.task,
             "progress": progress,
         },
@@ -448,7 +452,7 @@ def model_stages(ds, job: Plan, progress):
         num_cpus=pools.tokenize_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=pools.tokenize[0], max_size=pools.tokenize[1]),
     )
-    return ds.map_batches(
+    ds = ds.map_batches(
         InferWorker,
         fn_constructor_kwargs={
             "model": job.model,
@@ -465,6 +469,10 @@ def model_stages(ds, job: Plan, progress):
         num_gpus=pools.infer_gpus,
         compute=ray.data.ActorPoolStrategy(min_size=pools.infer[0], max_size=pools.infer[1]),
     )
+    if job.task.group_by is None:
+        return ds
+    # Columns over whole groups (a rank): every scored row of a group in one call, wherever it was scored.
+    return ds.groupby(job.task.group_by).map_groups(job.task.finish_group, batch_format="pyarrow", num_cpus=READ_CPUS)
 
 
 CALIBRATION_SHARDS = 16  # a calibration sample takes the first rows of this many shards, spread over the input

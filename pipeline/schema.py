@@ -19,9 +19,11 @@ ERROR = "_error"  # per-row rejection reason (a Reason value) or null
 ERROR_DETAIL = "_error_detail"  # human-readable detail for the rejection
 TEXT = "_text"  # validated text (null for rejected rows)
 TEXT_PAIR = "_text_pair"
-INPUT_IDS = "_input_ids"  # list<int32>, unpadded
-TOKEN_TYPE_IDS = "_token_type_ids"  # list<int8>, only for pair inputs
-OFFSETS = "_offsets"  # list<int32>: flattened (start, end) per token, (-1, -1) for special tokens
+# Model sequences of a row (pipeline.tasks.base: multi-sequence rows), each column a list per sequence:
+INPUT_IDS = "_input_ids"  # list<list<int32>>, unpadded
+TOKEN_TYPE_IDS = "_token_type_ids"  # list<list<int8>>, only for pair inputs
+OFFSETS = "_offsets"  # list<list<int32>>: flattened (start, end) per token, (-1, -1) for special tokens
+SPANS = "_spans"  # list<list<int32>>: (start, end) characters of the row's text the sequence covers
 PADDED_TOKENS = "_padded_tokens"  # padded length of the micro-batch the row ran in
 NODE = "_node"  # Ray node id of the model actor that scored the row
 ACTOR = "_actor"  # "<actor id>:<pid>" of that model actor; a restarted actor shows a new pid
@@ -39,6 +41,15 @@ CLS_EMBEDDING = "cls_embedding"
 EMBEDDING = "embedding"
 TOKEN_LABELS = "token_labels"
 ENTITIES = "entities"
+RANK = "rank"  # rerank: int32 rank within the row's input.group_column group, 1 = best
+SPARSE_EMBEDDING = "sparse_embedding"
+# input.long_text: chunk: one row per chunk of a text, with its document's id columns
+CHUNK_INDEX = "chunk_index"  # int32: 0, 1, ... within the document
+NUM_CHUNKS = "num_chunks"  # int32: chunks of the document
+CHAR_START = "char_start"  # int32: the chunk is text[char_start:char_end] of the original text
+CHAR_END = "char_end"
+CHUNK_TEXT = "chunk_text"  # with output.chunk_text
+CHUNK = "chunk"  # pipeline.search: the best chunk's text, quoted from its document
 
 
 class Reason(StrEnum):
@@ -59,6 +70,12 @@ class Reason(StrEnum):
 
 def vector(dim: int, dtype: pa.DataType = pa.float32()) -> pa.DataType:
     return pa.list_(dtype, dim)
+
+
+def chunk_fields(text: bool) -> list[pa.Field]:
+    """The columns that place a chunk row in its document (in front of the task's own)."""
+    fields = [pa.field(name, pa.int32()) for name in (CHUNK_INDEX, NUM_CHUNKS, CHAR_START, CHAR_END)]
+    return [*fields, pa.field(CHUNK_TEXT, pa.string())] if text else fields
 
 
 def output_schema(id_fields: list[pa.Field], task_fields: list[pa.Field], metadata: dict | None = None) -> pa.Schema:

@@ -1,12 +1,14 @@
-"""Text search over an embedding output: embed queries as the job embedded its rows, search, and fetch
-the texts of the hits from the job's input (output files hold ids and vectors, not texts).
+"""Text search over an embedding or sparse-embedding output: embed queries as the job embedded its rows,
+search, fetch the texts of the hits from the job's input (output files hold ids and vectors, not texts),
+and optionally rerank the hits with a cross-encoder (``Reranker``: the ``rerank`` task's head).
 
 Everything comes from what an output records about itself: its file-level Parquet metadata (checkpoint,
 revision, ``max_length``, dtype, the embedding chain) and its manifest (``pipeline.commit``: the job config,
 with the embedding task's settings, input path, text and id columns, tokenizer path, trust flags). Queries go
 through the job's own embedding chain (``pipeline.embedding``) with the checkpoint's query prompt, as
 sentence-transformers' ``encode_query``, in float32 whatever the stored precision. The index itself lives in
-``pipeline.index``.
+``pipeline.index``. Sparse outputs: queries go through the job's SPLADE head, hits are ranked by dot
+product, exactly (``pipeline.index.sparse_search``).
 
     hits = Searcher("out/bbc_embed").search("football match goal striker", k=5)
 """
@@ -25,13 +27,27 @@ from pydantic import ValidationError
 
 from pipeline import embedding
 from pipeline import schema as S
-from pipeline.checkpoint import actor_tokenizer, load_model, resolve
+from pipeline.checkpoint import ResolvedModel, actor_tokenizer, load_model, resolve
 from pipeline.commit import OutputError, committed_output
-from pipeline.config import InputConfig, JobConfig, StorageConfig
-from pipeline.index import QUERY, RESCORE_MULTIPLIER, IndexInfo, SearchError, load_info, open_output, search
+from pipeline.config import InputConfig, JobConfig, ModelConfig, StorageConfig
+from pipeline.index import (
+    QUERY,
+    RESCORE_MULTIPLIER,
+    IndexInfo,
+    SearchError,
+    load_info,
+    open_output,
+    open_sparse_output,
+    output_task,
+    search,
+    sparse_search,
+)
+from pipeline.tasks import ModelBatch
 from pipeline.source import Shards, discover, open_shard, read_records, visible
 from pipeline.storage import arrow_filesystem, filesystem
 from pipeline.tasks import build
+
+RERANK_SCORE = "rerank_score"  # hits column: the --rerank-model cross-encoder's score of (query, text)
 
 
 def job_config(output_path: str, storage: StorageConfig | None = None) -> JobConfig:
@@ -56,6 +72,30 @@ def check_query(query: str) -> None:
         raise SearchError("the query is empty (or only whitespace and invisible characters): give some text to search for")
 
 
+def pinned_model(output_path: str, storage: StorageConfig, metadata: dict[str, Any]) -> tuple[JobConfig, ResolvedModel, ModelConfig]:
+    """(the job config, the resolved checkpoint, its model config) behind an output, pinned to the checkpoint
+    bytes its ``metadata`` records; ``SearchError`` when the checkpoint changed since."""
+    job = job_config(output_path, storage)
+    # A Hub commit sha pins the download; local, s3:// and pkg:// checkpoints ignore the revision and
+    # are checked by content hash below.
+    model = job.model.model_copy(
+        update={
+            "path": metadata["model_path"],
+            "revision": metadata["model_revision"],
+            "dtype": metadata["dtype"],
+            "max_length": metadata["max_length"],
+        }
+    )
+    resolved = resolve(model, storage, job.tokenize.path)
+    if resolved.fingerprint != metadata["model_revision"]:
+        raise SearchError(
+            f"{model.path} now holds checkpoint {resolved.fingerprint}, but {output_path} was embedded with "
+            f"{metadata['model_revision']}: queries would land in another vector space. Restore that "
+            "checkpoint or re-run the embedding job"
+        )
+    return job, resolved, model
+
+
 class QueryEmbedder:
     """Embeds queries as the job behind an embedding output embedded its rows: the same checkpoint bytes,
     tokenizer, ``max_length`` and dtype, and the job's own embedding chain rebuilt from its config, with
@@ -73,32 +113,14 @@ class QueryEmbedder:
         prompt_name: str | None = None,
     ):
         storage = storage or StorageConfig()
-        metadata = open_output(output_path, storage).metadata
-        job = job_config(output_path, storage)
-        # A Hub commit sha pins the download; local, s3:// and pkg:// checkpoints ignore the revision and
-        # are checked by content hash below.
-        model = job.model.model_copy(
-            update={
-                "path": metadata["model_path"],
-                "revision": metadata["model_revision"],
-                "dtype": metadata["dtype"],
-                "max_length": metadata["max_length"],
-            }
-        )
-        resolved = resolve(model, storage, job.tokenize.path)
-        if resolved.fingerprint != metadata["model_revision"]:
-            raise SearchError(
-                f"{model.path} now holds checkpoint {resolved.fingerprint}, but {output_path} was embedded with "
-                f"{metadata['model_revision']}: queries would land in another vector space. Restore that "
-                "checkpoint or re-run the embedding job"
-            )
+        job, resolved, model = pinned_model(output_path, storage, open_output(output_path, storage).metadata)
         task = build(job, resolved)
         self.tokenizer = actor_tokenizer(resolved, lowercase=task.chain.lowercase)
         self.tokenizer.padding_side = "right"  # as the model actors pad (pooling reads the attention mask either way)
         self.max_length = resolved.max_length
         if prompt_name is not None:
             if prompt_name not in task.chain.prompts:
-                raise SearchError(f"prompt name {prompt_name!r} is not one of {metadata['model_path']}'s prompts: "
+                raise SearchError(f"prompt name {prompt_name!r} is not one of {model.path}'s prompts: "
                                   f"{sorted(task.chain.prompts) or 'it has none'}")
             prompt = task.chain.prompts[prompt_name]
         length = None if prompt is None else embedding.prompt_length(self.tokenizer, prompt, self.max_length)
@@ -124,8 +146,70 @@ class QueryEmbedder:
             return self.chain.embed(outputs.last_hidden_state, encoded["attention_mask"]).cpu().numpy()
 
 
+class SparseQueryEncoder:
+    """Encodes queries as the sparse-embedding job behind an output encoded its rows (``SparseEncoder.encode_query``
+    without a prompt): the same checkpoint bytes, tokenizer, ``max_length``, dtype and SPLADE head
+    (``pipeline.tasks.sparse_embedding``). Vectors are dense float32 over the vocabulary."""
+
+    def __init__(self, output_path: str, storage: StorageConfig | None = None, device: str = "cpu"):
+        storage = storage or StorageConfig()
+        job, resolved, model = pinned_model(output_path, storage, open_sparse_output(output_path, storage).metadata)
+        self.task = build(job, resolved)
+        self.tokenizer = actor_tokenizer(resolved)
+        self.max_length = resolved.max_length
+        self.model = load_model(resolved, self.task, device, model.dtype)
+        self.device = device
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
+                                 return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            vectors = self.task.head(self.model(**encoded), ModelBatch(dict(encoded)))[S.SPARSE_EMBEDDING]
+        dense = np.zeros((len(texts), self.task.vocab_size), dtype=np.float32)
+        for row, vector in enumerate(vectors):
+            dense[row, [e["index"] for e in vector]] = [e["value"] for e in vector]
+        return dense
+
+
+class Reranker:
+    """Scores (query, document) pairs with a cross-encoder checkpoint exactly as a ``rerank`` job does:
+    its tokenizer (pairs, truncated to the checkpoint's max length) and the rerank task's head
+    (``pipeline.tasks.rerank``: ``CrossEncoder.predict``'s score)."""
+
+    def __init__(self, model_path: str, storage: StorageConfig | None = None, device: str = "cpu", batch_size: int = 32):
+        from pipeline.checkpoint import CheckpointError
+        from pipeline.config import ConfigError
+        from pipeline.tasks.rerank import Rerank
+
+        try:
+            resolved = resolve(ModelConfig(path=model_path, task=Rerank.name), storage or StorageConfig())
+            self.task = Rerank.for_checkpoint(resolved)
+        except (CheckpointError, ConfigError) as e:
+            raise SearchError(f"--rerank-model: {e}") from None
+        self.tokenizer = actor_tokenizer(resolved)
+        self.max_length = resolved.max_length
+        self.model = load_model(resolved, self.task, device, "float32")
+        self.device, self.batch_size = device, batch_size
+
+    def __call__(self, query: str, documents: list[str]) -> np.ndarray:
+        """One score per document, in order (float32)."""
+        import torch
+
+        scores = []
+        for start in range(0, len(documents), self.batch_size):
+            chunk = documents[start : start + self.batch_size]
+            encoded = self.tokenizer([query] * len(chunk), chunk, truncation=True, max_length=self.max_length,
+                                     padding=True, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                scores.append(self.task.head(self.model(**encoded), ModelBatch(dict(encoded)))[S.SCORE])
+        return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+
 class Searcher:
-    """Text search over one embedding output: its query embedder, its index (if built) and its input."""
+    """Text search over one embedding or sparse-embedding output: its query encoder, its index (if built),
+    its input, and optionally a cross-encoder that reranks the hits (``rerank_model``)."""
 
     def __init__(
         self,
@@ -133,19 +217,52 @@ class Searcher:
         storage: StorageConfig | None = None,
         prompt: str | None = None,
         prompt_name: str | None = None,
+        rerank_model: str | None = None,
     ):
         self.output_path, self.storage = output_path, storage
         self.job = job_config(output_path, storage)
-        self.embed = QueryEmbedder(output_path, storage, prompt=prompt, prompt_name=prompt_name)
-        self.index_info: IndexInfo | None = load_info(output_path, storage)  # None: every search is exact
+        self.sparse = output_task(output_path, storage) == "sparse-embedding"
+        if self.sparse and (prompt is not None or prompt_name is not None):
+            raise SearchError("sparse-embedding outputs are searched without a prompt: drop --prompt / --prompt-name")
+        self.embed = (
+            SparseQueryEncoder(output_path, storage)
+            if self.sparse
+            else QueryEmbedder(output_path, storage, prompt=prompt, prompt_name=prompt_name)
+        )
+        # None: every search is exact (sparse outputs always are)
+        self.index_info: IndexInfo | None = None if self.sparse else load_info(output_path, storage)
+        self.rerank = Reranker(rerank_model, storage) if rerank_model else None
 
     def search(self, query: str, k: int = 10, exact: bool = False, rescore_multiplier: int = RESCORE_MULTIPLIER) -> pa.Table:
-        """The ``k`` rows most similar to ``query``, best first: ``score``, the id columns and the input text."""
+        """The ``k`` rows most similar to ``query``, best first: ``score``, the id columns and the input text.
+
+        Over chunk rows: the ``k`` best documents, each with its best chunk's place and span and, in ``chunk``,
+        that chunk's text quoted from the document.
+
+        With a reranker, the ``k`` hits are scored again by it (``rerank_score``, on the hit's chunk over chunk
+        rows) and ordered by that score, best first; hits whose text the input no longer has go last, without one."""
         check_query(query)
-        hits = search(self.output_path, self.embed([query]), k, exact=exact, storage=self.storage,
-                      rescore_multiplier=rescore_multiplier)
+        vectors = self.embed([query])
+        if self.sparse:
+            hits = sparse_search(self.output_path, vectors, k, storage=self.storage)
+        else:
+            hits = search(self.output_path, vectors, k, exact=exact, storage=self.storage,
+                          rescore_multiplier=rescore_multiplier)
         texts = fetch_texts(self.job, hits, self.storage)
-        return hits.drop_columns([QUERY]).append_column(self.job.input.text_column, pa.array(texts, pa.string()))
+        hits = hits.drop_columns([QUERY])
+        if S.CHAR_START in hits.column_names:
+            spans = zip(texts, hits[S.CHAR_START].to_pylist(), hits[S.CHAR_END].to_pylist())
+            hits = hits.append_column(S.CHUNK, pa.array([t[a:b] if t is not None else None for t, a, b in spans], pa.string()))
+        hits = hits.append_column(self.job.input.text_column, pa.array(texts, pa.string()))
+        if self.rerank is None:
+            return hits
+        passages = hits[S.CHUNK].to_pylist() if S.CHUNK in hits.column_names else texts
+        found = [i for i, text in enumerate(passages) if text is not None]
+        scores = np.full(len(passages), np.nan, dtype=np.float32)
+        scores[found] = self.rerank(query, [passages[i] for i in found])
+        order = sorted(range(len(passages)), key=lambda i: (np.isnan(scores[i]), -np.nan_to_num(scores[i])))
+        hits = hits.append_column(RERANK_SCORE, pa.array(scores, pa.float32(), mask=np.isnan(scores)))
+        return hits.take(pa.array(order, pa.int64()))
 
 
 def fetch_texts(job: JobConfig, ids: pa.Table, storage: StorageConfig | None = None) -> list[str | None]:

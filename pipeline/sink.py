@@ -33,8 +33,9 @@ from pipeline.storage import filesystem, join
 class WriteStats:
     """What one write task (or, summed, the whole run) wrote."""
 
-    rows_out: int = 0
+    rows_out: int = 0  # input rows written (documents, however many rows each wrote)
     rows_rejected: int = 0
+    chunks_out: int = 0  # rows written: rows_out unless the task writes several rows per input row (chunks)
     real_tokens: int = 0
     padded_tokens: int = 0
     rows_truncated: int = 0
@@ -44,14 +45,15 @@ class WriteStats:
     confusion: Counter = field(default_factory=Counter)  # (gold, predicted) -> rows
 
     def add(self, other: WriteStats) -> None:
-        for name in ("rows_out", "rows_rejected", "real_tokens", "padded_tokens", "rows_truncated"):
+        for name in ("rows_out", "rows_rejected", "chunks_out", "real_tokens", "padded_tokens", "rows_truncated"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("rejected_by_reason", "rows_by_node", "rows_by_actor", "confusion"):
             getattr(self, name).update(getattr(other, name))
 
     def to_json(self) -> dict:
         """JSON-able form for receipts; ``confusion`` as ``[gold, predicted, rows]`` triples."""
-        data = {name: getattr(self, name) for name in ("rows_out", "rows_rejected", "real_tokens", "padded_tokens", "rows_truncated")}
+        scalars = ("rows_out", "rows_rejected", "chunks_out", "real_tokens", "padded_tokens", "rows_truncated")
+        data = {name: getattr(self, name) for name in scalars}
         data.update({name: dict(getattr(self, name)) for name in ("rejected_by_reason", "rows_by_node", "rows_by_actor")})
         return {**data, "confusion": [[gold, pred, n] for (gold, pred), n in self.confusion.items()]}
 
@@ -140,10 +142,12 @@ class ParquetSink(Datasink[Receipt | None]):
         name = f"part-{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
         data = rejected = None
         stats = WriteStats()
-        origins = []  # (_source_file, _source_row) of every row, good and rejected
+        origins, written = [], []  # (_source_file, _source_row) of every row, good and rejected; of good ones
         for block in blocks:
             started = time.perf_counter()
             table = BlockAccessor.for_block(block).to_arrow()
+            if not table.num_rows:  # a shuffle's empty partitions (Task.group_by) may not even carry the columns
+                continue
             origins.append(table.select([S.SOURCE_FILE, S.SOURCE_ROW]))
             if data is None:
                 schema, rejected_schema = self._schemas(table)
@@ -153,6 +157,7 @@ class ParquetSink(Datasink[Receipt | None]):
             good, bad = table.filter(ok), table.filter(pc.invert(ok))
             if good.num_rows:
                 data.write(good.select(data.schema.names).cast(data.schema))
+                written.append(good.select([S.SOURCE_FILE, S.SOURCE_ROW]))
                 self._count(good, stats)
             if bad.num_rows:
                 rejected.write(_rejected_rows(bad, rejected.schema))
@@ -163,6 +168,8 @@ class ParquetSink(Datasink[Receipt | None]):
             return None
         data.close()
         rejected.close()
+        if written:  # an input row's chunks are consecutive rows of one part: count each row once
+            stats.rows_out = pa.concat_tables(written).group_by([S.SOURCE_FILE, S.SOURCE_ROW]).aggregate([]).num_rows
         origin = pa.concat_tables(origins)
         rows = {
             shard: to_ranges(origin.filter(pc.equal(origin[S.SOURCE_FILE], shard))[S.SOURCE_ROW].to_numpy())
@@ -171,7 +178,7 @@ class ParquetSink(Datasink[Receipt | None]):
         receipt = Receipt(
             run=self.run_id,
             part=name,
-            data_rows=stats.rows_out,
+            data_rows=stats.chunks_out,
             rejected_rows=stats.rows_rejected,
             rows=rows,
             stats=stats.to_json(),
@@ -180,7 +187,7 @@ class ParquetSink(Datasink[Receipt | None]):
         return receipt
 
     def _count(self, good: pa.Table, stats: WriteStats) -> None:
-        stats.rows_out += good.num_rows
+        stats.chunks_out += good.num_rows
         stats.real_tokens += int(pc.sum(good[S.NUM_TOKENS]).as_py() or 0)
         stats.padded_tokens += int(pc.sum(good[S.PADDED_TOKENS]).as_py() or 0)
         stats.rows_truncated += int(pc.sum(good[S.TRUNCATED].cast(pa.int64())).as_py() or 0)

@@ -94,7 +94,7 @@ NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 def save_tiny(directory: Path, task: str, *, safe: bool = True, **config_kwargs) -> Path:
     """Build a tiny random BERT for ``task`` and ``save_pretrained`` it with its tokenizer."""
     import torch
-    from transformers import BertForSequenceClassification, BertForTokenClassification, BertModel
+    from transformers import BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification, BertModel
 
     torch.manual_seed(0)
     if task == "sequence-classification":
@@ -106,6 +106,10 @@ def save_tiny(directory: Path, task: str, *, safe: bool = True, **config_kwargs)
             id2label=dict(enumerate(NER_LABELS)), label2id={l: i for i, l in enumerate(NER_LABELS)}, **config_kwargs
         )
         model = BertForTokenClassification(config)
+    elif task == "rerank":  # a cross-encoder: one relevance logit
+        model = BertForSequenceClassification(tiny_bert_config(num_labels=1, **config_kwargs))
+    elif task == "sparse-embedding":  # SPLADE runs the MLM head
+        model = BertForMaskedLM(tiny_bert_config(**config_kwargs))
     else:
         model = BertModel(tiny_bert_config(**config_kwargs))
     model.eval()
@@ -117,11 +121,22 @@ def save_tiny(directory: Path, task: str, *, safe: bool = True, **config_kwargs)
     return directory
 
 
+def copy_checkpoint(source: Path, target: Path, **files: str) -> Path:
+    """A copy of the checkpoint ``source`` at ``target`` with ``files`` (name -> text) written into it."""
+    import shutil
+
+    shutil.copytree(source, target)
+    for name, text in files.items():
+        (target / name).write_text(text)
+    return target
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """One tiny checkpoint per task: {'sequence-classification': dir, 'token-classification': dir, 'embedding': dir}."""
+    """One tiny checkpoint per task: {'sequence-classification': dir, 'token-classification': dir, ...}."""
     root = tmp_path_factory.mktemp("models")
-    return {task: save_tiny(root / task, task) for task in ("sequence-classification", "token-classification", "embedding")}
+    names = ("sequence-classification", "token-classification", "embedding", "rerank", "sparse-embedding")
+    return {task: save_tiny(root / task, task) for task in names}
 
 
 @pytest.fixture(scope="session")

@@ -153,7 +153,7 @@ def test_padding_from_arrow_offsets_matches_row_by_row_padding():
     rng = np.random.default_rng(0)
     rows = [rng.integers(1, 1000, size=n).tolist() for n in rng.integers(1, 40, size=50)]
     column = pa.chunked_array([pa.array(rows[:20], pa.list_(pa.int32())), pa.array(rows[20:], pa.list_(pa.int32()))])
-    flat, offsets = ragged_rows(column.slice(5))  # a sliced, chunked column, as Ray Data hands batches over
+    flat, offsets = ragged_rows(column.slice(5).combine_chunks())  # a sliced, chunked column, as Ray Data hands batches over
     picked = np.array([40, 3, 17, 0, 22])
     mask, index = padded_positions(offsets, picked)
     padded = np.full(mask.shape, -1)
@@ -165,18 +165,20 @@ def test_padding_from_arrow_offsets_matches_row_by_row_padding():
     assert mask.shape == (5, max(len(rows[5 + i]) for i in picked))
 
 
-def test_call_outputs_are_scattered_to_their_rows_with_nulls_for_rejected_ones():
+def test_call_outputs_are_scattered_to_their_sequences_then_rows_get_nulls_for_rejected_ones():
     import pyarrow as pa
 
-    from pipeline.infer import CallOutputs
+    from pipeline.infer import CallOutputs, to_arrow
 
+    outputs = CallOutputs(3)
+    outputs.put(np.array([2, 0]), {"v": np.array([[3.0, 3.5], [0.0, 0.5]], np.float32), "s": np.array([3, 0]), "l": ["c", "a"]})
+    outputs.put(np.array([1]), {"v": np.array([[2.0, 2.5]], np.float32), "s": np.array([2]), "l": ["b"]})
+    columns = outputs.columns
+    assert columns["v"].tolist() == [[0.0, 0.5], [2.0, 2.5], [3.0, 3.5]] and columns["l"] == ["a", "b", "c"]
     valid = np.array([True, False, True, True, False])
-    outputs = CallOutputs(5)
-    outputs.put(np.array([3, 0]), {"v": np.array([[3.0, 3.5], [0.0, 0.5]], np.float32), "s": np.array([3, 0]), "l": ["c", "a"]})
-    outputs.put(np.array([2]), {"v": np.array([[2.0, 2.5]], np.float32), "s": np.array([2]), "l": ["b"]})
-    vector = outputs.to_arrow(pa.field("v", pa.list_(pa.float16(), 2)), valid)
+    vector = to_arrow(columns["v"], valid, pa.list_(pa.float16(), 2))
     assert vector.type == pa.list_(pa.float16(), 2)
     assert vector.to_pylist() == [[0.0, 0.5], None, [2.0, 2.5], [3.0, 3.5], None]
-    assert outputs.to_arrow(pa.field("s", pa.int32()), valid).to_pylist() == [0, None, 2, 3, None]
-    assert outputs.to_arrow(pa.field("l", pa.string()), valid).to_pylist() == ["a", None, "b", "c", None]
-    assert CallOutputs(2).to_arrow(pa.field("v", pa.list_(pa.float32(), 2)), np.zeros(2, bool)).to_pylist() == [None, None]
+    assert to_arrow(columns["s"], valid, pa.int32()).to_pylist() == [0, None, 2, 3, None]
+    assert to_arrow(columns["l"], valid, pa.string()).to_pylist() == ["a", None, "b", "c", None]
+    assert to_arrow(np.zeros((0, 2)), np.zeros(2, bool), pa.list_(pa.float32(), 2)).to_pylist() == [None, None]

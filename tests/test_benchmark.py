@@ -129,3 +129,16 @@ def test_process_usage_attributes_cpu_and_memory_to_the_tree():
     memory = usage.memory()
     assert memory["peak_rss_mib"] >= 300 + 20  # the child's 300 MiB on top of this process
     assert 300 <= memory["peak_anon_mib"] <= memory["peak_rss_mib"]
+
+
+def test_rerank_contenders_the_job_against_cross_encoder(ray_session, tiny_models, tmp_path):
+    """(a) and (f) on (query, text) pairs: the same scores, and a ratio to print."""
+    spec = B.Spec("rerank", str(tiny_models["rerank"]), "float32", threads=1, max_length=MAX_LENGTH)
+    w = B.Workload.tokenized("mixed", TEXTS, B.load_tokenizer(spec), spec.max_length, pairs=True)
+    assert len(w.queries) == len(TEXTS) and w.lengths.max() > max(len(t.split()) for t in w.queries)
+    f = B.InProcess.load("f", spec, B.IN_PROCESS["f"])(w)
+    a = B.RayJob("a", spec, tmp_path)(w)
+    assert a.outputs.shape == f.outputs.shape == (len(TEXTS), 1)
+    assert B.fidelity("rerank", a.outputs, f.outputs)["score_max_abs_diff"] < 1e-4
+    ratio = B.ratios([a, f], "a")[("f", "mixed")]
+    assert ratio > 0 and "x" in B.table_cells(f.figures(1e12) | {"vs": ratio})[-2]

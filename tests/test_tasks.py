@@ -120,10 +120,12 @@ def test_every_registered_task_writes_the_fields_it_declares(ray_session, tiny_m
     if name not in tiny_models:
         pytest.fail(f"add a tiny checkpoint for {name!r} to conftest.tiny_models")
     rng = random.Random(5)
-    pq.write_table(pa.table({"text": [sentence(rng) for _ in range(12)]}), tmp_path / "in.parquet")
+    columns = {"text": [sentence(rng) for _ in range(12)], "pair": [sentence(rng) for _ in range(12)]}
+    pq.write_table(pa.table(columns), tmp_path / "in.parquet")
+    pair = {"text_pair_column": "pair"} if tasks.REGISTRY[name].inputs.pair == "required" else {}
     cfg = load_config(
         raw={
-            "input": {"path": str(tmp_path / "in.parquet")},
+            "input": {"path": str(tmp_path / "in.parquet"), **pair},
             "model": {"path": str(tiny_models[name]), "task": name},
             "output": {"path": str(tmp_path / "out")},
         }
@@ -167,32 +169,120 @@ def test_configs_and_the_registry_import_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_the_tokenize_stage_encodes_as_the_hugging_face_tokenizer(tiny_models):
-    """The Rust tokenizer the driver ships to the tokenize actors gives what ``tokenizer(..., truncation=True,
-    max_length=...)`` gives: ids, token type ids of pairs, offsets, special tokens and truncation."""
-    from conftest import WORDS
+def window_probe() -> type[Task]:
+    """A test-only task with several model sequences per row (``Task.encode`` / ``reduce``): (text,
+    pair-window) sequences, the pair cut into windows sharing ``STRIDE`` tokens as question-answering cuts
+    its context, and one output row per window (``chunked``), so both the micro-batcher's view of
+    sequences and the row expansion after it carry real data."""
+    from pipeline.sequences import strided
+
+    @dataclass(frozen=True)
+    class WindowProbe(Task):
+        hidden_size: int
+
+        name = "window-probe"
+        auto_model = "AutoModel"
+        optional_weights = ("pooler",)
+        inputs = Inputs(pair="required", pair_role="the windowed text")
+        tokenization = Tokenization(offsets=True, span_text="pair")
+
+        @classmethod
+        def from_job(cls, cfg, model) -> WindowProbe:
+            return cls(model.hidden_size)
+
+        @property
+        def chunked(self) -> bool:
+            return True
+
+        def encode(self, tokenizer, texts, pairs, max_length):
+            return strided(tokenizer, texts, pairs, max_length, STRIDE)
+
+        def head(self, outputs: Any, batch: ModelBatch) -> dict[str, Any]:
+            first = []
+            for offsets, text in zip(batch.offsets, batch.texts):
+                start, end = next((s, e) for s, e in offsets.reshape(-1, 2) if s >= 0)
+                first.append(text[start:end])
+            return {
+                "pair_tokens": (batch.inputs["token_type_ids"] * batch.attention_mask).sum(dim=1).int().cpu().numpy(),
+                "first_pair_token": first,
+                "cls_vector": outputs.last_hidden_state[:, 0].float().cpu().numpy(),
+            }
+
+        def reduce(self, outputs, windows):
+            index, count = windows.within()
+            spans = windows.spans
+            return np.arange(len(windows.rows)), {
+                **outputs,
+                "window": index.astype(np.int32), "windows": count.astype(np.int32),
+                "span_start": spans[:, 0], "span_end": spans[:, 1],
+            }  # fmt: skip
+
+        def fields(self) -> list[pa.Field]:
+            return [
+                pa.field("window", pa.int32()),
+                pa.field("windows", pa.int32()),
+                pa.field("span_start", pa.int32()),
+                pa.field("span_end", pa.int32()),
+                pa.field("pair_tokens", pa.int32()),
+                pa.field("first_pair_token", pa.string()),
+                pa.field("cls_vector", S.vector(self.hidden_size)),
+            ]
+
+    return WindowProbe
+
+
+STRIDE = 8
+
+
+def test_a_row_may_become_several_model_sequences(ray_session, tiny_models, tmp_path, monkeypatch):
+    """Multi-sequence rows end to end: a row's (text, window of its pair) sequences are batched like rows,
+    each equals the model on that window alone, and a row writing one output row per window keeps
+    rows_in == rows_out + rows_rejected (rows_out counting input rows) with chunks_out the rows written."""
     from transformers import AutoTokenizer
 
-    from pipeline.checkpoint import resolve
-    from pipeline.config import ModelConfig, StorageConfig
-    from pipeline.tokenize import stage_tokenizer
+    probe = window_probe()
+    monkeypatch.setitem(tasks.REGISTRY, probe.name, probe)
+    rng = random.Random(6)
+    texts = [" ".join(rng.choices(sentence(rng).split(), k=3)) for _ in range(12)]
+    pairs = [sentence(rng) for _ in range(12)]
+    pairs[3] = None  # quarantined: no second text
+    pairs[4] = "short"
+    ids = [f"d{i}" for i in range(12)]
+    pq.write_table(pa.table({"doc_id": ids, "text": texts, "context": pairs}), tmp_path / "in.parquet")
+    cfg = load_config(raw={
+        "input": {"path": str(tmp_path / "in.parquet"), "id_columns": ["doc_id"], "text_pair_column": "context"},
+        "model": {"path": str(tiny_models["embedding"]), "task": probe.name},
+        "inference": {"batch_size": 5, "max_tokens_per_batch": 256},
+        "output": {"path": str(tmp_path / "out"), "rows_per_file": 1000},
+    })  # fmt: skip
+    manifest = run_job(cfg)
 
-    path = tiny_models["token-classification"]
-    model = resolve(ModelConfig(path=str(path), task="token-classification"), StorageConfig())
-    assert model.max_length == MAX_LENGTH
-    rust, hf = stage_tokenizer(model), AutoTokenizer.from_pretrained(path)
-    texts = [" ".join(WORDS[i : i + n]) for i, n in [(0, 3), (5, 90), (40, 1), (2, 30)]]
-    pairs = [" ".join(WORDS[i : i + n]) for i, n in [(9, 50), (1, 2), (3, 70), (7, 7)]]
-    for fast, full in zip(rust.encode_batch_fast(texts), rust.encode_batch(texts)):
-        assert fast.ids == full.ids and bool(fast.overflowing) == bool(full.overflowing)
-    single = hf(texts, truncation=True, max_length=MAX_LENGTH, return_offsets_mapping=True, return_special_tokens_mask=True)
-    encodings = rust.encode_batch(texts)
-    assert [e.ids for e in encodings] == single["input_ids"]
-    assert [e.offsets for e in encodings] == [list(map(tuple, o)) for o in single["offset_mapping"]]
-    assert [e.special_tokens_mask for e in encodings] == single["special_tokens_mask"]
-    untruncated = [len(ids) > MAX_LENGTH for ids in hf(texts)["input_ids"]]
-    assert [bool(e.overflowing) for e in encodings] == untruncated == [False, True, False, False]
-    both = hf(texts, pairs, truncation=True, max_length=MAX_LENGTH)
-    encodings = rust.encode_batch_fast(list(zip(texts, pairs)))
-    assert [e.ids for e in encodings] == both["input_ids"]
-    assert [e.type_ids for e in encodings] == both["token_type_ids"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["embedding"])
+    model = AutoModel.from_pretrained(tiny_models["embedding"]).eval()
+    expected = {}
+    for doc, text, pair in zip(ids, texts, pairs):
+        if pair is None:
+            continue
+        enc = tokenizer(text, pair, truncation="only_second", max_length=MAX_LENGTH, stride=STRIDE,
+                        return_overflowing_tokens=True, return_offsets_mapping=True)  # fmt: skip
+        for w in range(len(enc["input_ids"])):
+            expected[(doc, w)] = (enc, w, len(enc["input_ids"]))
+    out = pq.read_table(tmp_path / "out").to_pylist()
+    assert len(out) == len(expected) > 11 and {(r["doc_id"], r["window"]) for r in out} == set(expected)
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (12, 11, 1)
+    assert (manifest["documents_out"], manifest["chunks_out"]) == (11, len(out))
+    import torch
+
+    for row in out:
+        enc, w, count = expected[(row["doc_id"], row["window"])]
+        ids_w = enc["input_ids"][w]
+        inputs = {k: torch.tensor([enc[k][w]]) for k in ("input_ids", "token_type_ids", "attention_mask")}
+        with torch.inference_mode():
+            cls = model(**inputs).last_hidden_state[0, 0].numpy()
+        np.testing.assert_allclose(row["cls_vector"], cls, atol=1e-4)
+        context = [k for k, s in enumerate(enc.sequence_ids(w)) if s == 1]
+        spans = [enc["offset_mapping"][w][k] for k in context]
+        pair = pairs[ids.index(row["doc_id"])]
+        assert row["num_tokens"] == len(ids_w) and row["windows"] == count and row["pair_tokens"] == len(context) + 1
+        assert (row["span_start"], row["span_end"]) == (spans[0][0], spans[-1][1])
+        assert row["first_pair_token"] == pair[spans[0][0] : spans[0][1]]

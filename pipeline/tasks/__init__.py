@@ -7,16 +7,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.tasks.base import Columns, Inputs, ModelBatch, Task, Tokenization
+from pipeline.tasks.base import Columns, Inputs, ModelBatch, Sequences, Task, Tokenization, Windows
 from pipeline.tasks.embedding import Embedding
+from pipeline.tasks.rerank import Rerank
 from pipeline.tasks.sequence_classification import SequenceClassification
+from pipeline.tasks.sparse_embedding import SparseEmbedding
 from pipeline.tasks.token_classification import TokenClassification
 
 if TYPE_CHECKING:
     from pipeline.checkpoint import ResolvedModel
     from pipeline.config import JobConfig
 
-REGISTRY: dict[str, type[Task]] = {task.name: task for task in (SequenceClassification, TokenClassification, Embedding)}
+REGISTRY: dict[str, type[Task]] = {
+    task.name: task for task in (SequenceClassification, TokenClassification, Embedding, Rerank, SparseEmbedding)
+}
 
 
 def build(cfg: JobConfig, model: ResolvedModel) -> Task:
@@ -24,4 +28,4 @@ def build(cfg: JobConfig, model: ResolvedModel) -> Task:
     return REGISTRY[cfg.model.task].from_job(cfg, model)
 
 
-__all__ = ["REGISTRY", "Columns", "Inputs", "ModelBatch", "Task", "Tokenization", "build"]
+__all__ = ["REGISTRY", "Columns", "Inputs", "ModelBatch", "Sequences", "Task", "Tokenization", "Windows", "build"]

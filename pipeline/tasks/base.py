@@ -8,9 +8,13 @@ declares what the stages need from it; its instance computes its head and output
   forbidden, optional or required). Config validation enforces it;
 - ``tokenization``: what the tokenize stage does beyond truncated input ids (a prompt, lowercasing,
   offsets and text);
+- ``encode`` and ``reduce``: how a row becomes model sequences and their outputs an output row (see
+  "Multi-sequence rows" below). By default one truncated sequence per row, one output row per row;
 - ``auto_model``, ``head_suffix``, ``optional_weights``: the ``transformers`` Auto class the model
   actors load, the architecture suffix a checkpoint needs to have the trained head (checked
   before anything starts), and the weights it may lack without running random layers;
+- ``group_by`` and ``finish_group``: columns computed over a group of rows after inference (a rank
+  within a query's group), wherever the group's rows were scored;
 - ``head``: model outputs of one micro-batch -> output columns, reduced on the device so only
   the columns leave it (``pipeline.infer`` calls it under ``torch.inference_mode()``);
 - ``fields`` and ``metadata``: its output columns (Arrow types; ``pipeline.schema`` assembles
@@ -20,6 +24,17 @@ declares what the stages need from it; its instance computes its head and output
   whole (int8 ranges), measured on a sample before the distributed run so that every actor applies
   the same, or taken from an earlier run into the same output;
 - ``evaluates``: the output column compared with ``eval.label_column``, if the task has one.
+
+Multi-sequence rows. A row may become several model sequences: windows of a long text, (question,
+context-window) pairs, (text, hypothesis) pairs. ``encode`` runs in the tokenize actor and returns a
+``Sequences`` for a batch's valid rows: each sequence's ids (and token types, token offsets), the row
+it came from and the characters of that row's text it covers. The sequences travel with their row
+(one row's sequences never straddle two model calls) and, in the model actor, are ordinary rows of the
+token-budget micro-batcher: sorted by length, padded per micro-batch. ``head`` sees micro-batches of
+sequences and returns per-sequence columns; ``reduce`` then gets every sequence's columns in order with
+their ``Windows`` and returns the output rows: each made of a run of consecutive sequences of one row
+(one row per document: aggregate, NER, QA, zero-shot; one row per sequence: chunks). ``num_tokens``
+and the padded tokens of an output row are summed over its sequences.
 
 Task modules import no torch at module level (heads use tensor methods): configs, read and
 write tasks import the registry, and must stay light.
@@ -31,8 +46,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import numpy as np
+
 if TYPE_CHECKING:
-    import numpy as np
     import pyarrow as pa
     import torch
 
@@ -51,6 +67,7 @@ class Inputs:
     pair: Literal["forbidden", "optional", "required"] = "optional"  # input.text_pair_column
     pair_role: str = "the second text"  # what the pair is to this task, for messages (e.g. "the document")
     prompt: bool = False  # takes input.prompt / input.prompt_name
+    group: bool = False  # takes input.group_column (see Task.group_by)
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,53 @@ class Tokenization:
     # text itself, so the head can return spans of the original text (ModelBatch.offsets/texts).
     # Spans index the text as tokenized: not with a prompt.
     offsets: bool = False
+    text: bool = False  # the row's text reaches the model actor without offsets (Windows.texts), e.g. to quote chunks
+    # Which text offsets, spans and the texts the model actor sees are of: "pair" for tasks that window the
+    # second text (question-answering's context; ``pipeline.sequences.strided`` with pairs).
+    span_text: Literal["text", "pair"] = "text"
+
+    @property
+    def keeps_text(self) -> bool:
+        return self.offsets or self.text
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """The model sequences ``Task.encode`` makes of a batch's valid rows, in row order.
+
+    Sequence ``j`` belongs to row ``rows[j]`` (an index into the valid rows handed to ``encode``): ``rows``
+    is non-decreasing and every row has at least one sequence."""
+
+    input_ids: list[list[int]]  # per sequence, with special tokens (and the prompt): what the model reads
+    rows: np.ndarray  # int64, per sequence: its row
+    truncated: np.ndarray  # bool, per row: some of its text is in no sequence
+    token_type_ids: list[list[int]] | None = None  # per sequence, for pairs
+    # Per sequence, each token's flattened (start, end) character span in its row's text (for pairs: in the
+    # windowed text, the second), (-1, -1) for special tokens and tokens of the other text.
+    offsets: list[list[int]] | None = None
+    spans: np.ndarray | None = None  # int32 (sequences, 2): the characters of the row's text each covers
+
+
+@dataclass(frozen=True)
+class Windows:
+    """How the sequences of one model call map to its rows, for ``Task.reduce`` (all arrays per sequence)."""
+
+    rows: np.ndarray  # int64: the row of the call each sequence belongs to, non-decreasing
+    lengths: np.ndarray  # int64: its tokens (the model's real tokens)
+    spans: np.ndarray | None  # int32 (sequences, 2): ``Sequences.spans``, None when encode gave none
+    texts: list[str] | None  # with ``Tokenization.keeps_text``: per sequence, its row's text (``span_text``)
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Index of the first sequence of each row that has sequences."""
+        return np.flatnonzero(np.r_[True, self.rows[1:] != self.rows[:-1]]) if len(self.rows) else self.rows
+
+    def within(self) -> tuple[np.ndarray, np.ndarray]:
+        """(index of each sequence within its row, sequences of its row), per sequence."""
+        starts = self.starts
+        counts = np.diff(np.r_[starts, len(self.rows)])
+        index = np.arange(len(self.rows)) - np.repeat(starts, counts)
+        return index, np.repeat(counts, counts)
 
 
 @dataclass(frozen=True)
@@ -71,7 +135,7 @@ class ModelBatch:
 
     inputs: dict[str, torch.Tensor]  # input_ids, attention_mask (and token_type_ids for pairs), on the device
     offsets: list[np.ndarray] | None = None  # with Tokenization.offsets: per row, flattened (start, end) spans
-    texts: list[str] | None = None  # with Tokenization.offsets: per row, the text those spans index
+    texts: list[str] | None = None  # with Tokenization.offsets: per row, the text those spans index (span_text)
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -99,6 +163,32 @@ class Task(ABC):
         Raise ``pipeline.config.ConfigError`` for settings the task cannot serve: it runs in the
         plan, so ``--dry-run`` reports it before anything starts."""
 
+    def encode(self, tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int) -> Sequences:
+        """The model sequences of a batch's valid ``texts`` (and ``pairs``), in the tokenize actor.
+
+        Default: one sequence per row, truncated to ``max_length`` tokens, with the prompt in front and
+        the offsets ``tokenization`` asks for (``pipeline.sequences.truncated``)."""
+        from pipeline.sequences import truncated
+
+        return truncated(tokenizer, texts, pairs, max_length, self.tokenization)
+
+    def reduce(self, outputs: Columns, windows: Windows) -> tuple[np.ndarray, Columns]:
+        """Output rows from the per-sequence ``outputs`` of one model call, in sequence order.
+
+        Returns ``(first, columns)``: ``first[k]`` is the first sequence of output row ``k`` (increasing,
+        starting at 0; output row ``k`` holds sequences ``first[k]:first[k + 1]``, all of one row, and every
+        row with sequences has at least one output row) and ``columns`` the output rows' values, keyed by
+        ``fields()``. Default: one sequence per row, its outputs as they are."""
+        if len(windows.starts) != len(windows.rows):
+            raise RuntimeError(f"{self.name} made several sequences of one row but has no reduce")
+        return np.arange(len(windows.rows)), outputs
+
+    @property
+    def chunked(self) -> bool:
+        """Whether ``reduce`` writes a row per sequence (chunks): conservation still counts input rows
+        (``rows_out``, ``documents_out``), and manifests add ``chunks_out``, the rows written."""
+        return False
+
     @property
     def needs_hidden_states(self) -> bool:
         """Whether the head reads ``outputs.hidden_states`` (the forward pass then returns them)."""
@@ -110,6 +200,17 @@ class Task(ABC):
 
         Runs in the model actor under ``torch.inference_mode()``, on the model's device: reduce
         there (softmax, argmax, pooling) and move only the results to the CPU."""
+
+    @property
+    def group_by(self) -> str | None:
+        """An input column whose groups the task finishes together after inference (``finish_group``),
+        wherever their rows were read and scored; None (the default): every row stands alone."""
+        return None
+
+    def finish_group(self, rows: pa.Table) -> pa.Table:
+        """``rows`` (every row of one ``group_by`` group, scored, rejected ones included) with the
+        columns that depend on the whole group added (e.g. a rank)."""
+        raise NotImplementedError(f"{self.name} does not group rows")
 
     @abstractmethod
     def fields(self) -> list[pa.Field]:
