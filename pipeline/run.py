@@ -126,6 +126,12 @@ class Plan:
             **self.task.metadata(),
         })
 
+    def id_fields(self) -> list[pa.Field]:
+        """The columns every output and rejected row leads with: a generated ``id`` when input.id_columns is
+        unset, then the id, label and group columns passed through (the sink builds the same)."""
+        generated = [] if self.cfg.input.id_columns else [pa.field(S.GENERATED_ID, pa.string())]
+        return [*generated, *self.passthrough_schema]
+
     def output_schema(self, passthrough: pa.Schema) -> pa.Schema:
         return S.output_schema(list(passthrough), self.task.fields(), self.metadata())
 
@@ -137,7 +143,7 @@ class Plan:
             + (f"; skipped, not shards: {list(skipped[:10])}{' ...' if len(skipped) > 10 else ''}" if skipped else ""),
             f"columns  text={self.cfg.input.text_column!r}"
             + (f" pair={self.cfg.input.text_pair_column!r}" if self.cfg.input.text_pair_column else "")
-            + f" passthrough={self.shards.passthrough or [S.GENERATED_ID + ' (generated)']}"
+            + f" passthrough={[*([] if self.cfg.input.id_columns else [S.GENERATED_ID + ' (generated)']), *self.shards.passthrough]}"
             + (f" schema={self.passthrough_schema}" if self.passthrough_schema else ""),
             f"model    {self.model.source} @ {self.model.fingerprint} ({self.model.architecture}, "
             f"max_length {self.model.max_length}, dtype {self.cfg.model.dtype})",
@@ -147,7 +153,7 @@ class Plan:
         if self.model.id2label:
             lines.append(f"labels   {self.model.id2label}")
         lines += [
-            f"output   {self.cfg.output.path} (mode {self.cfg.output.mode}), columns {self.output_schema(self.passthrough_schema).names}",
+            f"output   {self.cfg.output.path} (mode {self.cfg.output.mode}), columns {self.output_schema(pa.schema(self.id_fields())).names}",
             *(f"         {line}" for line in self.output),
             f"pools    {self.pools.describe()}",
         ]
@@ -273,7 +279,7 @@ def quarantine(job: Plan, writer: Writer, unreadable: dict[str, Unreadable]) -> 
     ]  # fmt: skip
     if not entries:
         return [], []
-    ids = list(job.passthrough_schema) or [pa.field(S.GENERATED_ID, pa.string())]
+    ids = job.id_fields()
     records = []
     for e in entries:
         held = f"{e['rows']} rows by its footer" if e["rows"] is not None else f"{e['rows_counted']} rows read before it"

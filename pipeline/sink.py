@@ -133,7 +133,9 @@ class ParquetSink(Datasink[Receipt | None]):
         return self.rows_per_file
 
     def _schemas(self, table: pa.Table) -> tuple[pa.Schema, pa.Schema]:
-        fields = [self.passthrough_schema.field(c) for c in self.passthrough] or [table.schema.field(S.GENERATED_ID)]
+        # A generated id (no input.id_columns) leads, then the id, label and group columns passed through.
+        generated = [table.schema.field(S.GENERATED_ID)] if S.GENERATED_ID in table.column_names else []
+        fields = [*generated, *(self.passthrough_schema.field(c) for c in self.passthrough)]
         schema = pa.schema([*fields, *self.results], metadata=self.results.metadata)
         return schema, S.rejected_schema(fields)
 

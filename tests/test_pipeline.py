@@ -221,3 +221,18 @@ def test_hub_id_with_pinned_revision_loads_offline(ray_session, tiny_models, par
         model={"path": str(tiny_models["sequence-classification"]), "task": "sequence-classification"},
     )
     assert pq.read_table(tmp_path / "local" / "out").sort_by("doc_id")[S.LOGITS].equals(table.sort_by("doc_id")[S.LOGITS])
+
+
+def test_generated_ids_lead_when_only_label_or_group_columns_pass_through(ray_session, tiny_models, parquet_shards, tmp_path):
+    """No input.id_columns, but a group column to pass through: kept and rejected rows still carry the
+    generated ``<file>:<row>`` id, ahead of the group column."""
+    manifest, table = run(
+        tmp_path,
+        input={"path": str(parquet_shards / "part-0.parquet"), "text_pair_column": "pair", "group_column": "shard"},
+        model={"path": str(tiny_models["rerank"]), "task": "rerank"},
+    )
+    check_conservation(manifest, table, rejected=1)
+    assert table.schema.names[:2] == [S.GENERATED_ID, "shard"]
+    assert sorted(table[S.GENERATED_ID].to_pylist()) == sorted(f"part-0.parquet:{i}" for i in range(120) if i != 7)
+    [rejected] = read_output(str(tmp_path / "out"), rejected=True).to_pylist()
+    assert rejected[S.GENERATED_ID] == "part-0.parquet:7" and rejected["shard"] == 0
