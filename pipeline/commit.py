@@ -271,6 +271,15 @@ def covered(ranges: Ranges, row: int) -> bool:
     return i >= 0 and row < ranges[i][1]
 
 
+def covered_rows(ranges: Ranges, rows: np.ndarray) -> np.ndarray:
+    """``covered`` for each of ``rows`` at once: a boolean mask."""
+    if not ranges:
+        return np.zeros(len(rows), dtype=bool)
+    starts, ends = np.array(ranges, dtype=np.int64).T
+    i = np.searchsorted(starts, rows, side="right") - 1
+    return (i >= 0) & (rows < ends[np.maximum(i, 0)])
+
+
 def _check_disjoint(receipts: list[Receipt]) -> None:
     """No input row in two parts: the exactly-once guarantee, checked before every commit."""
     seen: dict[str, Ranges] = {}

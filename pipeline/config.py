@@ -392,6 +392,11 @@ class FaultConfig(_Strict):
         description="The driver exits (code 17) at this step of its commit: `moved` (parts at their final names, "
         "manifest not written) or `committed` (manifest written; clean-up and _SUCCESS not).",
     )
+    constant_outputs: bool = Field(
+        False,
+        description="Model actors skip the forward pass and return one constant output for every row and token "
+        "(measures the pipeline without its model: jobs.benchmark --dataplane).",
+    )
 
 
 class EvalConfig(_Strict):

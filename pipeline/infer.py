@@ -27,7 +27,7 @@ from pipeline import schema as S
 from pipeline.checkpoint import ResolvedModel, load_model
 from pipeline.config import FaultConfig, InferenceConfig
 from pipeline.progress import register
-from pipeline.tasks import ModelBatch, Task, Windows
+from pipeline.tasks import Columns, ModelBatch, Task, Windows
 
 CONSUMED = (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.OFFSETS, S.SPANS, S.TEXT, S.TEXT_PAIR)
 
@@ -42,11 +42,11 @@ def micro_batches(sorted_lengths: np.ndarray, max_tokens: int, min_efficiency: f
     start, n = 0, len(sorted_lengths)
     while start < n:
         width = max(1, int(sorted_lengths[start]))
-        limit = min(n, start + max(1, max_tokens // width))
-        stop, real = start + 1, width
-        while stop < limit and real + sorted_lengths[stop] >= min_efficiency * width * (stop - start + 1):
-            real += int(sorted_lengths[stop])
-            stop += 1
+        window = sorted_lengths[start : min(n, start + max(1, max_tokens // width))]
+        # Rows are sorted, so the running efficiency only falls: the micro-batch ends where it first drops.
+        real = np.cumsum(window) + (width - window[0])
+        fits = real >= min_efficiency * width * np.arange(1, len(window) + 1)
+        stop = start + (len(window) if fits.all() else max(1, int(np.argmin(fits))))
         yield slice(start, stop)
         start = stop
 
@@ -103,6 +103,38 @@ def sequences(batch: pa.Table) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, 
     return row_of, {c: ragged_rows(batch[c].combine_chunks().flatten()) for c in names if c in batch.column_names}
 
 
+def padded_positions(offsets: np.ndarray, picked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, index) for rows ``picked`` of a ragged column, right-padded to the longest of them: ``mask`` is
+    (rows, longest), true at real tokens; ``index`` is, for each true entry in row-major order, the position of
+    its value in the column's flat values. ``padded[mask] = flat[index]`` then pads in one vectorised step."""
+    starts = offsets[picked]
+    lengths = offsets[picked + 1] - starts
+    mask = np.arange(lengths.max()) < lengths[:, None]
+    before = np.cumsum(lengths) - lengths  # real tokens of the earlier picked rows
+    return mask, np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()))
+
+
+class CallOutputs:
+    """The head's columns for the sequences of one model call, filled micro-batch by micro-batch at the
+    sequences' positions in the call (``columns``: what ``Task.reduce`` takes)."""
+
+    def __init__(self, rows: int):
+        self.rows, self.columns = rows, {}
+
+    def put(self, picked: np.ndarray, columns: Columns) -> None:
+        """The head's ``columns`` for the call's sequences ``picked`` (in that order)."""
+        for name, values in columns.items():
+            full = self.columns.get(name)
+            if full is None:
+                shape = (self.rows, *values.shape[1:]) if isinstance(values, np.ndarray) else None
+                full = self.columns[name] = np.zeros(shape, values.dtype) if shape else [None] * self.rows
+            if isinstance(full, np.ndarray):
+                full[picked] = values
+            else:
+                for row, value in zip(picked.tolist(), values):
+                    full[row] = value
+
+
 def to_arrow(values, valid: np.ndarray, dtype: pa.DataType) -> pa.Array:
     """Column for all rows of a call from values for its valid rows (nulls elsewhere)."""
     n, mask = len(valid), pa.array(~valid)
@@ -118,6 +150,43 @@ def to_arrow(values, valid: np.ndarray, dtype: pa.DataType) -> pa.Array:
     for i, v in zip(np.flatnonzero(valid), values):
         full[i] = v
     return pa.array(full, type=dtype)
+
+
+class ConstantModel(torch.nn.Module):
+    """``faults.constant_outputs``: stands in for ``model`` without running it. Every call returns what the model
+    returned for the first position of a probe row, broadcast to each row and token of the micro-batch (views,
+    no copies), with the model's output type: what is left of a model call is the pipeline's own work."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.config, self.dtype = model.config, model.dtype
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            short, long = (model(input_ids=torch.zeros((1, n), dtype=torch.long, device=device), output_hidden_states=True) for n in (2, 3))
+        self.output_type = type(long)
+        # Per output: its first row and position, and which dimensions follow the sequence (they grew with it).
+        self.constants = {key: [self._first(a, b) for a, b in zip(*map(_tensors, (long[key], short[key])))] for key in long.keys()}
+        self.nested = {key for key in long.keys() if isinstance(long[key], tuple)}
+
+    @staticmethod
+    def _first(long: torch.Tensor, short: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        sequence = [d for d in range(1, long.dim()) if long.shape[d] != short.shape[d]]
+        for d in sequence:
+            long = long.narrow(d, 0, 1)
+        return long, sequence
+
+    def forward(self, input_ids: torch.Tensor, **_):
+        rows, width = input_ids.shape
+
+        def grow(first: torch.Tensor, sequence: list[int]) -> torch.Tensor:
+            return first.expand([rows, *(width if d in sequence else n for d, n in enumerate(first.shape) if d)])
+
+        out = {key: [grow(*c) for c in constants] for key, constants in self.constants.items()}
+        return self.output_type(**{key: tuple(v) if key in self.nested else v[0] for key, v in out.items()})
+
+
+def _tensors(value) -> tuple[torch.Tensor, ...]:
+    return value if isinstance(value, tuple) else (value,)
 
 
 class InferWorker:
@@ -145,6 +214,8 @@ class InferWorker:
         if self.device == "cpu":
             keep_freed_memory()
         self.model = load_model(model, task, self.device, dtype)
+        if faults.constant_outputs:
+            self.model = ConstantModel(self.model)
         self.task = task
         free = torch.cuda.mem_get_info()[0] if self.device == "cuda" else None
         self.max_tokens = (
@@ -165,6 +236,7 @@ class InferWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         self._inject_faults()
         started = time.perf_counter()
+        n = batch.num_rows
         valid = pc.is_null(batch[S.ERROR]).to_numpy(zero_copy_only=False)
         # The micro-batcher's rows are the valid rows' model sequences (one per row unless the task makes more).
         row_of, columns = sequences(batch)
@@ -174,46 +246,38 @@ class InferWorker:
         texts = batch[kept].to_pylist() if kept else None
         texts = [texts[r] for r in row_of] if kept else None
         order = np.argsort(-lengths, kind="stable")  # sequences, longest first
+        parts = [order[part] for part in micro_batches(lengths[order], self.max_tokens, self.min_efficiency)]
 
-        results: dict[str, list] = {}
+        outputs = CallOutputs(len(lengths))
         padded = np.zeros(len(lengths), dtype=np.int64)
-        parts = list(micro_batches(lengths[order], self.max_tokens, self.min_efficiency))
-        for part, columns_out in zip(parts, self._forward_all(columns, texts, [order[p] for p in parts])):
-            for name, values in columns_out.items():
-                results.setdefault(name, []).append(values)
-            padded[order[part]] = lengths[order[part]].max()
+        for picked, columns_out in zip(parts, self._forward_all(columns, texts, parts)):
+            outputs.put(picked, columns_out)
+            padded[picked] = lengths[picked].max()
 
-        # Restore sequence order (results are concatenated in sorted order), then the task's output rows.
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        outputs = {}
-        for name, parts in results.items():
-            merged = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [v for p in parts for v in p]
-            outputs[name] = merged[inverse] if isinstance(merged, np.ndarray) else [merged[i] for i in inverse]
         spans = None
         if S.SPANS in columns:
             flat, bounds = columns[S.SPANS]
             spans = flat[bounds[0] : bounds[-1]].reshape(-1, 2)
-        first, outputs = self.task.reduce(outputs, Windows(row_of, lengths, spans, texts)) if len(row_of) else ([], {})
+        first, columns_out = self.task.reduce(outputs.columns, Windows(row_of, lengths, spans, texts)) if len(row_of) else ([], {})
         first = np.asarray(first, dtype=np.int64)
         # Each rejected row stays one row; each valid row becomes its output rows, in place.
-        per_row = np.bincount(row_of[first], minlength=batch.num_rows)
+        per_row = np.bincount(row_of[first], minlength=n)
         per_row[~valid] = 1
-        taken = np.repeat(np.arange(batch.num_rows), per_row)
+        taken = np.repeat(np.arange(n), per_row)
         valid = valid[taken]
-        n = batch.num_rows
         batch = batch.drop_columns([c for c in CONSUMED if c in batch.column_names]).take(pa.array(taken))
         for field in self.fields:
-            if field.name in outputs:
-                batch = batch.append_column(field.name, to_arrow(outputs[field.name], valid, field.type))
+            if field.name in columns_out:
+                batch = batch.append_column(field.name, to_arrow(columns_out[field.name], valid, field.type))
         for name, per_sequence in ((S.NUM_TOKENS, lengths), (S.PADDED_TOKENS, padded)):
             summed = np.add.reduceat(per_sequence, first) if len(first) else np.zeros(0, dtype=np.int64)
             batch = batch.append_column(name, to_arrow(summed.astype(np.int32), valid, pa.int32()))
-        batch = batch.append_column(S.NODE, pa.array([self.node] * batch.num_rows, pa.string()))
+        rows = batch.num_rows
+        batch = batch.append_column(S.NODE, pa.repeat(pa.scalar(self.node, pa.string()), rows))
         self.progress.beat.remote("infer", n, time.perf_counter() - started)
-        return batch.append_column(S.ACTOR, pa.array([self.process] * batch.num_rows, pa.string()))
+        return batch.append_column(S.ACTOR, pa.repeat(pa.scalar(self.process, pa.string()), rows))
 
-    def _forward_all(self, columns: dict, texts: list | None, parts: list[np.ndarray]) -> Iterator[dict]:
+    def _forward_all(self, columns: dict, texts: list | None, parts: list[np.ndarray]) -> Iterator[Columns]:
         """Head outputs per micro-batch. While the device runs one micro-batch (CUDA kernels are
         asynchronous), the CPU pads and pins the next; the head's copy to the CPU syncs."""
         upcoming = self._inputs(columns, texts, parts[0]) if parts else None
@@ -235,7 +299,7 @@ class InferWorker:
                 upcoming = self._inputs(columns, texts, following) if following is not None else None
             yield result
 
-    def _split(self, columns: dict, texts: list | None, picked: np.ndarray) -> dict:
+    def _split(self, columns: dict, texts: list | None, picked: np.ndarray) -> Columns:
         """Forward ``picked`` in two halves (recursively) after a CUDA OOM."""
         if len(picked) == 1:
             raise torch.cuda.OutOfMemoryError("a single row does not fit in GPU memory; lower model.max_length")
@@ -248,24 +312,12 @@ class InferWorker:
 
     def _inputs(self, columns: dict, texts: list | None, picked: np.ndarray) -> ModelBatch:
         """Rows ``picked`` as one micro-batch: tensors padded to its own longest row, on the device."""
-
-        def rows(name: str) -> list[np.ndarray]:
-            flat, offsets = columns[name]
-            return [flat[offsets[i] : offsets[i + 1]] for i in picked]
-
-        sequences = rows(S.INPUT_IDS)
-        width = max(len(s) for s in sequences)
-        inputs = {
-            "input_ids": np.full((len(picked), width), self.pad_id, dtype=np.int64),
-            "attention_mask": np.zeros((len(picked), width), dtype=np.int64),
-        }
-        for r, seq in enumerate(sequences):
-            inputs["input_ids"][r, : len(seq)] = seq
-            inputs["attention_mask"][r, : len(seq)] = 1
+        mask, index = padded_positions(columns[S.INPUT_IDS][1], picked)
+        inputs = {"input_ids": np.full(mask.shape, self.pad_id, dtype=np.int64), "attention_mask": mask.astype(np.int64)}
+        inputs["input_ids"][mask] = columns[S.INPUT_IDS][0][index]
         if S.TOKEN_TYPE_IDS in columns:
-            inputs["token_type_ids"] = np.zeros_like(inputs["input_ids"])
-            for r, seq in enumerate(rows(S.TOKEN_TYPE_IDS)):
-                inputs["token_type_ids"][r, : len(seq)] = seq
+            inputs["token_type_ids"] = np.zeros(mask.shape, dtype=np.int64)
+            inputs["token_type_ids"][mask] = columns[S.TOKEN_TYPE_IDS][0][index]
         pin = self.device == "cuda"
         tensors = {
             k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(self.device, non_blocking=pin)
@@ -273,4 +325,6 @@ class InferWorker:
         }
         if S.OFFSETS not in columns:
             return ModelBatch(tensors)
-        return ModelBatch(tensors, offsets=rows(S.OFFSETS), texts=[texts[i] for i in picked])
+        flat, offsets = columns[S.OFFSETS]
+        spans = [flat[offsets[i] : offsets[i + 1]] for i in picked]
+        return ModelBatch(tensors, offsets=spans, texts=[texts[i] for i in picked])

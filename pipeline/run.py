@@ -471,13 +471,19 @@ def model_stages(ds, job: Plan, progress, dtype: str | None = None):
     computed in ``dtype`` (default: model.dtype)."""
     import ray
 
+    from pipeline.checkpoint import actor_tokenizer
     from pipeline.infer import InferWorker
     from pipeline.tokenize import TokenizeWorker
 
     cfg, pools = job.cfg, job.pools
     ds = ds.map_batches(
         TokenizeWorker,
-        fn_constructor_kwargs={"model": job.model, "task": job.task, "progress": progress},
+        fn_constructor_kwargs={
+            "tokenizer": actor_tokenizer(job.model, job.task.tokenization.lowercase),
+            "model": job.model,
+            "task": job.task,
+            "progress": progress,
+        },
         batch_size=cfg.tokenize.batch_size,
         batch_format="pyarrow",
         num_cpus=pools.tokenize_cpus,

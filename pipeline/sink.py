@@ -193,13 +193,18 @@ class ParquetSink(Datasink[Receipt | None]):
         stats.real_tokens += int(pc.sum(good[S.NUM_TOKENS]).as_py() or 0)
         stats.padded_tokens += int(pc.sum(good[S.PADDED_TOKENS]).as_py() or 0)
         stats.rows_truncated += int(pc.sum(good[S.TRUNCATED].cast(pa.int64())).as_py() or 0)
-        stats.rows_by_node.update(good[S.NODE].to_pylist())
-        stats.rows_by_actor.update(good[S.ACTOR].to_pylist())
+        stats.rows_by_node.update(counts(good[S.NODE]))
+        stats.rows_by_actor.update(counts(good[S.ACTOR]))
         if self.label_column:
             stats.confusion.update(zip(good[self.label_column].to_pylist(), good[self.prediction_column].to_pylist()))
 
     def on_write_complete(self, write_result: WriteResult[Receipt | None]) -> None:
         self.receipts = [receipt for receipt in write_result.write_returns if receipt is not None]
+
+
+def counts(column: pa.ChunkedArray) -> dict:
+    """How many times each value occurs in ``column`` (a few distinct values over many rows)."""
+    return {item["values"]: item["counts"] for item in pc.value_counts(column).to_pylist()}
 
 
 def _rejected_rows(bad: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.datasource import DefaultFileMetadataProvider, FileBasedDatasource
 from ray.exceptions import UserCodeException
 
 from pipeline import schema as S
-from pipeline.commit import Ranges, covered
+from pipeline.commit import Ranges, covered, covered_rows
 from pipeline.config import InputConfig, StorageConfig
 from pipeline.schema import Reason
 from pipeline.storage import check_access, filesystem, relative_to
@@ -475,14 +476,15 @@ def scan_input(
     return InputScan(total, duplicates, unreadable)
 
 
-def _batches(f, fmt: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """Decoded row batches of the projected columns of a Parquet or Arrow shard."""
-    return _parquet_batches(f, columns) if fmt == "parquet" else _arrow_batches(f, columns)
+def _batches(f, fmt: str, columns: list[str], rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """Decoded batches of up to ``rows`` rows of the projected columns of a Parquet or Arrow shard."""
+    return _parquet_batches(f, columns, rows) if fmt == "parquet" else _arrow_batches(f, columns, rows)
 
 
-def _parquet_batches(f, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """Decoded row batches of the projected columns, page checksums verified where present."""
-    return pq.ParquetFile(f, page_checksum_verification=True).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns)
+def _parquet_batches(f, columns: list[str], rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """Decoded batches of up to ``rows`` rows of the projected columns, page checksums verified where present
+    (the file is opened on the first ``next``)."""
+    yield from pq.ParquetFile(f, page_checksum_verification=True).iter_batches(batch_size=rows, columns=columns)
 
 
 ARROW_FILE_MAGIC = b"ARROW1"
@@ -500,14 +502,13 @@ def _arrow_reader(f) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     return reader.schema, iter(reader)
 
 
-def _arrow_batches(f, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """The projected columns of an Arrow IPC shard, one record batch at a time, in slices of at most
-    ``READ_BATCH_ROWS`` rows."""
+def _arrow_batches(f, columns: list[str], rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """The projected columns of an Arrow IPC shard, one record batch at a time, in slices of at most ``rows`` rows."""
     schema, batches = _arrow_reader(f)
     present = [c for c in columns if c in schema.names]
     for batch in batches:
-        for start in range(0, batch.num_rows, READ_BATCH_ROWS):
-            yield batch.slice(start, READ_BATCH_ROWS).select(present)
+        for start in range(0, batch.num_rows, rows):
+            yield batch.slice(start, rows).select(present)
 
 
 def _parquet_records(batch: pa.RecordBatch, first_row: int) -> Iterator[Record]:
@@ -614,6 +615,50 @@ def check_text(value: Any, max_bytes: int) -> tuple[str | None, Reason | None, s
     return value, None, None
 
 
+def _utf8(column: pa.Array) -> pa.Array:
+    """A text column as ``string``: dictionaries decoded, binary cast; ``ArrowInvalid`` if a value is not UTF-8."""
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        column.validate(full=True)
+    return column.cast(pa.string())
+
+
+def text_problems(texts: pa.Array, max_bytes: int) -> Iterator[tuple[np.ndarray, Reason, list[str | None]]]:
+    """``check_text``'s rejections of a UTF-8 column, as (rows, reason, detail per row), in the order it checks."""
+    null = texts.is_null().to_numpy(zero_copy_only=False)
+    yield null, Reason.NULL_TEXT, [None] * int(null.sum())
+    size = pc.binary_length(texts).fill_null(0).to_numpy()
+    large = size > max_bytes
+    yield large, Reason.TEXT_TOO_LARGE, [f"{b} bytes > input.max_text_bytes={max_bytes}" for b in size[large].tolist()]
+    # A printable ASCII character other than space is visible; the rare rest is checked character by character.
+    ascii_visible = pc.match_substring_regex(texts, "[!-~]").fill_null(True).to_numpy(zero_copy_only=False)
+    unsure = np.flatnonzero(~ascii_visible & ~null & ~large)
+    blank = [i for i in unsure.tolist() if not visible(texts[i].as_py())]
+    empty = np.zeros(len(texts), dtype=bool)
+    empty[blank] = True
+    details = ["only whitespace, control or format characters" if texts[i].as_py().strip() else None for i in blank]
+    yield empty, Reason.EMPTY_TEXT, details
+
+
+class Rejections:
+    """Per row of a block, the first rejection reason and detail added for it (null for good rows)."""
+
+    def __init__(self, rows: int):
+        self.reasons = np.full(rows, None, dtype=object)
+        self.details = np.full(rows, None, dtype=object)
+
+    def add(self, rows: np.ndarray, reason: Reason, details: str | list[str | None]) -> None:
+        """Reject ``rows`` (a mask) that no earlier check rejected; ``details`` is one for all, or one per row."""
+        fresh = rows & (self.reasons == None)  # noqa: E711 - element-wise
+        if isinstance(details, list):
+            details = [d[:500] if d else d for d in np.array(details, dtype=object)[fresh[rows]]]
+        elif details:
+            details = details[:500]
+        self.reasons[fresh] = str(reason)
+        self.details[fresh] = details
+
+
 class ListedFiles(DefaultFileMetadataProvider):
     """Hands Ray Data the driver's one listing of the shards instead of listing them again."""
 
@@ -663,6 +708,18 @@ class ShardDatasource(FileBasedDatasource):
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         relative = self._shards.relative(path)
         skip = self._skip.get(relative, [])
+        fmt = self._shards.format_of(path)
+        if fmt in TYPED:
+            first_row = 0
+            for batch in self._guarded(_batches(f, fmt, self._columns(), self._block_rows), path):
+                rows = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
+                first_row += batch.num_rows
+                if skip:
+                    fresh = ~covered_rows(skip, rows)
+                    batch, rows = batch.filter(pa.array(fresh)), rows[fresh]
+                if len(rows):
+                    yield self._parquet_block(relative, batch, rows)
+            return
         batch: list[Record] = []
         for item in self._guarded(read_records(f, self._shards.format_of(path), self._columns()), path):
             if skip and covered(skip, item[0]):
@@ -674,9 +731,9 @@ class ShardDatasource(FileBasedDatasource):
         if batch:
             yield self._block(relative, batch)
 
-    def _guarded(self, records: Iterator[Record], path: str) -> Iterator[Record]:
+    def _guarded(self, items: Iterator, path: str) -> Iterator:
         try:
-            yield from records
+            yield from items
         except Exception as e:  # noqa: BLE001 - see _changed
             raise self._changed(path, e) from None
 
@@ -731,6 +788,48 @@ class ShardDatasource(FileBasedDatasource):
             table[S.TEXT_PAIR] = pa.array(pairs, pa.string())
         table[S.ERROR] = pa.array(errors, pa.string())
         table[S.ERROR_DETAIL] = pa.array(details, pa.string())
+        return pa.table(table)
+
+    def _parquet_block(self, relative: str, batch: pa.RecordBatch, rows: np.ndarray) -> pa.Table:
+        """``_block`` for a Parquet or Arrow row batch (``rows``: its rows' numbers in the shard), computed column by
+        column: the same table, the same rejections.
+
+        Typed shards' values have their declared types already (``check_schema``), so what is left to check per row
+        is a null id, a duplicate id and the text (``check_text``); only texts without a visible ASCII character
+        are looked at one by one. A batch with a string that is not UTF-8 goes through ``_block`` row by row.
+        """
+        cfg, n = self._cfg, batch.num_rows
+        try:
+            texts = [_utf8(batch.column(c)) for c in (cfg.text_column, cfg.text_pair_column) if c]
+            for c in self._shards.passthrough:
+                if pa.types.is_string(batch.column(c).type) or pa.types.is_large_string(batch.column(c).type):
+                    batch.column(c).validate(full=True)
+        except pa.ArrowInvalid:
+            return self._block(relative, [(row, *item[1:]) for row, item in zip(rows.tolist(), _parquet_records(batch, 0))])
+        rejected = Rejections(n)
+        for c in cfg.id_columns:
+            missing = batch.column(c).is_null().to_numpy(zero_copy_only=False)
+            rejected.add(missing, Reason.MISSING_ID, f"no value in id column {c!r}")
+        duplicates = self._duplicates.get(relative, {})
+        if duplicates:
+            later = np.isin(rows, np.fromiter(duplicates, np.int64, len(duplicates)))
+            rejected.add(later, Reason.DUPLICATE_ID, [f"id already at {duplicates[row]}" for row in rows[later].tolist()])
+        for text, prefix in zip(texts, ("", "text pair: ")):
+            for mask, reason, details in text_problems(text, cfg.max_text_bytes):
+                rejected.add(mask, reason, [prefix + (detail or str(reason)) for detail in details] if prefix else details)
+        ok = pa.array(rejected.reasons == None)  # noqa: E711 - element-wise
+        table: dict[str, Any] = {}
+        if not cfg.id_columns:
+            table[S.GENERATED_ID] = pc.binary_join_element_wise(pa.repeat(relative, n), pa.array(rows).cast(pa.string()), ":")
+        for c in self._shards.passthrough:
+            table[c] = batch.column(c).cast(self._types.field(c).type)
+        table[S.SOURCE_FILE] = pa.repeat(pa.scalar(relative, pa.string()), n)
+        table[S.SOURCE_ROW] = pa.array(rows)
+        table[S.TEXT] = pc.if_else(ok, texts[0], pa.scalar(None, pa.string()))
+        if cfg.text_pair_column:
+            table[S.TEXT_PAIR] = pc.if_else(ok, texts[1], pa.scalar(None, pa.string()))
+        table[S.ERROR] = pa.array(rejected.reasons, pa.string())
+        table[S.ERROR_DETAIL] = pa.array(rejected.details, pa.string())
         return pa.table(table)
 
     def _passthrough(self, column: str, value: Any) -> tuple[Any, tuple[Reason, str] | None]:

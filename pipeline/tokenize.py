@@ -1,4 +1,4 @@
-"""Stage 2, tokenize: CPU actors, each holding one fast tokenizer.
+"""Stage 2, tokenize: CPU actors, each holding the checkpoint's fast (Rust-backed) tokenizer.
 
 Input: source blocks. Output: the same rows with the model sequences the task makes of each
 (``Task.encode``; by default one, truncated to ``max_length``, the task's prompt in front):
@@ -6,10 +6,15 @@ Input: source blocks. Output: the same rows with the model sequences the task ma
 ``_offsets`` when the task's ``Tokenization`` asks for them and ``_spans`` when the task gives the
 characters each sequence covers. Rejected rows pass through with null token columns. Text is dropped
 here unless the task needs it in the model actor (``Tokenization.keeps_text``).
+
+The driver loads the tokenizer once (``pipeline.checkpoint.actor_tokenizer``) and ships it to the actors, which therefore
+do not each read the checkpoint's tokenizer files. ``Task.encode`` gets the Hugging Face tokenizer itself,
+not its Rust core: windows, pairs, overflowing tokens and word ids are its API.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -17,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schema as S
-from pipeline.checkpoint import ResolvedModel, actor_tokenizer
+from pipeline.checkpoint import ResolvedModel
 from pipeline.progress import register
 from pipeline.tasks import Task
 
@@ -43,17 +48,18 @@ def nested(sequences, counts: np.ndarray, valid: np.ndarray, n: int, dtype=np.in
 
 
 class TokenizeWorker:
-    """``map_batches`` callable: tokenizes valid rows without padding."""
+    """``map_batches`` callable: the task's model sequences (``Task.encode``) of valid rows, without padding."""
 
-    def __init__(self, model: ResolvedModel, task: Task, progress):
-        tokenization = task.tokenization
-        self.tokenizer = actor_tokenizer(model, lowercase=tokenization.lowercase)
+    def __init__(self, tokenizer, model: ResolvedModel, task: Task, progress):
+        # One thread per actor, as Ray reserves CPUs per actor: scale tokenization with the pool's size.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        self.tokenizer = tokenizer
         self.progress = progress
         register(progress, "tokenizer")
         self.max_length = model.max_length
         self.task = task
-        self.keeps_text = tokenization.keeps_text
-        self.span_text = S.TEXT_PAIR if tokenization.span_text == "pair" else S.TEXT
+        self.keeps_text = task.tokenization.keeps_text
+        self.span_text = S.TEXT_PAIR if task.tokenization.span_text == "pair" else S.TEXT
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()

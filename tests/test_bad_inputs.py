@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -350,3 +351,43 @@ def test_config_mistakes_get_one_line_from_every_entry_point(entry, tmp_path, ca
         printed = capsys.readouterr()
         assert printed.out == "" and printed.err.count("\n") == 1 and says in printed.err, printed
         assert_clean(printed.err)
+
+
+def test_parquet_blocks_are_built_column_wise_with_the_rejections_of_the_row_path(ray_session, tmp_path):
+    """``_parquet_block`` (Parquet, column by column) returns the very table ``_block`` (row by row) does, on a
+    batch with every per-row rejection a Parquet shard can hold, and falls back to ``_block`` on invalid UTF-8."""
+    from pipeline.source import _parquet_records
+
+    texts = ["the cup", None, "   ", "\u200b\u2060", "x" * 60, "caf\u00e9", "\u00e9t\u00e9", "\t\n", "ok", "again",
+             "fine", "\u3000\u65e5"]  # fmt: skip
+    pairs = ["a", "b", "c", "d", None, " ", "e", "f", "x" * 60, "g", "\u200b", "h"]
+    ids = ["a", "b", None, "d", "e", "f", "g", "h", "i", "j", "k", "l"]
+    batch = pa.RecordBatch.from_pydict(
+        {"doc": ids, "text": texts, "pair": pairs, "topic": pa.array([1, None, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])}
+    )
+    (tmp_path / "a.parquet").write_bytes(b"")
+    cfg = load_config(raw={
+        "input": {"path": str(tmp_path), "id_columns": ["doc"], "text_pair_column": "pair", "max_text_bytes": 40},
+        "model": {"path": "m", "task": "sequence-classification"},
+        "output": {"path": "o"},
+        "eval": {"label_column": "topic"},
+    }).input  # fmt: skip
+    shards = discover(cfg, *filesystem(cfg.path), ["doc", "topic"])
+    types = pa.schema([("doc", pa.string()), ("topic", pa.int64())])
+    source = ShardDatasource(shards, cfg, None, types, {"a.parquet": {5: "a.parquet:0", 9: "b.parquet:1"}})
+    by_rows = source._block("a.parquet", list(_parquet_records(batch, 3)))
+    by_columns = source._parquet_block("a.parquet", batch, np.arange(3, 15))
+    assert by_columns.equals(by_rows)
+    assert set(by_columns[S.ERROR].to_pylist()) == {
+        None, "null_text", "missing_id", "empty_text", "text_too_large", "duplicate_id"
+    }
+    assert "text pair: text_too_large" not in by_columns[S.ERROR_DETAIL].to_pylist()  # details, not reasons
+    assert any(d and d.startswith("text pair: ") for d in by_columns[S.ERROR_DETAIL].to_pylist())
+
+    plain = load_config(raw={"input": {"path": str(tmp_path)}, "model": {"path": "m", "task": "embedding"}, "output": {"path": "o"}})
+    generated = ShardDatasource(discover(plain.input, *filesystem(cfg.path), []), plain.input, None, pa.schema([]), {})
+    binary = pa.RecordBatch.from_pydict({"text": pa.array([b"ok", b"\xff\xfe", None, b" "], pa.binary())})
+    block = generated._parquet_block("a.parquet", binary, np.arange(7, 11))
+    assert block.equals(generated._block("a.parquet", list(_parquet_records(binary, 7))))
+    assert block[S.ERROR].to_pylist() == [None, "invalid_utf8", "null_text", "empty_text"]
+    assert block[S.GENERATED_ID].to_pylist() == [f"a.parquet:{row}" for row in range(7, 11)]

@@ -94,3 +94,91 @@ def test_cuda_oom_splits_the_micro_batch_and_gives_identical_results(ray_session
         np.stack(normal[S.EMBEDDING].to_numpy(zero_copy_only=False)),
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("task", ["embedding", "sequence-classification", "token-classification"])
+def test_constant_outputs_skip_the_forward_pass_with_the_models_output_shapes(tiny_models, task):
+    """faults.constant_outputs (jobs.benchmark --dataplane): every row gets the same output, shaped as the model's."""
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    from pipeline.infer import ConstantModel
+
+    auto = {"embedding": AutoModel, "sequence-classification": AutoModelForSequenceClassification}.get(
+        task, AutoModelForTokenClassification
+    )
+    model = auto.from_pretrained(tiny_models[task]).eval()
+    constant = ConstantModel(model)
+    ids = torch.randint(5, 50, (3, 7))
+    with torch.inference_mode():
+        real = model(input_ids=ids, output_hidden_states=True)
+    model.forward = None  # from here on, a forward pass would fail
+    fake = constant(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    assert type(fake) is type(real) and fake.keys() == real.keys()
+    for key in real.keys():
+        for r, f in zip(*(v if isinstance(v, tuple) else (v,) for v in (real[key], fake[key]))):
+            assert f.shape == r.shape and f.dtype == r.dtype, key
+            assert (f == f[:1, ...]).all(), key  # the same for every row
+
+
+def reference_micro_batches(lengths: np.ndarray, max_tokens: int, min_efficiency: float) -> list[tuple[int, int]]:
+    """micro_batches as a plain loop over rows (its first implementation)."""
+    parts, start = [], 0
+    while start < len(lengths):
+        width = max(1, int(lengths[start]))
+        limit = min(len(lengths), start + max(1, max_tokens // width))
+        stop, real = start + 1, width
+        while stop < limit and real + lengths[stop] >= min_efficiency * width * (stop - start + 1):
+            real += int(lengths[stop])
+            stop += 1
+        parts.append((start, stop))
+        start = stop
+    return parts
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_micro_batches_match_the_row_by_row_loop(seed):
+    rng = np.random.default_rng(seed)
+    lengths = np.sort(rng.integers(0 if seed % 2 else 1, [8, 64, 300, 600, 2, 5000][seed], size=700))[::-1]
+    for budget, floor in [(4096, 0.9), (512, 0.5), (100_000, 0.0), (64, 1.0)]:
+        fast = [(p.start, p.stop) for p in micro_batches(lengths, budget, floor)]
+        assert fast == reference_micro_batches(lengths, budget, floor), (budget, floor)
+
+
+def test_padding_from_arrow_offsets_matches_row_by_row_padding():
+    import pyarrow as pa
+
+    from pipeline.infer import padded_positions, ragged_rows
+
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(1, 1000, size=n).tolist() for n in rng.integers(1, 40, size=50)]
+    column = pa.chunked_array([pa.array(rows[:20], pa.list_(pa.int32())), pa.array(rows[20:], pa.list_(pa.int32()))])
+    flat, offsets = ragged_rows(column.slice(5).combine_chunks())  # a sliced, chunked column, as Ray Data hands batches over
+    picked = np.array([40, 3, 17, 0, 22])
+    mask, index = padded_positions(offsets, picked)
+    padded = np.full(mask.shape, -1)
+    padded[mask] = flat[index]
+    for r, i in enumerate(picked):
+        row = rows[5 + i]
+        assert padded[r, : len(row)].tolist() == row and (padded[r, len(row) :] == -1).all()
+        assert mask[r].sum() == len(row)
+    assert mask.shape == (5, max(len(rows[5 + i]) for i in picked))
+
+
+def test_call_outputs_are_scattered_to_their_sequences_then_rows_get_nulls_for_rejected_ones():
+    import pyarrow as pa
+
+    from pipeline.infer import CallOutputs, to_arrow
+
+    outputs = CallOutputs(3)
+    outputs.put(np.array([2, 0]), {"v": np.array([[3.0, 3.5], [0.0, 0.5]], np.float32), "s": np.array([3, 0]), "l": ["c", "a"]})
+    outputs.put(np.array([1]), {"v": np.array([[2.0, 2.5]], np.float32), "s": np.array([2]), "l": ["b"]})
+    columns = outputs.columns
+    assert columns["v"].tolist() == [[0.0, 0.5], [2.0, 2.5], [3.0, 3.5]] and columns["l"] == ["a", "b", "c"]
+    valid = np.array([True, False, True, True, False])
+    vector = to_arrow(columns["v"], valid, pa.list_(pa.float16(), 2))
+    assert vector.type == pa.list_(pa.float16(), 2)
+    assert vector.to_pylist() == [[0.0, 0.5], None, [2.0, 2.5], [3.0, 3.5], None]
+    assert to_arrow(columns["s"], valid, pa.int32()).to_pylist() == [0, None, 2, 3, None]
+    assert to_arrow(columns["l"], valid, pa.string()).to_pylist() == ["a", None, "b", "c", None]
+    assert to_arrow(np.zeros((0, 2)), np.zeros(2, bool), pa.list_(pa.float32(), 2)).to_pylist() == [None, None]

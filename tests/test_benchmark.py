@@ -106,20 +106,29 @@ def test_report_table_and_chart(tmp_path):
     assert (tmp_path / "chart.png").stat().st_size > 0
 
 
-def test_cpu_by_process_attributes_cpu_to_groups():
+def test_process_usage_attributes_cpu_and_memory_to_the_tree():
     import subprocess
     import sys
 
-    burn = "import sys, time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"
-    with B.CpuByProcess(interval_s=0.1) as cpu:
+    # Burns 0.6 CPU seconds, then idles for four sampling intervals, so the sampler sees all of it.
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(1.0)"
+    # As Ray retitles an actor's process once the actor is gone: its CPU seconds stay the stage's.
+    retitled = burn.replace("import time", "import time, ray._raylet").replace("time.sleep", "ray._raylet.setproctitle('ray::IDLE'); time.sleep")
+    hold = "import time\nblock = bytearray(300 << 20)\nblock[::4096] = b'x' * len(block[::4096])\ntime.sleep(1.5)"
+    with B.ProcessUsage(interval_s=0.25) as usage:
         # argv[1] puts "InferWorker" in the cmdline, as Ray's process title does for a model actor.
         subprocess.run([sys.executable, "-c", burn, "InferWorker"], check=True)
+        subprocess.run([sys.executable, "-c", retitled, "TokenizeWorker"], check=True)
         subprocess.run([sys.executable, "-c", burn], check=True)
-    seconds = cpu.seconds()
+        subprocess.run([sys.executable, "-c", hold], check=True)
+    seconds = usage.seconds()
     assert seconds["model actors"] >= 0.5  # its whole life fell inside the block
     assert seconds["other processes"] >= 0.5
-    assert seconds.get("tokenizer actors", 0.0) == 0.0
+    assert seconds["tokenizer actors"] >= 0.5
     assert seconds["driver"] < 0.5  # this process mostly waited
+    memory = usage.memory()
+    assert memory["peak_rss_mib"] >= 300 + 20  # the child's 300 MiB on top of this process
+    assert 300 <= memory["peak_anon_mib"] <= memory["peak_rss_mib"]
 
 
 def test_rerank_contenders_the_job_against_cross_encoder(ray_session, tiny_models, tmp_path):

@@ -419,7 +419,7 @@ class InProcess:
 
     def head(self, task, texts: list[str]) -> np.ndarray:
         from pipeline.checkpoint import actor_tokenizer, load_model
-        from pipeline.tasks import ModelBatch
+        from pipeline.tasks import ModelBatch, Windows
 
         key = (task.tokenization, tuple(texts))
         if key not in self.forwards:
@@ -430,8 +430,12 @@ class InProcess:
             with torch.inference_mode():
                 outputs = load_model(self.resolved, task, "cpu", "float32")(**dict(encoded))
             self.forwards[key] = outputs, ModelBatch(dict(encoded))
+        outputs, batch = self.forwards[key]
         with torch.inference_mode():
-            return task.head(*self.forwards[key])[S.EMBEDDING]
+            columns = task.head(outputs, batch)
+        # One sequence per row: reduce stores the vectors in the chain's precision, as the model actor does.
+        lengths = batch.attention_mask.sum(dim=1).numpy()
+        return task.reduce(columns, Windows(np.arange(len(lengths)), lengths, None, None))[1][S.EMBEDDING]
 
 
 def embed_in_process(model: Path, texts: list[str], **embedding) -> np.ndarray:

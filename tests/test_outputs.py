@@ -254,6 +254,17 @@ def test_a_run_killed_at_75_percent_resumes_row_by_row_and_index_and_search_see_
     assert len(hits) == len(set(hits)) == manifest["rows_out"] == 78
 
 
+def test_covered_rows_is_covered_for_many_rows():
+    import numpy as np
+
+    from pipeline.commit import covered, covered_rows
+
+    ranges = [(0, 3), (5, 6), (10, 20)]
+    rows = np.arange(-1, 25)
+    assert covered_rows(ranges, rows).tolist() == [covered(ranges, int(r)) for r in rows]
+    assert not covered_rows([], rows).any()
+
+
 # ---- one writer at a time ----------------------------------------------------------------------------------
 
 
