@@ -184,9 +184,9 @@ def _committed(output_path: str, storage: StorageConfig | None, task: str | None
     return committed, schema, metadata
 
 
-def output_task(output_path: str, storage: StorageConfig | None = None) -> str:
-    """The task that wrote the finished output at ``output_path`` (its file-level metadata)."""
-    return str(_committed(output_path, storage)[2].get("task", "unknown"))
+def output_metadata(output_path: str, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """The file-level metadata of the finished output at ``output_path``, whichever task wrote it."""
+    return _committed(output_path, storage)[2]
 
 
 def open_output(output_path: str, storage: StorageConfig | None = None) -> EmbeddingOutput:

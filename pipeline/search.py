@@ -38,7 +38,7 @@ from pipeline.index import (
     load_info,
     open_output,
     open_sparse_output,
-    output_task,
+    output_metadata,
     search,
     sparse_search,
 )
@@ -221,10 +221,11 @@ class Searcher:
     ):
         self.output_path, self.storage = output_path, storage
         self.job = job_config(output_path, storage)
-        dataset = open_output(output_path, storage).metadata.get("input_dataset", {})
+        metadata = output_metadata(output_path, storage)
+        dataset = metadata.get("input_dataset", {})
         if dataset.get("kind") == "hub":  # texts come from the commit that was embedded, not today's
             self.job = self.job.model_copy(update={"input": self.job.input.model_copy(update={"revision": dataset["revision"]})})
-        self.sparse = output_task(output_path, storage) == "sparse-embedding"
+        self.sparse = metadata.get("task") == "sparse-embedding"
         if self.sparse and (prompt is not None or prompt_name is not None):
             raise SearchError("sparse-embedding outputs are searched without a prompt: drop --prompt / --prompt-name")
         self.embed = (
