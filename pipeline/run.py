@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from pipeline import __version__
 from pipeline import schema as S
-from pipeline.checkpoint import ResolvedModel, compute_dtype, resolve
+from pipeline.checkpoint import ResolvedModel, actor_tokenizer, compute_dtype, resolve
 from pipeline.commit import OutputError, Receipt, Resume, Writer, check_location, inspect_output
 from pipeline.config import ConfigError, InputConfig, JobConfig
 from pipeline.source import (
@@ -111,6 +111,15 @@ class Plan:
     unreadable: dict[str, Unreadable] = field(default_factory=dict)  # shards that do not even open
     output: tuple[str, ...] = ()  # what a run would do at output.path (``commit.inspect_output``)
     fidelity: dict | None = None  # what the fidelity gate measured (``fidelity_gate``), for the manifest
+    # Loaded on the driver once per plan, and kept by ``replace``: lowercase -> tokenizer (``tokenizer``).
+    tokenizers: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def tokenizer(self, lowercase: bool):
+        """What the tokenize actors get (``actor_tokenizer``): loaded once, shipped by every pipeline of the run (the
+        fidelity gate's, the calibration's, the run's own)."""
+        if lowercase not in self.tokenizers:
+            self.tokenizers[lowercase] = actor_tokenizer(self.model, lowercase)
+        return self.tokenizers[lowercase]
 
     @property
     def dtype(self) -> str:
@@ -471,7 +480,6 @@ def model_stages(ds, job: Plan, progress, dtype: str | None = None):
     computed in ``dtype`` (default: model.dtype)."""
     import ray
 
-    from pipeline.checkpoint import actor_tokenizer
     from pipeline.infer import InferWorker
     from pipeline.tokenize import TokenizeWorker
 
@@ -479,7 +487,7 @@ def model_stages(ds, job: Plan, progress, dtype: str | None = None):
     ds = ds.map_batches(
         TokenizeWorker,
         fn_constructor_kwargs={
-            "tokenizer": actor_tokenizer(job.model, job.task.tokenization.lowercase),
+            "tokenizer": job.tokenizer(job.task.tokenization.lowercase),
             "model": job.model,
             "task": job.task,
             "progress": progress,

@@ -424,7 +424,7 @@ def scan_input(
             if value is None or why or (isinstance(value, str) and _has_surrogate(value)):
                 return None
             ids.append(value)
-        return hashlib.blake2b(repr(tuple(ids)).encode(), digest_size=16).digest()
+        return _id_digest(tuple(ids))
 
     @ray.remote(num_cpus=1)
     def scan(path: str) -> tuple[int, np.ndarray, np.ndarray, str | None]:
@@ -434,9 +434,13 @@ def scan_input(
                 if shards.format_of(path) in TYPED:
                     for batch in _batches(f, shards.format_of(path), columns):
                         if id_columns:
-                            for row, record, problem in _parquet_records(batch.select(id_columns), count):
-                                if (d := digest(record, problem)) is not None:
-                                    rows.append(row)
+                            ids = batch.select(id_columns)
+                            typed = _typed_digests(ids, id_types)
+                            if typed is None:  # a column of another type, or invalid UTF-8: row by row
+                                typed = [digest(record, problem) for _, record, problem in _parquet_records(ids, 0)]
+                            for i, d in enumerate(typed):
+                                if d is not None:
+                                    rows.append(count + i)
                                     digests.append(d)
                         count += batch.num_rows
                 elif not id_columns:
@@ -474,6 +478,24 @@ def scan_input(
         where = f"{shards.relative(shards.files[shard[origin]])}:{rows[origin]}"
         duplicates.setdefault(shards.relative(shards.files[shard[k]]), {})[int(rows[k])] = where
     return InputScan(total, duplicates, unreadable)
+
+
+def _id_digest(ids: tuple) -> bytes:
+    """16 bytes for a row's id values (after ``coerce``): equal ids, whatever the shard's format, hash alike."""
+    return hashlib.blake2b(repr(ids).encode(), digest_size=16).digest()
+
+
+def _typed_digests(ids: pa.RecordBatch, types: list[pa.DataType]) -> list[bytes | None] | None:
+    """``_id_digest`` of each row of a typed shard's id columns (None for a row with a null id), column by
+    column: the scan's digests without coercing row by row. None (take the row path) unless every column
+    already has its declared type, which ``coerce`` would return unchanged, and every string is UTF-8."""
+    if any(column.type != t for column, t in zip(ids.columns, types)):
+        return None
+    try:
+        values = [column.to_pylist() for column in ids.columns]
+    except UnicodeDecodeError:
+        return None
+    return [None if None in row else _id_digest(row) for row in zip(*values)]
 
 
 def _batches(f, fmt: str, columns: list[str], rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:

@@ -391,3 +391,29 @@ def test_parquet_blocks_are_built_column_wise_with_the_rejections_of_the_row_pat
     assert block.equals(generated._block("a.parquet", list(_parquet_records(binary, 7))))
     assert block[S.ERROR].to_pylist() == [None, "invalid_utf8", "null_text", "empty_text"]
     assert block[S.GENERATED_ID].to_pylist() == [f"a.parquet:{row}" for row in range(7, 11)]
+
+
+def test_duplicate_ids_are_found_alike_in_parquet_and_jsonl_shards(tmp_path, ray_session):
+    """The scan hashes a typed shard's ids column by column and a JSONL shard's row by row (after ``coerce``):
+    one id is one id in either, and a Parquet id that is not UTF-8 is left to the row path, which rejects it."""
+    from pipeline.source import check_schema, open_input
+
+    pq.write_table(pa.table({"doc": ["5", "7", None, "5"], "text": ["a", "b", "c", "d"]}), tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text('{"doc": 7, "text": "x"}\n{"doc": "9", "text": "y"}\n')
+    invalid = pa.array([b"\xff", b"9", b"10"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"doc": invalid, "text": ["e", "f", "g"]}), tmp_path / "c.parquet")
+    cfg = load_config(raw={
+        "input": {"path": str(tmp_path), "id_columns": ["doc"]},
+        "model": {"path": "m", "task": "embedding"},
+        "output": {"path": str(tmp_path / "out")},
+    }).input  # fmt: skip
+    shards = open_input(cfg, None, ["doc"])
+    types, footer_rows, unreadable = check_schema(shards, cfg)
+    assert types.field("doc").type == pa.string() and not unreadable
+    scan = scan_input(shards, cfg, types, footer_rows, check_duplicates=True)
+    assert scan.rows == 9
+    assert scan.duplicates == {
+        "a.parquet": {3: "a.parquet:0"},
+        "b.jsonl": {1: "a.parquet:1"},  # JSONL rows are line numbers; 7 is "7" in the declared string column
+        "c.parquet": {1: "b.jsonl:2"},
+    }

@@ -15,8 +15,10 @@ from conftest import NER_LABELS, TOPICS, sentence
 from drivers import write_config
 
 from jobs.run import main
+import pipeline.run
 from pipeline import fidelity
 from pipeline import schema as S
+from pipeline.checkpoint import actor_tokenizer
 from pipeline.config import ConfigError, load_config
 from pipeline.nightly import check_dtype
 from pipeline.run import FidelityError, fidelity_gate, plan, run_job, sample_rows
@@ -135,8 +137,11 @@ def test_zero_shot_and_question_answering_figures():
 
 
 @pytest.mark.parametrize("task", ["embedding", "token-classification", "sparse-embedding"])
-def test_a_bfloat16_run_records_the_gate_in_its_manifest(ray_session, tiny_models, shards, tmp_path, task):
+def test_a_bfloat16_run_records_the_gate_in_its_manifest(ray_session, tiny_models, shards, tmp_path, task, monkeypatch):
+    loaded = []  # the driver loads the tokenizer once for the gate's two pipelines and the run's
+    monkeypatch.setattr(pipeline.run, "actor_tokenizer", lambda *a: loaded.append(a) or actor_tokenizer(*a))
     manifest = run_job(load_config(raw=config(shards, tmp_path / "out", tiny_models[task], task, dtype="bfloat16", fidelity_rows=30)))
+    assert len(loaded) == 1
     gate = manifest["fidelity"]
     assert gate["dtype"] == "bfloat16" == manifest["model"]["dtype"] and gate["reference"] == "float32"
     assert gate["rows"] == 30 and gate["passed"] is True
