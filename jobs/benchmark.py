@@ -365,7 +365,7 @@ def load_tokenizer(spec: Spec):
 def outputs_of(task: str, model_output, attention_mask: torch.Tensor) -> np.ndarray:
     """Embeddings (masked mean, L2-normalised: the pipeline's default) or logits, float32."""
     if task == "embedding":
-        return torch.nn.functional.normalize(pool(model_output.last_hidden_state, attention_mask, "mean"), dim=-1).numpy()
+        return torch.nn.functional.normalize(pool(model_output.last_hidden_state, attention_mask, "mean"), dim=-1).float().numpy()
     return model_output.logits.float().numpy()
 
 
@@ -394,7 +394,7 @@ def hf_pipeline(spec: Spec) -> tuple[torch.nn.Module, Encode]:
             # Each row comes back padded to its batch's longest row: pool over its own n tokens.
             hidden = pipe(w.texts)
             return np.concatenate(
-                [torch.nn.functional.normalize(pool(h[:, :n], torch.ones(1, n), "mean"), dim=-1).numpy() for h, n in zip(hidden, w.lengths)]
+                [torch.nn.functional.normalize(pool(h[:, :n], torch.ones(1, n), "mean"), dim=-1).float().numpy() for h, n in zip(hidden, w.lengths)]
             )
 
         return model, encode

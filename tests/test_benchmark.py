@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -180,3 +181,13 @@ def test_pretruncation_compares_the_tokenize_stage_off_and_on(tiny_models):
     sets = B.pretruncation_sets(huge_rows=1)
     assert len(sets["articles"]) == 2225 and len(sets["1mb"]) == 1 and len(sets["1mb"][0]) >= B.HUGE_ROW_CHARS
 
+
+
+def test_in_process_contenders_run_in_bfloat16(tiny_models):
+    """``--dtype bfloat16``: every in-process contender returns float32 outputs close to (d) in float32."""
+    spec = B.Spec("embedding", str(tiny_models["embedding"]), "bfloat16", threads=1, max_length=MAX_LENGTH)
+    w = workload(spec)
+    reference = B.InProcess.load("d", replace(spec, dtype="float32"), B.IN_PROCESS["d"])(w).outputs
+    for key in "bcde":
+        outputs = B.InProcess.load(key, spec, B.IN_PROCESS[key])(w).outputs
+        assert outputs.dtype == np.float32 and B.fidelity("embedding", outputs, reference)["cos_min"] > 0.99, key
