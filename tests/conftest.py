@@ -148,6 +148,16 @@ def copy_checkpoint(source: Path, target: Path, **files: str) -> Path:
     return target
 
 
+# One committed output per task, written this session by that task's own end-to-end test: test_tasks checks
+# every registered task's declared fields on it instead of running the task once more (run alone, it runs one).
+WRITTEN_OUTPUTS: dict[str, tuple[object, Path]] = {}
+
+
+def record_output(cfg, output: Path | str) -> None:
+    """Keep ``output``, committed by a run of ``cfg`` (a ``JobConfig``), as its task's example output."""
+    WRITTEN_OUTPUTS.setdefault(cfg.model.task, (cfg, Path(output)))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One tiny checkpoint per task: {'sequence-classification': dir, 'token-classification': dir, ...}."""
