@@ -6,11 +6,12 @@ corpus in a fixture and runs every case both ways. The README's "Bad input" sect
 reasons and exit codes asserted here.
 
 Cases with a ``group`` are shards of that group's one real run (``GROUPS``: the overrides they share). A run
-costs ~10 s of actor start-up here, so the ~30 row- and shard-level cases share four runs, each case in its own
+costs ~10 s of actor start-up here, so the ~30 row- and shard-level cases share three runs, each case in its own
 sub-directory of the group's input, told apart by the ``case`` id column (rejected rows by ``source_file``).
-A group holds one format, since a run reads one; the JSONL group's ids are strings, declared by its first
-shard (``coerce`` has its own tests for other declared types). Each grouped case also dry-runs alone, on its
-own sub-directory. Cases without a group (configs, checkpoints, arguments) are refused before any actor
+The two row-level groups hold one format each, so that each declares its id types itself (the JSONL group's
+ids are strings, declared by its first shard; ``coerce`` has its own tests for other declared types); the
+unreadable shards of both formats share one run, as a run reads JSONL and Parquet shards of one input.
+Each grouped case also dry-runs alone, on its own sub-directory. Cases without a group (configs, checkpoints, arguments) are refused before any actor
 starts, so they run alone. Every run interpolates a planted secret into ``output.path`` and gets secret
 ``storage.key``/``storage.secret`` from the environment: none may appear in any output, log or file.
 """
@@ -199,8 +200,7 @@ def model_at() -> str:
 GROUPS: dict[str, tuple[str, ...]] = {
     "jsonl": ("input.id_columns=[doc_id, case]",),
     "parquet": ("input.id_columns=[doc_id, case]",),
-    "jsonl-unreadable": (),
-    "parquet-unreadable": (),
+    "unreadable": (),  # JSONL and Parquet shards: a run reads both formats in one input
 }
 
 SECRET_SET_CHARS = {"bracket": "[", "quote": "'", "star": "*", "bang": "!", "percent": "%", "at": "@"}
@@ -303,17 +303,17 @@ CASES: list[Case] = [
         "large.parquet": parquet(rows_table(c, ["the cup", "\u200b", ""], text_type=pa.large_string()), row_group_size=1),
     }, "parquet", rows=3, rejected={"empty_text": 2}),
     # --- unreadable shards: quarantined whole before any actor starts, the rest scored, exit 3 ----------
-    Case("truncated_gzip", truncated_gzip, "jsonl-unreadable", **partial(0, "EOFError"),
+    Case("truncated_gzip", truncated_gzip, "unreadable", **partial(0, "EOFError"),
          rows=10, quarantined={"cut.jsonl.gz": None}),
-    Case("gzip_crc_error", gzip_crc_error, "jsonl-unreadable", **partial(0, "CRC check failed"),
+    Case("gzip_crc_error", gzip_crc_error, "unreadable", **partial(0, "CRC check failed"),
          rows=10, quarantined={"crc.jsonl.gz": None}),
-    Case("not_gzip", lambda c: {"fake.jsonl.gz": b"\x1f\x8b not really gzip", **good_jsonl()}, "jsonl-unreadable",
+    Case("not_gzip", lambda c: {"fake.jsonl.gz": b"\x1f\x8b not really gzip", **good_jsonl()}, "unreadable",
          **partial(PARTIAL, "not a readable JSONL file"), rows=10, quarantined={"fake.jsonl.gz": 0}),
-    Case("parquet_corrupt_pages", corrupt_pages, "parquet-unreadable", **partial(0, "Couldn't deserialize thrift"),
+    Case("parquet_corrupt_pages", corrupt_pages, "unreadable", **partial(0, "Couldn't deserialize thrift"),
          rows=10, quarantined={"corrupt.parquet": 300}),
-    Case("parquet_truncated", parquet_cut, "parquet-unreadable", **partial(PARTIAL, "not a readable Parquet file"),
+    Case("parquet_truncated", parquet_cut, "unreadable", **partial(PARTIAL, "not a readable Parquet file"),
          rows=10, quarantined={"cut.parquet": 0}),
-    Case("parquet_zero_bytes", lambda c: {"zero.parquet": b"", **good_parquet()}, "parquet-unreadable",
+    Case("parquet_zero_bytes", lambda c: {"zero.parquet": b"", **good_parquet()}, "unreadable",
          **partial(PARTIAL, "not a readable Parquet file"), rows=10, quarantined={"zero.parquet": 0}),
     Case("every_shard_unreadable", lambda c: {"zero.parquet": b"", "text.parquet": b"PAR1 not really"},
          **refused("none of the 2 input file(s) is readable")),
