@@ -159,6 +159,12 @@ def record_output(cfg, output: Path | str) -> None:
     WRITTEN_OUTPUTS.setdefault(cfg.model.task, (cfg, Path(output)))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """test_tasks' check of every task's declared fields runs after the tasks' own modules have written outputs."""
+    last = [item for item in items if getattr(item, "originalname", "") == "test_every_registered_task_writes_the_fields_it_declares"]
+    items[:] = [item for item in items if item not in last] + last
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One tiny checkpoint per task: {'sequence-classification': dir, 'token-classification': dir, ...}."""

@@ -118,8 +118,8 @@ def test_a_task_registered_only_in_the_registry_runs_end_to_end(ray_session, tin
 @pytest.mark.parametrize("name", list(tasks.REGISTRY))
 def test_every_registered_task_writes_the_fields_it_declares(ray_session, tiny_models, tmp_path, name):
     """What a task declares (fields, metadata) is what lands in Parquet, and nothing else. Checked on the output
-    its own test module committed earlier in the session (``conftest.record_output``), whatever its config;
-    a task no test has run yet (or this test run alone) runs once here, on 12 rows."""
+    its own test module committed earlier in the session (``conftest.record_output``; conftest orders this test
+    last), whatever its config; a task no test has run (this test run alone) runs once here, on 12 rows."""
     if name not in tiny_models:
         pytest.fail(f"add a tiny checkpoint for {name!r} to conftest.tiny_models")
     if name in WRITTEN_OUTPUTS:
