@@ -189,7 +189,11 @@ def ray_session():
 
 class BbcEmbeddings:
     """all-MiniLM-L6-v2 over a stratified BBC subset with ``configs/bbc_embed.yaml``: one run per model.dtype,
-    made when a test first asks for it (test_real_model compares them; test_search searches the bfloat16 one)."""
+    made when a test first asks for it (test_real_model compares them; test_search searches the bfloat16 one).
+
+    ``articles``: 30 per topic, its 20 longest (truncated at 256 tokens) and its 10 shortest, all valid UTF-8;
+    the shard ends with the corpus's one article that is not (``bad_article``), which every run quarantines
+    (test_quarantine)."""
 
     def __init__(self, root: Path):
         import pyarrow as pa
@@ -202,16 +206,18 @@ class BbcEmbeddings:
             try:
                 article.raw.decode("utf-8")
             except UnicodeDecodeError:
+                self.bad_article = article
                 continue
             by_label.setdefault(article.label, []).append(article)
-        self.articles = []  # 30 per topic: its 20 longest (truncated at 256 tokens) and its 10 shortest
+        self.articles = []
         for group in by_label.values():
             group.sort(key=lambda a: len(a.raw), reverse=True)
             self.articles += group[:20] + group[-10:]
         self.root, self.shard = root, root / "bbc.parquet"
+        rows = [*self.articles, self.bad_article]
         pq.write_table(
-            pa.table({"doc_id": [a.doc_id for a in self.articles], "topic": [a.label for a in self.articles],
-                      "text": pa.array([a.raw for a in self.articles], pa.binary())}),
+            pa.table({"doc_id": [a.doc_id for a in rows], "topic": [a.label for a in rows],
+                      "text": pa.array([a.raw for a in rows], pa.binary())}),
             self.shard,
         )  # fmt: skip
         self.runs: dict[str, tuple[dict, Path]] = {}
