@@ -62,6 +62,7 @@ def tiny_bert_config(**kwargs):
     )
 
 
+REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 64  # the tiny checkpoints' limit; many test rows are longer and get truncated
 
 
@@ -148,6 +149,22 @@ def copy_checkpoint(source: Path, target: Path, **files: str) -> Path:
     return target
 
 
+# One committed output per task, written this session by that task's own end-to-end test: test_tasks checks
+# every registered task's declared fields on it instead of running the task once more (run alone, it runs one).
+WRITTEN_OUTPUTS: dict[str, tuple[object, Path]] = {}
+
+
+def record_output(cfg, output: Path | str) -> None:
+    """Keep ``output``, committed by a run of ``cfg`` (a ``JobConfig``), as its task's example output."""
+    WRITTEN_OUTPUTS.setdefault(cfg.model.task, (cfg, Path(output)))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """test_tasks' check of every task's declared fields runs after the tasks' own modules have written outputs."""
+    last = [item for item in items if getattr(item, "originalname", "") == "test_every_registered_task_writes_the_fields_it_declares"]
+    items[:] = [item for item in items if item not in last] + last
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One tiny checkpoint per task: {'sequence-classification': dir, 'token-classification': dir, ...}."""
@@ -168,6 +185,58 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+class BbcEmbeddings:
+    """all-MiniLM-L6-v2 over a stratified BBC subset with ``configs/bbc_embed.yaml``: one run per model.dtype,
+    made when a test first asks for it (test_real_model compares them; test_search searches the bfloat16 one).
+
+    ``articles``: 30 per topic, its 20 longest (truncated at 256 tokens) and its 10 shortest, all valid UTF-8;
+    the shard ends with the corpus's one article that is not (``bad_article``), which every run quarantines
+    (test_quarantine)."""
+
+    def __init__(self, root: Path):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from jobs.bbc import load_articles
+
+        by_label: dict[str, list] = {}
+        for article in load_articles():
+            try:
+                article.raw.decode("utf-8")
+            except UnicodeDecodeError:
+                self.bad_article = article
+                continue
+            by_label.setdefault(article.label, []).append(article)
+        self.articles = []
+        for group in by_label.values():
+            group.sort(key=lambda a: len(a.raw), reverse=True)
+            self.articles += group[:20] + group[-10:]
+        self.root, self.shard = root, root / "bbc.parquet"
+        rows = [*self.articles, self.bad_article]
+        pq.write_table(
+            pa.table({"doc_id": [a.doc_id for a in rows], "topic": [a.label for a in rows],
+                      "text": pa.array([a.raw for a in rows], pa.binary())}),
+            self.shard,
+        )  # fmt: skip
+        self.runs: dict[str, tuple[dict, Path]] = {}
+
+    def run(self, dtype: str) -> tuple[dict, Path]:
+        """(manifest, output directory) of the run in ``dtype``; a bfloat16 run's fidelity gate scores 64 rows."""
+        if dtype not in self.runs:
+            from pipeline.config import load_config
+            from pipeline.run import run_job
+
+            out = self.root / dtype
+            overrides = [f"input.path={self.shard}", f"output.path={out}", f"model.dtype={dtype}", "model.fidelity_rows=64"]
+            self.runs[dtype] = run_job(load_config(REPO / "configs" / "bbc_embed.yaml", overrides)), out
+        return self.runs[dtype]
+
+
+@pytest.fixture(scope="session")
+def bbc_embeddings(tmp_path_factory, ray_session) -> BbcEmbeddings:
+    return BbcEmbeddings(tmp_path_factory.mktemp("bbc-minilm"))
 
 
 @pytest.fixture(scope="session")

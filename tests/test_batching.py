@@ -71,29 +71,30 @@ def test_token_budget_scales_with_free_gpu_memory():
 
 
 def test_cuda_oom_splits_the_micro_batch_and_gives_identical_results(ray_session, tiny_models, tmp_path):
+    """Every micro-batch of more than 3 rows "OOMs" and is split down to 3 rows or fewer; every vector equals
+    the model's on its row alone (mean pooling, normalised), as an unsplit run's does (test_pipeline)."""
     import pyarrow as pa
-    from conftest import WORDS
+    import torch
+    from conftest import WORDS, forward
+    from transformers import AutoModel
+
+    from pipeline.embedding import pool
 
     texts = [" ".join(WORDS[i % 30 : i % 30 + 1 + i % 20]) for i in range(200)]
     pq.write_table(pa.table({"doc_id": [str(i) for i in range(200)], "text": texts}), tmp_path / "in.parquet")
-
-    def run(name: str, **faults) -> pa.Table:
-        raw = {
-            "input": {"path": str(tmp_path / "in.parquet"), "id_columns": ["doc_id"]},
-            "model": {"path": str(tiny_models["embedding"]), "task": "embedding"},
-            "output": {"path": str(tmp_path / name)},
-            "faults": faults,
-        }
-        run_job(load_config(raw=raw))
-        return read_output(str(tmp_path / name)).sort_by("doc_id")
-
-    normal, split = run("normal"), run("split", oom_above_rows=3)  # every micro-batch > 3 rows "OOMs"
-    assert split.num_rows == normal.num_rows == 200
-    np.testing.assert_allclose(
-        np.stack(split[S.EMBEDDING].to_numpy(zero_copy_only=False)),
-        np.stack(normal[S.EMBEDDING].to_numpy(zero_copy_only=False)),
-        atol=1e-5,
-    )
+    raw = {
+        "input": {"path": str(tmp_path / "in.parquet"), "id_columns": ["doc_id"]},
+        "model": {"path": str(tiny_models["embedding"]), "task": "embedding"},
+        "output": {"path": str(tmp_path / "split"), "embedding": {"pooling": "mean", "normalize": True}},
+        "faults": {"oom_above_rows": 3},
+    }
+    run_job(load_config(raw=raw))
+    split = read_output(str(tmp_path / "split"))
+    assert sorted(split["doc_id"].to_pylist(), key=int) == [str(i) for i in range(200)]
+    for row in split.to_pylist():
+        out, inputs = forward(tiny_models["embedding"], AutoModel, texts[int(row["doc_id"])])
+        expected = torch.nn.functional.normalize(pool(out.last_hidden_state, inputs["attention_mask"], "mean"), dim=-1)
+        np.testing.assert_allclose(row[S.EMBEDDING], expected[0].numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("task", ["embedding", "sequence-classification", "token-classification"])

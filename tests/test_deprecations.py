@@ -65,7 +65,9 @@ import sys
 import ray
 
 record_deprecations()
-ray.init(num_cpus=2, include_dashboard=False, runtime_env={"worker_process_setup_hook": record_deprecations})
+# The tests' Ray cluster (RAY_ADDRESS): this driver's job gets worker processes of its own, each hooked at start.
+settings = {name: os.environ[name] for name in ("EB_REPO", "EB_DEPRECATIONS", "EB_HOOKED")}
+ray.init(runtime_env={"worker_process_setup_hook": record_deprecations, "env_vars": settings})
 
 from jobs import index, run, search
 
@@ -79,7 +81,7 @@ sys.exit(max(codes))
 '''
 
 
-def test_a_job_index_and_search_raise_no_deprecation_warning_and_print_no_progress_bars(tiny_models, tmp_path):
+def test_a_job_index_and_search_raise_no_deprecation_warning_and_print_no_progress_bars(ray_session, tiny_models, tmp_path):
     shards, output = tmp_path / "in", tmp_path / "out"
     shards.mkdir()
     for k in range(2):
@@ -96,9 +98,9 @@ def test_a_job_index_and_search_raise_no_deprecation_warning_and_print_no_progre
         )
     )
     records, hooked = tmp_path / "deprecations.jsonl", tmp_path / "hooked-pids"
-    env = {**os.environ, "EB_REPO": str(REPO), "EB_DEPRECATIONS": str(records), "EB_HOOKED": str(hooked)}
-    for name in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS"):  # a local Ray, and the job decides on bars
-        env.pop(name, None)
+    env = {**os.environ, "EB_REPO": str(REPO), "EB_DEPRECATIONS": str(records), "EB_HOOKED": str(hooked),
+           "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}  # fmt: skip
+    env.pop("RAY_DATA_DISABLE_PROGRESS_BARS", None)  # the job decides on bars
     run = subprocess.run(
         [sys.executable, "-c", DRIVER, str(config), str(output)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,

@@ -59,11 +59,22 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def test_chunk_rows_embed_exactly_their_text_and_aggregate_is_their_weighted_mean(ray_session, tmp_path, st_model):
-    articles = long_articles(st_model.tokenizer, 5)
-    texts = [*articles, "A document shorter than one chunk.", "   \n ", None]
+@pytest.fixture(scope="module")
+def bbc_chunks(ray_session, tmp_path_factory, st_model) -> tuple[str, list, dict]:
+    """MiniLM chunk rows (with their text) of 5 long BBC articles, a short document and two rows without
+    text, the output indexed by ``jobs.index``: (output, texts, manifest)."""
+    from jobs.index import main as index_main
+
+    tmp_path = tmp_path_factory.mktemp("bbc-chunks")
+    texts = [*long_articles(st_model.tokenizer, 5), "A document shorter than one chunk.", "   \n ", None]
     manifest = run_job(load_config(raw=embed_job(tmp_path, texts, "chunk", "chunks", chunk_text=True)))
-    rows = read_output(str(tmp_path / "chunks")).to_pylist()
+    assert index_main(["--embeddings", str(tmp_path / "chunks")]) == 0
+    return str(tmp_path / "chunks"), texts, manifest
+
+
+def test_chunk_rows_embed_exactly_their_text_and_aggregate_is_their_weighted_mean(bbc_chunks, tmp_path, st_model):
+    output, texts, manifest = bbc_chunks
+    rows = read_output(output).to_pylist()
 
     # rows_in == documents_out + rejected; every chunk row written once; batching stays efficient.
     assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (8, 6, 2)
@@ -317,18 +328,6 @@ def test_nightly_scores_chunk_rows_once_and_totals_documents_and_chunks(ray_sess
     assert read_output(str(version)).num_rows == len(rows)
 
 
-@pytest.fixture(scope="module")
-def bbc_chunks(ray_session, tmp_path_factory, st_model) -> tuple[str, list[str]]:
-    """MiniLM chunk rows (with their text) of 4 long BBC articles, the output indexed by ``jobs.index``."""
-    from jobs.index import main as index_main
-
-    tmp_path = tmp_path_factory.mktemp("bbc-chunks")
-    texts = long_articles(st_model.tokenizer, 4)
-    run_job(load_config(raw=embed_job(tmp_path, texts, "chunk", "chunks", chunk_text=True)))
-    assert index_main(["--embeddings", str(tmp_path / "chunks")]) == 0
-    return str(tmp_path / "chunks"), texts
-
-
 def middle_chunk(rows: list[dict], skip: str | None = None) -> dict:
     """The longest chunk after a document's first (of a document other than ``skip``): a full window, whose
     middle words are in no other chunk."""
@@ -346,8 +345,9 @@ def middle_words(chunk: dict, count: int = 20) -> str:
 def test_search_over_chunk_rows_returns_each_document_once_with_its_best_chunk(bbc_chunks, st_model, exact):
     from pipeline.search import Searcher
 
-    output, texts = bbc_chunks
+    output, texts, _ = bbc_chunks
     rows = read_output(output).to_pylist()
+    documents = {r["doc_id"] for r in rows}  # the 6 with text
     vectors = np.asarray([r[S.EMBEDDING] for r in rows])
     searcher = Searcher(output)
     assert (searcher.index_info is not None and searcher.index_info.rows) == len(rows)  # the index holds every chunk
@@ -355,7 +355,7 @@ def test_search_over_chunk_rows_returns_each_document_once_with_its_best_chunk(b
     query = middle_words(target)
 
     hits = searcher.search(query, k=10, exact=exact).to_pylist()
-    assert len(hits) == len(texts) and len({h["doc_id"] for h in hits}) == len(texts)  # every document, once
+    assert len(hits) == len(documents) == 6 and {h["doc_id"] for h in hits} == documents  # every document, once
     assert (hits[0]["doc_id"], hits[0][S.CHUNK_INDEX]) == (target["doc_id"], target[S.CHUNK_INDEX])
     assert query in hits[0][S.CHUNK]
     query_vector = searcher.embed([query])[0]
@@ -373,7 +373,7 @@ def test_search_over_chunk_rows_returns_each_document_once_with_its_best_chunk(b
 def test_jobs_search_prints_the_best_chunk_and_its_span(bbc_chunks, capsys):
     from jobs.search import main as search_main
 
-    output, _ = bbc_chunks
+    output, _, _ = bbc_chunks
     rows = read_output(output).to_pylist()
     target = middle_chunk(rows, skip=middle_chunk(rows)["doc_id"])
     query = middle_words(target)

@@ -274,7 +274,7 @@ def test_a_second_driver_on_the_same_output_is_refused_naming_the_holder(ray_ses
     config = write_config(tmp_path / "job.yaml", job(str(tmp_path / "in"), str(out), tiny_models["sequence-classification"]))
 
     with holding("jobs.run", config, held=lambda: any((out / S.LEASE).glob("*.json"))) as first:
-        code, log = finish(start("jobs.run", config))
+        code, log = run_main(config, capsys=capsys)  # a second driver (this process) for the same output
         dry_code, plan_text = run_main(config, "--dry-run", capsys=capsys)
     assert code == 2, log
     assert f"{out} is being written by run " in log and f"pid {first.pid} on {HOST}" in log, log
@@ -302,7 +302,7 @@ def test_a_driver_paused_past_its_lease_ttl_loses_the_lease_and_does_not_commit(
 
 
 def test_on_s3_one_driver_writes_at_a_time_and_overwrite_replaces_only_its_own_files(
-    ray_session, tiny_models, s3_server: S3Server, s3_bucket: str, tmp_path
+    ray_session, tiny_models, s3_server: S3Server, s3_bucket: str, tmp_path, capsys
 ):
     client = s3_server.client()
     ids = write_shards(tmp_path / "in", 2, 10)
@@ -317,7 +317,7 @@ def test_on_s3_one_driver_writes_at_a_time_and_overwrite_replaces_only_its_own_f
     lease = lambda: client.list_objects_v2(Bucket=s3_bucket, Prefix=f"data/in-scores/{S.LEASE}/").get("Contents")  # noqa: E731
 
     with holding("jobs.run", config, held=lambda: bool(lease())) as first:
-        code, log = finish(start("jobs.run", config))
+        code, log = run_main(config, capsys=capsys)  # a second driver (this process) for the same output
     assert code == 2, log
     assert f"{out} is being written by run " in log and f"pid {first.pid} on {HOST}" in log, log
     code, log = finish(first)

@@ -16,14 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import forward, sentence
+from conftest import forward, record_output, sentence
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from pipeline import read_output
 from pipeline import schema as S
 from pipeline.config import load_config
 from pipeline.embedding import pool
-from pipeline.run import run_job
+from pipeline.run import plan, run_job
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,9 @@ def jsonl_shards(tmp_path_factory) -> Path:
 
 def run(tmp_path: Path, **raw) -> tuple[dict, pa.Table]:
     raw.setdefault("output", {})["path"] = str(tmp_path / "out")
-    manifest = run_job(load_config(raw=raw))
+    cfg = load_config(raw=raw)
+    manifest = run_job(cfg)
+    record_output(cfg, tmp_path / "out")  # test_tasks checks the task's declared fields on it
     return manifest, read_output(str(tmp_path / "out"))
 
 
@@ -83,11 +85,12 @@ def check_conservation(manifest: dict, table: pa.Table, rejected: int) -> None:
     assert manifest["rows_rejected"] == rejected
 
 
-def test_sequence_classification_matches_forward_pass(ray_session, tiny_models, parquet_shards, tmp_path):
+def test_sequence_classification_of_text_pairs_matches_forward_pass(ray_session, tiny_models, parquet_shards, tmp_path):
+    """(text, pair) rows; single texts are compared with the forward pass in test_hub_id_with_pinned_revision_loads_offline."""
     model_dir = tiny_models["sequence-classification"]
     manifest, table = run(
         tmp_path,
-        input={"path": str(parquet_shards), "id_columns": ["doc_id", "shard"]},
+        input={"path": str(parquet_shards), "id_columns": ["doc_id", "shard"], "text_pair_column": "pair"},
         model={"path": str(model_dir), "task": "sequence-classification"},
         inference={"batch_size": 64, "max_tokens_per_batch": 512},
         output={"cls_embedding": True},
@@ -101,11 +104,12 @@ def test_sequence_classification_matches_forward_pass(ray_session, tiny_models, 
     assert (tmp_path / "out" / S.SUCCESS).exists() and manifest["padding_efficiency"] >= 0.85
     assert manifest["stages"]["tokenize"]["rows"] == 600 and manifest["stages"]["infer"]["rows_per_worker_s"] > 0
 
-    source = read_rows(parquet_shards, "text")
+    source = read_rows(parquet_shards, "text", "pair")
     id2label = AutoModelForSequenceClassification.from_pretrained(model_dir).config.id2label
     truncated = 0
     for row in table.to_pylist():
-        out, inputs = forward(model_dir, AutoModelForSequenceClassification, source[row["doc_id"]][0])
+        out, inputs = forward(model_dir, AutoModelForSequenceClassification, *source[row["doc_id"]])
+        assert inputs["token_type_ids"].max() == 1
         logits = out.logits[0].numpy()
         probs = torch.softmax(out.logits[0], -1).numpy()
         np.testing.assert_allclose(row[S.LOGITS], logits, atol=1e-4)
@@ -122,29 +126,15 @@ def test_sequence_classification_matches_forward_pass(ray_session, tiny_models, 
     assert {r["reason"] for r in rejected} == {"empty_text"} and {r["source_row"] for r in rejected} == {7}
 
 
-def test_text_pairs_match_forward_pass(ray_session, tiny_models, parquet_shards, tmp_path):
-    model_dir = tiny_models["sequence-classification"]
-    manifest, table = run(
-        tmp_path,
-        input={"path": str(parquet_shards / "part-0.parquet"), "id_columns": ["doc_id"], "text_pair_column": "pair"},
-        model={"path": str(model_dir), "task": "sequence-classification"},
-    )
-    check_conservation(manifest, table, rejected=1)
-    source = read_rows(parquet_shards, "text", "pair")
-    for row in table.to_pylist():
-        out, inputs = forward(model_dir, AutoModelForSequenceClassification, *source[row["doc_id"]])
-        assert inputs["token_type_ids"].max() == 1
-        np.testing.assert_allclose(row[S.LOGITS], out.logits[0].numpy(), atol=1e-4)
-
-
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_embeddings_from_jsonl_match_forward_pass(ray_session, tiny_models, jsonl_shards, tmp_path, pooling):
+def test_embeddings_from_jsonl_match_forward_pass(ray_session, tiny_models, jsonl_shards, tmp_path):
+    """Mean pooling, normalised (other poolings through the job: test_embedding_fidelity, and cls without
+    normalize in test_search's tiny_output)."""
     model_dir = tiny_models["embedding"]
     manifest, table = run(
         tmp_path,
         input={"path": str(jsonl_shards)},
         model={"path": str(model_dir), "task": "embedding"},
-        output={"embedding": {"pooling": pooling, "normalize": pooling == "mean"}},
+        output={"embedding": {"pooling": "mean", "normalize": True}},
     )
     check_conservation(manifest, table, rejected=2)
     assert manifest["rejected_by_reason"] == {"malformed_json": 1, "not_string": 1}
@@ -160,8 +150,7 @@ def test_embeddings_from_jsonl_match_forward_pass(ray_session, tiny_models, json
         name, line = row[S.GENERATED_ID].rsplit(":", 1)
         text = json.loads(lines[name][int(line) - 1])["text"]
         out, inputs = forward(model_dir, AutoModel, text)
-        expected = pool(out.last_hidden_state, inputs["attention_mask"], pooling)
-        expected = (torch.nn.functional.normalize(expected, dim=-1) if pooling == "mean" else expected)[0].numpy()
+        expected = torch.nn.functional.normalize(pool(out.last_hidden_state, inputs["attention_mask"], "mean"), dim=-1)[0].numpy()
         np.testing.assert_allclose(row[S.EMBEDDING], expected, atol=1e-4)
 
 
@@ -198,7 +187,8 @@ def test_token_classification_matches_hf_pipeline(ray_session, tiny_models, parq
 
 
 def test_hub_id_with_pinned_revision_loads_offline(ray_session, tiny_models, parquet_shards, tmp_path):
-    """A checkpoint laid out in the standard Hub cache loads by id with HF_HUB_OFFLINE=1."""
+    """A checkpoint laid out in the standard Hub cache loads by id with HF_HUB_OFFLINE=1: pinned to its commit,
+    the run scores single texts as the forward pass of the same weights does; ``main`` resolves to that commit."""
     import os
 
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -207,20 +197,22 @@ def test_hub_id_with_pinned_revision_loads_offline(ray_session, tiny_models, par
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
 
-    for revision in (commit, "main"):
-        manifest, table = run(
-            tmp_path / revision,
-            input={"path": str(parquet_shards / "part-2.parquet"), "id_columns": ["doc_id"]},
-            model={"path": "tiny-org/tiny-classifier", "revision": revision, "task": "sequence-classification"},
-        )
-        assert manifest["model"]["model_revision"] == commit
-        assert table.num_rows == 119
-    local, _ = run(
-        tmp_path / "local",
-        input={"path": str(parquet_shards / "part-2.parquet"), "id_columns": ["doc_id"]},
-        model={"path": str(tiny_models["sequence-classification"]), "task": "sequence-classification"},
-    )
-    assert pq.read_table(tmp_path / "local" / "out").sort_by("doc_id")[S.LOGITS].equals(table.sort_by("doc_id")[S.LOGITS])
+    def raw(revision: str) -> dict:
+        return {
+            "input": {"path": str(parquet_shards / "part-2.parquet"), "id_columns": ["doc_id"]},
+            "model": {"path": "tiny-org/tiny-classifier", "revision": revision, "task": "sequence-classification"},
+            "output": {"path": str(tmp_path / revision / "out")},
+        }
+
+    assert plan(load_config(raw=raw("main")), 2, 0).metadata()["model_revision"] == commit
+    manifest, table = run(tmp_path / commit, **raw(commit))
+    assert manifest["model"]["model_revision"] == commit
+    check_conservation(manifest, table, rejected=1)
+    source = read_rows(parquet_shards, "text")
+    for row in table.to_pylist():
+        out, _ = forward(tiny_models["sequence-classification"], AutoModelForSequenceClassification, source[row["doc_id"]][0])
+        np.testing.assert_allclose(row[S.LOGITS], out.logits[0].numpy(), atol=1e-4)
+        assert row[S.LABEL_ID] == int(out.logits[0].argmax())
 
 
 def test_generated_ids_lead_when_only_label_or_group_columns_pass_through(ray_session, tiny_models, parquet_shards, tmp_path):

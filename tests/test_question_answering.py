@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import WORDS
+from conftest import WORDS, record_output
 
 from pipeline import read_output
 from pipeline import schema as S
@@ -114,7 +114,9 @@ def config(inputs: Path, model: Path, out: Path, **model_keys) -> dict:
 def test_answers_equal_the_pipeline(ray_session, tiny_models, tmp_path):
     model = tiny_models["question-answering"]
     source = write_rows(tmp_path / "in.parquet")
-    manifest = run_job(load_config(raw=config(tmp_path / "in.parquet", model, tmp_path / "out")))
+    cfg = load_config(raw=config(tmp_path / "in.parquet", model, tmp_path / "out"))
+    manifest = run_job(cfg)
+    record_output(cfg, tmp_path / "out")  # test_tasks checks the declared fields on it
     assert (manifest["rows_in"], manifest["rows_out"], manifest["rejected_by_reason"]) == (14, 13, {"null_text": 1})
     assert read_output(str(tmp_path / "out"), rejected=True)["qid"].to_pylist() == ["q2"]
     table = read_output(str(tmp_path / "out"))

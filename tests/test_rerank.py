@@ -1,9 +1,10 @@
 """``rerank``: the job's scores equal sentence-transformers' ``CrossEncoder.predict`` on every row, and its
 ranks equal ``CrossEncoder.rank`` over each query's documents, with groups spread over shards, blocks and
-model-actor calls; rows missing their document are quarantined; nightly reruns are no-ops."""
+model-actor calls (a nightly run); rows missing their document are quarantined; nightly reruns are no-ops."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -60,12 +61,25 @@ def cross_encoder(model: Path):
     return CrossEncoder(str(model), device="cpu")
 
 
-def test_scores_and_ranks_equal_cross_encoder(ray_session, tiny_models, tmp_path):
-    source = write_pairs(tmp_path / "in")
-    manifest = run_job(load_config(raw=config(tmp_path / "in", tiny_models["rerank"], tmp_path / "out", group_column="qid")))
+def test_scores_and_ranks_equal_cross_encoder_in_a_nightly_run_that_reruns_as_a_no_op(ray_session, tiny_models, tmp_path, capsys):
+    """Through jobs.nightly (a rerun of the date is a no-op); the rank of a plain run is in test_pipeline's
+    generated-ids test and test_hf_datasets."""
+    from jobs.nightly import main
+
+    source = write_pairs(tmp_path / "events" / f"dt={DATE}")
+    raw = config(tmp_path / "events" / "dt=${DATE}", tiny_models["rerank"], tmp_path / "scores", group_column="qid")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(tmp_path / "job.yaml"), "--date", DATE]) == 0
+    capsys.readouterr()
+    assert main(["--config", str(tmp_path / "job.yaml"), "--date", DATE]) == 0
+    assert "already complete (2 shards" in capsys.readouterr().out
+    day = str(tmp_path / "scores" / f"dt={DATE}")
+    [version] = (tmp_path / "scores" / f"dt={DATE}").glob("version=*")
+    manifest = json.loads((version / S.MANIFEST).read_text())
+    assert len(manifest["runs"]) == 1
     assert (manifest["rows_in"], manifest["rows_out"], manifest["rejected_by_reason"]) == (48, 47, {"null_text": 1})
-    assert read_output(str(tmp_path / "out"), rejected=True)["doc_id"].to_pylist() == ["s0-4"]
-    table = read_output(str(tmp_path / "out"))
+    assert read_output(day, rejected=True)["doc_id"].to_pylist() == ["s0-4"]
+    table = read_output(day)
     assert table.schema.names == ["doc_id", "qid", S.NUM_TOKENS, S.TRUNCATED, S.SCORE, S.RANK]
     assert table.schema.field(S.SCORE).type == pa.float32() and table.schema.field(S.RANK).type == pa.int32()
     rows = {row["doc_id"]: row for row in table.to_pylist()}
@@ -124,22 +138,6 @@ def test_rerank_refuses_what_it_cannot_reproduce(tiny_models, tmp_path):
                              **{"config_sentence_transformers.json": '{"activation_fn": "my_package.Squash"}'})
     with pytest.raises(CheckpointError, match="activation 'my_package.Squash' is not a torch class"):
         plan(load_config(raw={**base, "model": {"path": str(custom), "task": "rerank"}}))
-
-
-def test_nightly_ranks_a_date_once(ray_session, tiny_models, tmp_path):
-    from jobs.nightly import main
-
-    write_pairs(tmp_path / "events" / f"dt={DATE}", shards=2, rows=10)
-    raw = config(tmp_path / "events" / "dt=${DATE}", tiny_models["rerank"], tmp_path / "scores", group_column="qid")
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
-    assert main(["--config", str(tmp_path / "job.yaml"), "--date", DATE]) == 0
-    assert main(["--config", str(tmp_path / "job.yaml"), "--date", DATE]) == 0  # already complete: a no-op
-    table = read_output(str(tmp_path / "scores" / f"dt={DATE}"))
-    assert sorted(table["doc_id"].to_pylist()) == sorted(f"s{s}-{i}" for s in range(2) for i in range(10) if (s, i) != (0, 4))
-    ranks = defaultdict(list)
-    for row in table.to_pylist():
-        ranks[row["qid"]].append(row[S.RANK])
-    assert all(sorted(r) == list(range(1, len(r) + 1)) for q, r in ranks.items() if q is not None)
 
 
 def test_search_reranks_the_dense_top_k_with_the_rerank_head(ray_session, tiny_models, tmp_path, capsys):

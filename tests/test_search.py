@@ -296,15 +296,12 @@ def test_an_output_of_an_older_config_is_refused_with_one_line(tmp_path, tiny_ou
 
 
 @pytest.fixture(scope="module")
-def bbc_output(tmp_path_factory, ray_session) -> Path:
-    """configs/bbc_embed.yaml (all-MiniLM-L6-v2, bf16) over ~300 BBC articles stratified by label, indexed."""
-    root = tmp_path_factory.mktemp("bbc")
-    subset = bbc.split(bbc.load_articles(), test_fraction=0.135)[1]  # ~13.5% of each label: 300 articles
-    bbc.write_shards(root / "bbc", subset, num_shards=2)
-    overrides = [f"input.path={root / 'bbc'}", f"output.path={root / 'out'}", "model.dtype=bfloat16"]
-    run_job(load_config(REPO / "configs/bbc_embed.yaml", overrides))
-    assert index_job.main(["--embeddings", str(root / "out")]) == 0
-    return root / "out"
+def bbc_output(bbc_embeddings) -> Path:
+    """configs/bbc_embed.yaml (all-MiniLM-L6-v2, bf16) over 150 BBC articles, 30 per label (conftest.bbc_embeddings,
+    whose bfloat16 run test_real_model checks against float32), indexed."""
+    _, output = bbc_embeddings.run("bfloat16")
+    assert index_job.main(["--embeddings", str(output)]) == 0
+    return output
 
 
 def test_sports_query_finds_sports_articles(bbc_output):
@@ -325,7 +322,7 @@ def test_search_cli_prints_hits_with_snippets(bbc_output, capsys):
     print("\n".join(printed[False]))
 
     title, header, *lines = printed[False]
-    assert "hnsw index (300 rows)" in title and "exact search" in printed[True][0]
+    assert "hnsw index (150 rows)" in title and "exact search" in printed[True][0]
     assert header.split() == ["#", "score", "doc_id", "topic", "text"] and len(lines) == 5
     top = lines[0].split()[2]
     assert top.startswith("sports/")

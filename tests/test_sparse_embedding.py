@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import build_vocab, copy_checkpoint, sentence
+from conftest import build_vocab, copy_checkpoint, record_output, sentence
 
 from pipeline import read_output
 from pipeline import schema as S
@@ -64,7 +64,9 @@ def assert_equal_to_reference(table: pa.Table, source: dict[str, str], model: Pa
 
 def test_a_masked_lm_checkpoint_encodes_as_sparse_encoder(ray_session, tiny_models, tmp_path):
     source = write_texts(tmp_path / "in.parquet")
-    manifest = run_job(load_config(raw=config(tmp_path / "in.parquet", tiny_models["sparse-embedding"], tmp_path / "out")))
+    cfg = load_config(raw=config(tmp_path / "in.parquet", tiny_models["sparse-embedding"], tmp_path / "out"))
+    manifest = run_job(cfg)
+    record_output(cfg, tmp_path / "out")  # test_tasks checks the declared fields on it
     assert (manifest["rows_in"], manifest["rows_out"]) == (30, 28)
     assert manifest["rejected_by_reason"] == {"null_text": 1, "empty_text": 1}
     schema = pq.read_schema(next((tmp_path / "out").glob("part-*.parquet")))

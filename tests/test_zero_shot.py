@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import sentence
+from conftest import record_output, sentence
 
 from pipeline import read_output
 from pipeline import schema as S
@@ -50,6 +50,7 @@ def test_labels_and_scores_equal_the_pipeline(ray_session, tiny_models, tmp_path
     cfg = load_config(raw=config(tmp_path / "in.parquet", model, tmp_path / "out", hypothesis_template=TEMPLATE,
                                  multi_label=multi_label))  # fmt: skip
     manifest = run_job(cfg)
+    record_output(cfg, tmp_path / "out")  # test_tasks checks the declared fields on it
     assert (manifest["rows_in"], manifest["rows_out"], manifest["rejected_by_reason"]) == (20, 19, {"null_text": 1})
     assert read_output(str(tmp_path / "out"), rejected=True)["doc_id"].to_pylist() == ["r3"]
     table = read_output(str(tmp_path / "out"))

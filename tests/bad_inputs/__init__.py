@@ -6,13 +6,14 @@ corpus in a fixture and runs every case both ways. The README's "Bad input" sect
 reasons and exit codes asserted here.
 
 Cases with a ``group`` are shards of that group's one real run (``GROUPS``: the overrides they share). A run
-costs ~10 s of actor start-up here, so the ~30 row- and shard-level cases share four runs, each case in its own
+costs ~10 s of actor start-up here, so the ~30 row- and shard-level cases share two runs, each case in its own
 sub-directory of the group's input, told apart by the ``case`` id column (rejected rows by ``source_file``).
-A group holds one format, since a run reads one; the JSONL group's ids are strings, declared by its first
-shard (``coerce`` has its own tests for other declared types). Each grouped case also dry-runs alone, on its
-own sub-directory. Cases without a group (configs, checkpoints, arguments) are refused before any actor
-starts, so they run alone. Every run interpolates a planted secret into ``output.path`` and gets secret
-``storage.key``/``storage.secret`` from the environment: none may appear in any output, log or file.
+Each group mixes JSONL and Parquet shards, as one input may. The row-level group's ids are strings, declared
+by its Parquet shards' footers; each case also dry-runs alone, on its own sub-directory, where a JSONL case's
+ids are declared by its first values (``coerce`` has its own tests for other declared types). Cases without a
+group (configs, checkpoints, arguments) are refused before any actor starts, so they run alone. Every run
+interpolates a planted secret into ``output.path`` and gets secret ``storage.key``/``storage.secret`` from the
+environment: none may appear in any output, log or file.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Outcome:
 class Case:
     name: str
     files: Callable[[str], dict[str, bytes]] = lambda case: {}  # case name -> {relative path: bytes}
-    group: str | None = None  # None: runs alone, with "jsonl"'s config unless ``config`` replaces it
+    group: str | None = None  # None: runs alone, with the base config unless ``config`` replaces it
     overrides: tuple[str, ...] = ()  # --set, formatted with {dir} (the case's directory)
     dry_run: Outcome = Outcome()
     run: Outcome = Outcome()
@@ -197,10 +198,8 @@ def model_at() -> str:
 
 # The groups' configs, as --set on top of the base config (tests/test_bad_inputs.py: base_config).
 GROUPS: dict[str, tuple[str, ...]] = {
-    "jsonl": ("input.id_columns=[doc_id, case]",),
-    "parquet": ("input.id_columns=[doc_id, case]",),
-    "jsonl-unreadable": (),
-    "parquet-unreadable": (),
+    "rows": ("input.id_columns=[doc_id, case]",),  # JSONL and Parquet shards: a run reads both in one input
+    "unreadable": (),
 }
 
 SECRET_SET_CHARS = {"bracket": "[", "quote": "'", "star": "*", "bang": "!", "percent": "%", "at": "@"}
@@ -240,80 +239,80 @@ def one_row(case: str) -> dict[str, bytes]:
 CASES: list[Case] = [
     # --- rows: quarantined with a reason, the rest scored -------------------------------------------------
     Case("lone_surrogate", lambda c: jsonl(*good_lines(c, 2), line(c, 2, "lone \ud800 surrogate")),
-         "jsonl", rows=3, rejected={"invalid_utf8": 1}),
+         "rows", rows=3, rejected={"invalid_utf8": 1}),
     Case("cesu8_bytes", lambda c: jsonl(*good_lines(c, 2), raw(c, 2, b"cesu \xed\xa0\x80 bytes")),
-         "jsonl", rows=3, rejected={"invalid_utf8": 1}),
+         "rows", rows=3, rejected={"invalid_utf8": 1}),
     Case("surrogate_in_id", lambda c: jsonl(*good_lines(c, 1), obj(doc_id="\udc00", case=c, text="the match")),
-         "jsonl", rows=2, rejected={"invalid_utf8": 1}),
+         "rows", rows=2, rejected={"invalid_utf8": 1}),
     Case("zero_width_text", lambda c: jsonl(*good_lines(c, 1), *(
         line(c, i, t) for i, t in enumerate(["\u200b\u200b", "\u2060", "\ufeff", " \u200c\u200d\n\t", "\x00\x01"], 1))),
-         "jsonl", rows=6, rejected={"empty_text": 5}),
+         "rows", rows=6, rejected={"empty_text": 5}),
     Case("missing_id", lambda c: jsonl(*good_lines(c, 2), obj(case=c, text="no id"), obj(doc_id=None, case=c, text="null")),
-         "jsonl", rows=4, rejected={"missing_id": 2}),
+         "rows", rows=4, rejected={"missing_id": 2}),
     # declared string (first shard): ints convert (8 -> "8"; 7 -> "7" repeats a.jsonl's "7"), nothing else does
     Case("mixed_id_types", lambda c: {
         **jsonl(*[line(c, i) for i in (5, 6, 7)], name="a.jsonl"),
         **jsonl(*(obj(doc_id=v, case=c, text="the cup") for v in (8, 7, 1.5, True, {"id": 1}, [1])), name="b.jsonl"),
-    }, "jsonl", rows=9, rejected={"duplicate_id": 1, "bad_id": 4}),
+    }, "rows", rows=9, rejected={"duplicate_id": 1, "bad_id": 4}),
     Case("duplicate_ids", lambda c: jsonl(*good_lines(c, 3), line(c, 1, "again")),
-         "jsonl", rows=4, rejected={"duplicate_id": 1}),
-    Case("utf8_bom", lambda c: {"rows.jsonl": b"\xef\xbb\xbf" + b"\n".join(good_lines(c, 3)) + b"\n"}, "jsonl", rows=3),
-    Case("crlf_lines", lambda c: jsonl(*good_lines(c, 3), end=b"\r\n"), "jsonl", rows=3),
+         "rows", rows=4, rejected={"duplicate_id": 1}),
+    Case("utf8_bom", lambda c: {"rows.jsonl": b"\xef\xbb\xbf" + b"\n".join(good_lines(c, 3)) + b"\n"}, "rows", rows=3),
+    Case("crlf_lines", lambda c: jsonl(*good_lines(c, 3), end=b"\r\n"), "rows", rows=3),
     Case("json_array_line", lambda c: jsonl(*good_lines(c, 1), b'["not", "an", "object"]'),
-         "jsonl", rows=2, rejected={"malformed_json": 1}),
+         "rows", rows=2, rejected={"malformed_json": 1}),
     Case("bare_string_line", lambda c: jsonl(*good_lines(c, 1), b'"just a string"', b"42"),
-         "jsonl", rows=3, rejected={"malformed_json": 2}),
+         "rows", rows=3, rejected={"malformed_json": 2}),
     Case("malformed_json", lambda c: jsonl(*good_lines(c, 1), b'{"doc_id": "1", "text": "no closing', b"{} trailing"),
-         "jsonl", rows=3, rejected={"malformed_json": 2}),
+         "rows", rows=3, rejected={"malformed_json": 2}),
     Case("deep_nesting", lambda c: jsonl(*good_lines(c, 1), b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
-         "jsonl", rows=2, rejected={"malformed_json": 1}),
+         "rows", rows=2, rejected={"malformed_json": 1}),
     Case("invalid_utf8_bytes", lambda c: jsonl(*good_lines(c, 1), raw(c, 1, b"caf\xe9")),
-         "jsonl", rows=2, rejected={"invalid_utf8": 1}),
+         "rows", rows=2, rejected={"invalid_utf8": 1}),
     Case("row_of_5_mb", lambda c: jsonl(*good_lines(c, 1), line(c, 1, "word " * 1_000_000)),
-         "jsonl", rows=2, rejected={"text_too_large": 1}),
+         "rows", rows=2, rejected={"text_too_large": 1}),
     Case("null_text", lambda c: jsonl(*good_lines(c, 1), obj(doc_id="1", case=c, text=None), obj(doc_id="2", case=c)),
-         "jsonl", rows=3, rejected={"null_text": 2}),
+         "rows", rows=3, rejected={"null_text": 2}),
     Case("whitespace_text", lambda c: jsonl(*good_lines(c, 1), line(c, 1, "   \n\t "), line(c, 2, "")),
-         "jsonl", rows=3, rejected={"empty_text": 2}),
+         "rows", rows=3, rejected={"empty_text": 2}),
     Case("non_string_text", lambda c: jsonl(*good_lines(c, 1), *(line(c, i, v) for i, v in enumerate([42, [], {}, True], 1))),
-         "jsonl", rows=5, rejected={"not_string": 4}),
+         "rows", rows=5, rejected={"not_string": 4}),
     Case("blank_lines_and_no_final_newline",
-         lambda c: {"rows.jsonl": b"\n\n" + b"\n  \n".join(good_lines(c, 3)) + b"\n\t\n" + line(c, 3)}, "jsonl", rows=4),
+         lambda c: {"rows.jsonl": b"\n\n" + b"\n  \n".join(good_lines(c, 3)) + b"\n\t\n" + line(c, 3)}, "rows", rows=4),
     Case("empty_files", lambda c: {"empty.jsonl": b"", "empty.jsonl.gz": gzip.compress(b""), **one_row(c)},
-         "jsonl", rows=1),
-    Case("gzip_shard", lambda c: {"rows.jsonl.gz": gzip.compress(b"\n".join(good_lines(c, 5)))}, "jsonl", rows=5),
+         "rows", rows=1),
+    Case("gzip_shard", lambda c: {"rows.jsonl.gz": gzip.compress(b"\n".join(good_lines(c, 5)))}, "rows", rows=5),
     Case("unused_fields_and_duplicate_keys", lambda c: jsonl(
         *good_lines(c, 1), b'{"doc_id": "1", "case": "%s", "text": 1, "text": "the cup", "x": NaN, "y": 1e999}' % c.encode()),
-         "jsonl", rows=2),
-    Case("secret_in_output_path", lambda c: jsonl(*good_lines(c, 2)), "jsonl", rows=2),  # every run does it
-    Case("parquet_invalid_utf8_string_column", invalid_utf8_strings, "parquet", rows=4, rejected={"invalid_utf8": 2}),
+         "rows", rows=2),
+    Case("secret_in_output_path", lambda c: jsonl(*good_lines(c, 2)), "rows", rows=2),  # every run does it
+    Case("parquet_invalid_utf8_string_column", invalid_utf8_strings, "rows", rows=4, rejected={"invalid_utf8": 2}),
     Case("parquet_binary_text", lambda c: {"a.parquet": parquet(rows_table(
         c, [b"the match", b"caf\xe9", None, b"\xe2\x80\x8b"], text_type=pa.binary()))},
-         "parquet", rows=4, rejected={"invalid_utf8": 1, "null_text": 1, "empty_text": 1}),
+         "rows", rows=4, rejected={"invalid_utf8": 1, "null_text": 1, "empty_text": 1}),
     Case("parquet_null_ids", lambda c: {"a.parquet": parquet(rows_table(c, ["the cup", "a goal", "a vote"], ["0", None, "2"]))},
-         "parquet", rows=3, rejected={"missing_id": 1}),
+         "rows", rows=3, rejected={"missing_id": 1}),
     Case("parquet_dictionary_text", lambda c: {"a.parquet": parquet(rows_table(
         c, pa.array(["the cup", "caf\xe9", "the cup", "\u200b"]).dictionary_encode(), text_type=None))},
-         "parquet", rows=4, rejected={"empty_text": 1}),  # pandas categoricals: dictionary-encoded text
+         "rows", rows=4, rejected={"empty_text": 1}),  # pandas categoricals: dictionary-encoded text
     Case("parquet_dictionary_text_not_utf8", lambda c: {"a.parquet": parquet(rows_table(
         c, pa.array([b"the cup", b"caf\xe9"], pa.binary()).view(pa.string()).dictionary_encode(), text_type=None))},
-         "parquet", rows=2, rejected={"invalid_utf8": 1}),
+         "rows", rows=2, rejected={"invalid_utf8": 1}),
     Case("parquet_empty_and_large_string", lambda c: {
         "empty.parquet": parquet(rows_table(c, [])),
         "large.parquet": parquet(rows_table(c, ["the cup", "\u200b", ""], text_type=pa.large_string()), row_group_size=1),
-    }, "parquet", rows=3, rejected={"empty_text": 2}),
+    }, "rows", rows=3, rejected={"empty_text": 2}),
     # --- unreadable shards: quarantined whole before any actor starts, the rest scored, exit 3 ----------
-    Case("truncated_gzip", truncated_gzip, "jsonl-unreadable", **partial(0, "EOFError"),
+    Case("truncated_gzip", truncated_gzip, "unreadable", **partial(0, "EOFError"),
          rows=10, quarantined={"cut.jsonl.gz": None}),
-    Case("gzip_crc_error", gzip_crc_error, "jsonl-unreadable", **partial(0, "CRC check failed"),
+    Case("gzip_crc_error", gzip_crc_error, "unreadable", **partial(0, "CRC check failed"),
          rows=10, quarantined={"crc.jsonl.gz": None}),
-    Case("not_gzip", lambda c: {"fake.jsonl.gz": b"\x1f\x8b not really gzip", **good_jsonl()}, "jsonl-unreadable",
+    Case("not_gzip", lambda c: {"fake.jsonl.gz": b"\x1f\x8b not really gzip", **good_jsonl()}, "unreadable",
          **partial(PARTIAL, "not a readable JSONL file"), rows=10, quarantined={"fake.jsonl.gz": 0}),
-    Case("parquet_corrupt_pages", corrupt_pages, "parquet-unreadable", **partial(0, "Couldn't deserialize thrift"),
+    Case("parquet_corrupt_pages", corrupt_pages, "unreadable", **partial(0, "Couldn't deserialize thrift"),
          rows=10, quarantined={"corrupt.parquet": 300}),
-    Case("parquet_truncated", parquet_cut, "parquet-unreadable", **partial(PARTIAL, "not a readable Parquet file"),
+    Case("parquet_truncated", parquet_cut, "unreadable", **partial(PARTIAL, "not a readable Parquet file"),
          rows=10, quarantined={"cut.parquet": 0}),
-    Case("parquet_zero_bytes", lambda c: {"zero.parquet": b"", **good_parquet()}, "parquet-unreadable",
+    Case("parquet_zero_bytes", lambda c: {"zero.parquet": b"", **good_parquet()}, "unreadable",
          **partial(PARTIAL, "not a readable Parquet file"), rows=10, quarantined={"zero.parquet": 0}),
     Case("every_shard_unreadable", lambda c: {"zero.parquet": b"", "text.parquet": b"PAR1 not really"},
          **refused("none of the 2 input file(s) is readable")),
