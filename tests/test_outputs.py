@@ -224,27 +224,26 @@ def test_a_rerun_with_another_config_discards_the_killed_runs_parts(ray_session,
 # ---- a killed run costs only what it had not receipted ---------------------------------------------------
 
 
-def test_a_run_killed_at_75_percent_resumes_row_by_row_and_index_and_search_see_each_row_once(
-    ray_session, tiny_models, tmp_path, capsys
-):
-    # Shards of 60 rows, parts of 5-20: a shard spans several parts. Killed at 75%, the 30 rows left (6 model
-    # calls of 0.4 s) leave room for the calls already in flight, which may still land parts after the kill.
+def test_a_run_killed_midway_resumes_row_by_row_and_index_and_search_see_each_row_once(ray_session, tiny_models, tmp_path, capsys):
+    # Shards of 60 rows, parts of 5-20: a shard spans several parts. Killed once half the rows are receipted:
+    # the other half (12 model calls of 0.4 s) leaves room for the calls in flight at the kill (a model actor
+    # queues several), which may still land parts, on a machine loaded enough to be slow to kill it.
     ids = write_shards(tmp_path / "in", 2, 60)
     out = tmp_path / "out"
     raw = job(str(tmp_path / "in"), str(out), tiny_models["embedding"], task="embedding")
     config = write_config(tmp_path / "job.yaml", raw)
     driver = start("jobs.run", config, overrides=("faults.delay_s=0.4",))
-    wait_until(lambda: receipted_rows(out / S.STAGING) >= 90, driver)
+    wait_until(lambda: receipted_rows(out / S.STAGING) >= 60, driver)
     kill(driver)
     time.sleep(1)  # write tasks of the dead driver that were finishing
     receipted = receipted_rows(out / S.STAGING)
-    assert 90 <= receipted < 120  # so at least one shard is half written
+    assert 60 <= receipted < 120  # so at least one shard is half written
     assert not (out / S.MANIFEST).exists() and not (out / S.SUCCESS).exists()
 
     manifest = run_job(load_config(raw=raw))
     assert f"took over the lease of {out} from run " in capsys.readouterr().out  # at once: its process is gone
-    assert manifest["rows_resumed"] >= receipted >= 90  # every receipted part kept (and any that landed late)
-    assert manifest["rows_resumed"] + manifest["rows_scored"] == 120 and manifest["rows_scored"] <= 0.3 * 120
+    assert manifest["rows_resumed"] >= receipted >= 60  # every receipted part kept (and any that landed late)
+    assert manifest["rows_resumed"] + manifest["rows_scored"] == 120 and manifest["rows_scored"] <= 120 - receipted
     assert manifest["rows_out"] + manifest["rows_rejected"] == manifest["rows_in"] == 120
     assert all_ids(str(out)) == ids  # every row exactly once
     assert not (out / S.STAGING).exists() and (out / S.SUCCESS).exists()
