@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import os
 import threading
 import time
 
@@ -38,19 +39,20 @@ class RestartLimitError(RuntimeError):
 @ray.remote(num_cpus=0, max_restarts=-1)
 class Progress:
     """Per stage: rows done, time of the last beat, and seconds workers spent busy; per stage
-    actor: its handle and how many times it started."""
+    actor: its handle and the processes it has started in (one per start)."""
 
     def __init__(self, max_restarts: int):
         self.max_restarts = max_restarts
         self.stages: dict[str, tuple[int, float, float]] = {}
-        self.workers: dict[str, tuple[object, int]] = {}
+        self.workers: dict[str, tuple[object, set[int]]] = {}
 
-    def register(self, actor_id: str, worker) -> tuple[int, int]:
+    def register(self, actor_id: str, worker, pid: int) -> tuple[int, int]:
         """A stage actor announces itself (so a stalled run can kill it instead of leaking it);
-        returns (how many times this actor has started, ``max_restarts``)."""
-        _, starts = self.workers.get(actor_id, (worker, 0))
-        self.workers[actor_id] = (worker, starts + 1)
-        return starts + 1, self.max_restarts
+        returns (how many times this actor has started, ``max_restarts``). Workers that one actor
+        process holds (``pipeline.run.SampleScorer``) register once each, and count as one start."""
+        _, pids = self.workers.get(actor_id, (worker, set()))
+        self.workers[actor_id] = (worker, pids | {pid})
+        return len(pids | {pid}), self.max_restarts
 
     def registered(self) -> list:
         return [worker for worker, _ in self.workers.values()]
@@ -70,7 +72,7 @@ def register(progress, stage: str) -> int:
     the actor then stays dead and Ray Data fails the job with this error.
     """
     context = ray.get_runtime_context()
-    starts, max_restarts = ray.get(progress.register.remote(context.get_actor_id(), context.current_actor))
+    starts, max_restarts = ray.get(progress.register.remote(context.get_actor_id(), context.current_actor, os.getpid()))
     if starts > max_restarts + 1:
         crashes = starts - 1
         raise RestartLimitError(

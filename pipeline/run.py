@@ -475,9 +475,8 @@ def _stream(job: Plan, shards: Shards, writer: Writer, scan: InputScan, resume: 
     return job, sink.receipts, stages
 
 
-def model_stages(ds, job: Plan, progress, dtype: str | None = None):
-    """``ds`` (source rows) through the tokenize and model actor pools of ``job``: the task's columns,
-    computed in ``dtype`` (default: model.dtype)."""
+def model_stages(ds, job: Plan, progress):
+    """``ds`` (source rows) through the tokenize and model actor pools of ``job``: the task's columns."""
     import ray
 
     from pipeline.infer import InferWorker
@@ -503,7 +502,7 @@ def model_stages(ds, job: Plan, progress, dtype: str | None = None):
             "model": job.model,
             "task": job.task,
             "inference": cfg.inference,
-            "dtype": dtype or cfg.model.dtype,
+            "dtype": cfg.model.dtype,
             "num_threads": pools.threads,
             "progress": progress,
             "faults": cfg.faults,
@@ -521,7 +520,6 @@ def model_stages(ds, job: Plan, progress, dtype: str | None = None):
 
 
 CALIBRATION_SHARDS = 16  # a calibration sample takes the first rows of this many shards, spread over the input
-SAMPLE_ROW = "sample_row"  # the sample's row numbers, carried through the stages to restore its order
 
 
 def sample_rows(shards: Shards, cfg: InputConfig, rows: int) -> pa.Table:
@@ -551,14 +549,41 @@ def sample_rows(shards: Shards, cfg: InputConfig, rows: int) -> pa.Table:
     return pa.table({**table, S.ERROR: pa.nulls(len(texts), pa.string())})
 
 
-def score_sample(job: Plan, sample: pa.Table, progress, task: Task, dtype: str | None = None) -> Columns:
-    """``task``'s columns for the rows of ``sample``, in its order, scored by the same tokenize and model
-    actors as the run (on its GPUs, if it has them) in ``dtype`` (default: model.dtype)."""
+def score_sample(job: Plan, sample: pa.Table, progress, task: Task, dtypes: tuple[str, ...]) -> list[Columns]:
+    """``task``'s columns for the rows of ``sample``, in its order, once per dtype of ``dtypes``, scored by the
+    stages' own code in one ``SampleScorer`` actor on the model actors' resources (their GPU, if they have
+    one): one process, not a pipeline per dtype. ``task`` must not group rows (``Task.group_by``). The actor
+    is killed after it, so no idle process keeps the model's memory or a CUDA context while the run starts."""
     import ray
 
-    numbered = sample.append_column(SAMPLE_ROW, pa.array(range(sample.num_rows), pa.int64()))
-    scored = model_stages(ray.data.from_arrow(numbered), replace(job, task=task), progress, dtype)
-    table = pa.concat_tables(ray.get(scored.to_arrow_refs())).sort_by(SAMPLE_ROW)
+    pools = job.pools
+    scorer = ray.remote(num_cpus=pools.infer_cpus, num_gpus=pools.infer_gpus, max_restarts=-1, max_task_retries=-1)
+    actor = scorer(SampleScorer).remote()
+    tokenizer = job.tokenizer(task.tokenization.lowercase)
+    try:
+        return ray.get(
+            actor.score.remote(sample, tokenizer, job.model, task, job.cfg.inference, job.cfg.faults, dtypes, pools.threads, progress)
+        )
+    finally:
+        ray.kill(actor)
+
+
+class SampleScorer:
+    """``score_sample``'s actor. Like the run's stage actors, it registers with ``Progress`` (so the watchdog
+    can kill it, and ``execution.max_actor_restarts`` bounds its restarts)."""
+
+    def score(self, sample: pa.Table, tokenizer, model: ResolvedModel, task: Task, inference, faults, dtypes, threads: int, progress) -> list[Columns]:
+        """``TokenizeWorker`` over ``sample``, then an ``InferWorker`` per dtype, each freed before the next loads."""
+        from pipeline.infer import InferWorker
+        from pipeline.tokenize import TokenizeWorker
+
+        tokenized = TokenizeWorker(tokenizer, model, task, progress)(sample)
+        scored = (InferWorker(model, task, inference, dtype, threads, progress, faults)(tokenized) for dtype in dtypes)
+        return [_columns(task, table) for table in scored]
+
+
+def _columns(task: Task, table: pa.Table) -> Columns:
+    """The task's fields of a scored table: fixed-size lists as (rows, size) arrays, the rest as lists."""
     outputs = {}
     for f in task.fields():
         column = table[f.name].combine_chunks()
@@ -570,8 +595,8 @@ def score_sample(job: Plan, sample: pa.Table, progress, task: Task, dtype: str |
 
 
 def calibrate(job: Plan, shards: Shards, progress) -> Plan:
-    """``job`` with its task calibrated (``Task.calibration``) on a sample of the input, scored by the
-    same tokenize and model actors as the run; ``job`` itself when the task needs no calibration."""
+    """``job`` with its task calibrated (``Task.calibration``) on a sample of the input (``score_sample``);
+    ``job`` itself when the task needs no calibration."""
     calibration = job.task.calibration()
     if calibration is None:
         return job
@@ -579,12 +604,13 @@ def calibrate(job: Plan, shards: Shards, progress) -> Plan:
     sample = sample_rows(shards, job.cfg.input, rows)
     if not sample.num_rows:  # not one valid row: nothing will be scored, so nothing needs calibrating
         return job
-    return replace(job, task=job.task.calibrated(score_sample(job, sample, progress, probe)))
+    (scored,) = score_sample(job, sample, progress, probe, (job.cfg.model.dtype,))
+    return replace(job, task=job.task.calibrated(scored))
 
 
 def fidelity_gate(job: Plan, shards: Shards, progress) -> Plan:
     """``job`` with the fidelity gate's record (README: Fidelity gate): unless the run computes in float32,
-    ``model.fidelity_rows`` rows of its input scored in float32 and in its dtype by the run's own actors,
+    ``model.fidelity_rows`` rows of its input scored in float32 and in its dtype (``score_sample``),
     compared by the task (``Task.fidelity``). Raises ``FidelityError``, before anything is written, for a
     figure below its ``model.min_fidelity`` threshold."""
     model, dtype = job.cfg.model, job.dtype
@@ -597,8 +623,8 @@ def fidelity_gate(job: Plan, shards: Shards, progress) -> Plan:
     if not sample.num_rows:  # not one valid row: nothing will be scored
         return replace(job, fidelity={**record, "skipped": "no valid input row"})
     probe = job.task.fidelity_probe()
-    reference = score_sample(job, sample, progress, probe, "float32")
-    figures = probe.fidelity(score_sample(job, sample, progress, probe, dtype), reference)
+    reference, scored = score_sample(job, sample, progress, probe, ("float32", dtype))
+    figures = probe.fidelity(scored, reference)
     limits = model.min_fidelity.model_dump()
     gated = {name: limits[name] for name, value in figures.items() if name in limits and value is not None}
     for name, limit in gated.items():

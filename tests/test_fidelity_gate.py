@@ -140,7 +140,7 @@ def test_zero_shot_and_question_answering_figures():
 def test_a_bfloat16_run_records_the_gate_in_its_manifest(ray_session, tiny_models, shards, tmp_path, monkeypatch):
     """Token labels and entities. The gate of an embedding run (cosine, recall@10) is checked on the real
     model, in test_real_model; every task's figures are checked on outputs above."""
-    loaded = []  # the driver loads the tokenizer once for the gate's two pipelines and the run's
+    loaded = []  # the driver loads the tokenizer once for the gate's sample and the run's pipeline
     monkeypatch.setattr(pipeline.run, "actor_tokenizer", lambda *a: loaded.append(a) or actor_tokenizer(*a))
     raw = config(shards, tmp_path / "out", tiny_models["token-classification"], "token-classification", dtype="bfloat16",
                  fidelity_rows=30)  # fmt: skip
