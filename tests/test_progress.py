@@ -26,3 +26,17 @@ def test_the_watchdog_logs_a_progress_line_per_interval(ray_session, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
     assert 2 <= len(lines) <= 5, lines
     assert all(" of 100 rows: tokenized 50, inferred 0 " in line for line in lines), lines
+
+
+def test_an_actor_starts_once_per_process_however_many_workers_it_holds(ray_session):
+    """``pipeline.run.SampleScorer`` holds a tokenize worker and a model worker per dtype in one process: they
+    register once each but count as one start, so a limit of 0 restarts does not refuse the third; a new
+    process for the same actor (a restart) is a second start."""
+    progress = Progress.remote(0)
+    try:
+        first = [ray_session.get(progress.register.remote("actor-a", None, 101)) for _ in range(3)]
+        restarted = ray_session.get(progress.register.remote("actor-a", None, 102))
+        other = ray_session.get(progress.register.remote("actor-b", None, 101))
+    finally:
+        ray_session.kill(progress)
+    assert first == [(1, 0)] * 3 and restarted == (2, 0) and other == (1, 0)
