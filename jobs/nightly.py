@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from jobs import argument_parser, log_to_stdout
-from jobs.run import PARTIAL, USER_ERRORS, report
+from jobs.run import PARTIAL, RUN_FAILURES, USER_ERRORS, report
 from pipeline.config import load_config
 from pipeline.nightly import date_range, describe_date, parse_date, score_date
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(describe_date(cfg, date))
             elif score_date(cfg, date)["status"] == "partial":
                 partial.append(date)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, *RUN_FAILURES) as e:
         return report(e, cfg)
     if partial:
         print(f"PARTIAL: unreadable shards were quarantined on {', '.join(partial)}; they stay pending", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 
@@ -9,7 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import WORDS
+from drivers import write_config
 
+from jobs.run import RUN_FAILED, main
 from pipeline import read_output
 from pipeline.config import load_config
 from pipeline.progress import StallError
@@ -26,7 +29,11 @@ def shards(tmp_path_factory):
 
 
 def config(shards, model, out, **sections):
-    raw = {
+    return load_config(raw=raw_config(shards, model, out, **sections))
+
+
+def raw_config(shards, model, out, **sections) -> dict:
+    return {
         "input": {"path": str(shards), "id_columns": ["doc_id"]},
         "model": {"path": str(model), "task": "sequence-classification"},
         "tokenize": {"batch_size": 50},  # many small blocks: many model-actor tasks
@@ -34,7 +41,6 @@ def config(shards, model, out, **sections):
         "output": {"path": str(out)},
         **sections,
     }
-    return load_config(raw=raw)
 
 
 def test_a_crashed_model_actor_is_restarted_and_its_batch_retried(ray_session, tiny_models, shards, tmp_path):
@@ -66,20 +72,27 @@ def test_a_corrupt_checkpoint_fails_fast_with_the_actors_error(ray_session, tiny
 
 
 @pytest.mark.parametrize("interrupt", ["delivered", "deferred"])
-def test_a_stalled_stage_fails_with_a_diagnosis(ray_session, tiny_models, shards, tmp_path, monkeypatch, interrupt):
+def test_a_stalled_stage_fails_with_a_diagnosis(ray_session, tiny_models, shards, tmp_path, monkeypatch, capsys, interrupt):
+    """Delivered, through the CLI as users run it: the diagnosis is one line on stderr, no traceback, exit 1."""
     if interrupt == "deferred":  # as when Ray defers SIGINT: killing the stuck actors alone must end the run
         monkeypatch.setattr("pipeline.progress._thread.interrupt_main", lambda: None)
     started = time.time()
-    with pytest.raises(StallError, match=r"no stage made progress for 20s.*tokenize: \d+ rows.*model actors"):
-        run_job(
-            config(
-                shards,
-                tiny_models["sequence-classification"],
-                tmp_path / "out",
-                faults={"delay_s": 3600},
-                execution={"stall_timeout_s": 20},
-            )
-        )
+    raw = raw_config(
+        shards,
+        tiny_models["sequence-classification"],
+        tmp_path / "out",
+        faults={"delay_s": 3600},
+        execution={"stall_timeout_s": 20},
+    )
+    diagnosis = r"no stage made progress for 20s.*tokenize: \d+ rows.*model actors"
+    if interrupt == "delivered":
+        assert main(["--config", write_config(tmp_path / "job.yaml", raw)]) == RUN_FAILED
+        err = capsys.readouterr().err
+        [line] = [line for line in err.splitlines() if line.startswith("error:")]
+        assert re.match("error: " + diagnosis, line) and "Traceback" not in err, err
+    else:
+        with pytest.raises(StallError, match=diagnosis):
+            run_job(load_config(raw=raw))
     assert time.time() - started < 120
     assert not (tmp_path / "out" / "_SUCCESS").exists()
     deadline = time.time() + 30  # the stuck model actor was killed: its CPUs are free again
