@@ -5,8 +5,8 @@ works unchanged as a ``ray job submit`` entrypoint. When stdout is not a termina
 file, CI, a submitted job), progress is one line of rows per stage every 30 s instead of
 Ray Data's progress bars.
 
-Exit status: 0 done; 1 the run failed on the cluster: a stage stalled or an actor crashed more often than
-``execution.max_actor_restarts`` allows (one line on stderr with the diagnosis; nothing published); 2 the config, input, checkpoint or output cannot run (one line on stderr
+Exit status: 0 done; 1 a stage stalled (``execution.stall_timeout_s``: one line on stderr with the diagnosis,
+nothing published) or the run failed otherwise (a traceback); 2 the config, input, checkpoint or output cannot run (one line on stderr
 names the key or file and the fix; nothing started, or nothing published); 3 PARTIAL: the run
 published, but quarantined shards it could not read (listed in the summary and the manifest's
 ``shards_unreadable``), so a scheduler can alert on it.
@@ -24,14 +24,14 @@ import sys
 from jobs import argument_parser, log_to_stdout
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, JobConfig, config_reference, load_config
-from pipeline.progress import RestartLimitError, StallError
+from pipeline.progress import StallError
 from pipeline.run import plan, run_job
 from pipeline.source import InputError
 from pipeline.storage import StorageError
 
 USER_ERRORS = (ConfigError, CheckpointError, InputError, StorageError)
 USER_ERROR = 2
-RUN_FAILURES = (StallError, RestartLimitError)  # not the user's mistake, but a diagnosis, not a traceback
+RUN_FAILURES = (StallError,)  # not the user's mistake, but a diagnosis, not a traceback
 RUN_FAILED = 1
 PARTIAL = 3
 
