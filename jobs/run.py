@@ -5,11 +5,11 @@ works unchanged as a ``ray job submit`` entrypoint. When stdout is not a termina
 file, CI, a submitted job), progress is one line of rows per stage every 30 s instead of
 Ray Data's progress bars.
 
-Exit status: 0 done; 1 a stage stalled (``execution.stall_timeout_s``: one line on stderr with the diagnosis,
-nothing published) or the run failed otherwise (a traceback); 2 the config, input, checkpoint or output cannot run (one line on stderr
-names the key or file and the fix; nothing started, or nothing published); 3 PARTIAL: the run
-published, but quarantined shards it could not read (listed in the summary and the manifest's
-``shards_unreadable``), so a scheduler can alert on it.
+Exit status: 0 done; 1 a stage stalled (``execution.stall_timeout_s``: one line on stderr with
+the diagnosis, nothing published) or the run failed otherwise (a traceback); 2 the config, input,
+checkpoint or output cannot run (one line on stderr names the key or file and the fix; nothing
+started, or nothing published); 3 PARTIAL: the run published, but quarantined shards it could not
+read (listed in the summary and the manifest's ``shards_unreadable``), so a scheduler can alert on it.
 
     python -m jobs.run --config configs/bbc_embed.yaml
     python -m jobs.run --config configs/bbc_embed.yaml --set model.dtype=bfloat16

@@ -115,8 +115,8 @@ class Plan:
     tokenizers: dict = field(default_factory=dict, repr=False, compare=False)
 
     def tokenizer(self, lowercase: bool):
-        """What the tokenize actors get (``actor_tokenizer``): loaded once, shipped by every pipeline of the run (the
-        fidelity gate's, the calibration's, the run's own)."""
+        """What the tokenize workers get (``actor_tokenizer``): loaded once, shipped to the run's tokenize actors
+        and to the fidelity gate's and the calibration's ``SampleScorer``."""
         if lowercase not in self.tokenizers:
             self.tokenizers[lowercase] = actor_tokenizer(self.model, lowercase)
         return self.tokenizers[lowercase]
