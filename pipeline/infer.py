@@ -201,14 +201,16 @@ class InferWorker:
         num_threads: int,
         progress,
         faults: FaultConfig,
+        stage: str = "infer",
     ):
+        """``stage``: the ``Progress`` stage its rows count toward."""
         import ray
 
         torch.set_num_threads(num_threads)
         context = ray.get_runtime_context()
         self.node = context.get_node_id()
         self.process = f"{context.get_actor_id()}:{os.getpid()}"
-        self.progress, self.faults, self.calls = progress, faults, 0
+        self.progress, self.stage, self.faults, self.calls = progress, stage, faults, 0
         self.first_incarnation = register(progress, "model") == 1
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         if self.device == "cpu":
@@ -274,7 +276,7 @@ class InferWorker:
             batch = batch.append_column(name, to_arrow(summed.astype(np.int32), valid, pa.int32()))
         rows = batch.num_rows
         batch = batch.append_column(S.NODE, pa.repeat(pa.scalar(self.node, pa.string()), rows))
-        self.progress.beat.remote("infer", n, time.perf_counter() - started)
+        self.progress.beat.remote(self.stage, n, time.perf_counter() - started)
         return batch.append_column(S.ACTOR, pa.repeat(pa.scalar(self.process, pa.string()), rows))
 
     def _forward_all(self, columns: dict, texts: list | None, parts: list[np.ndarray]) -> Iterator[Columns]:

@@ -91,19 +91,24 @@ def stage_throughput(snapshot: dict[str, tuple[int, float, float]]) -> dict[str,
     }
 
 
-STAGES = ("tokenize", "infer", "write")  # the stages that beat, in data-flow order
+STAGES = ("tokenize", "infer", "write")  # the run's stages that beat, in data-flow order
+# The stages of the sample that the fidelity gate and calibration score before the run (``pipeline.run.score_sample``):
+# apart from the run's, so that the infer stage's rows per busy second are the run's dtype alone.
+SAMPLE_STAGES = ("sample_tokenize", "sample_infer")
 
 
 def progress_line(snapshot: dict[str, tuple[int, float, float]], rows: int, elapsed_s: float) -> str:
-    """Rows done per stage out of ``rows``, e.g. ``[1:30] of 2225 rows: tokenized 2225, inferred 1024 (11.4/s), written 0``.
+    """Rows done per stage out of ``rows``, e.g. ``[1:30] of 2225 rows: tokenized 2225, inferred 1024 (11.4/s), written 0``,
+    then the rows the sample scorer has scored, if it has (each sample row once per dtype it scores).
 
     Parts are written once they hold ``output.rows_per_file`` rows, so "written" moves in steps.
     """
-    done = {stage: snapshot.get(stage, (0, 0.0, 0.0))[0] for stage in STAGES}
+    done = {stage: snapshot.get(stage, (0, 0.0, 0.0))[0] for stage in (*STAGES, *SAMPLE_STAGES)}
     minutes, seconds = divmod(int(elapsed_s), 60)
+    sample = f"; sample (fidelity gate, calibration): {done['sample_infer']} scored" if done["sample_infer"] else ""
     return (
         f"[{minutes}:{seconds:02d}] of {rows} rows: tokenized {done['tokenize']}, "
-        f"inferred {done['infer']} ({done['infer'] / max(elapsed_s, 1e-9):.1f}/s), written {done['write']}"
+        f"inferred {done['infer']} ({done['infer'] / max(elapsed_s, 1e-9):.1f}/s), written {done['write']}{sample}"
     )
 
 

@@ -575,10 +575,12 @@ class SampleScorer:
     def score(self, sample: pa.Table, tokenizer, model: ResolvedModel, task: Task, inference, faults, dtypes, threads: int, progress) -> list[Columns]:
         """``TokenizeWorker`` over ``sample``, then an ``InferWorker`` per dtype, each freed before the next loads."""
         from pipeline.infer import InferWorker
+        from pipeline.progress import SAMPLE_STAGES
         from pipeline.tokenize import TokenizeWorker
 
-        tokenized = TokenizeWorker(tokenizer, model, task, progress)(sample)
-        scored = (InferWorker(model, task, inference, dtype, threads, progress, faults)(tokenized) for dtype in dtypes)
+        tokenize, infer = SAMPLE_STAGES
+        tokenized = TokenizeWorker(tokenizer, model, task, progress, tokenize)(sample)
+        scored = (InferWorker(model, task, inference, dtype, threads, progress, faults, infer)(tokenized) for dtype in dtypes)
         return [_columns(task, table) for table in scored]
 
 

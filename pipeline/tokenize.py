@@ -50,11 +50,12 @@ def nested(sequences, counts: np.ndarray, valid: np.ndarray, n: int, dtype=np.in
 class TokenizeWorker:
     """``map_batches`` callable: the task's model sequences (``Task.encode``) of valid rows, without padding."""
 
-    def __init__(self, tokenizer, model: ResolvedModel, task: Task, progress):
+    def __init__(self, tokenizer, model: ResolvedModel, task: Task, progress, stage: str = "tokenize"):
+        """``stage``: the ``Progress`` stage its rows count toward."""
         # One thread per actor, as Ray reserves CPUs per actor: scale tokenization with the pool's size.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.tokenizer = tokenizer
-        self.progress = progress
+        self.progress, self.stage = progress, stage
         register(progress, "tokenizer")
         self.max_length = model.max_length
         self.task = task
@@ -81,5 +82,5 @@ class TokenizeWorker:
             batch = batch.append_column(S.OFFSETS, nested(sequences.offsets, counts, valid, n))
         if sequences.spans is not None:
             batch = batch.append_column(S.SPANS, nested(sequences.spans, counts, valid, n))
-        self.progress.beat.remote("tokenize", n, time.perf_counter() - started)
+        self.progress.beat.remote(self.stage, n, time.perf_counter() - started)
         return batch.append_column(S.TRUNCATED, pa.array(truncated))

@@ -152,6 +152,10 @@ def test_a_bfloat16_run_records_the_gate_in_its_manifest(ray_session, tiny_model
     assert 0.995 <= gate["label_agreement"] <= 1.0 and 0 <= gate["entity_f1"] <= 1.0
     assert gate["thresholds"] == {"label_agreement": 0.995}
     assert manifest["rows_out"] + manifest["rows_rejected"] == 48
+    # The sample's rows (once per dtype) are the sample stages', not the run's: its infer stage is bfloat16 alone.
+    stages = manifest["stages"]
+    assert stages["tokenize"]["rows"] == stages["infer"]["rows"] == 48
+    assert stages["sample_tokenize"]["rows"] == 30 and stages["sample_infer"]["rows"] == 60
 
 
 def test_a_cross_encoder_whose_order_bfloat16_loses_is_refused_before_it_writes(ray_session, tiny_models, shards, tmp_path, capsys):

@@ -12,6 +12,10 @@ def test_progress_line_shows_rows_per_stage_in_data_flow_order():
     snapshot = {"write": (0, 0.0, 0.0), "infer": (1024, 0.0, 0.0), "tokenize": (2225, 0.0, 0.0)}
     assert progress_line(snapshot, 2225, 90.5) == "[1:30] of 2225 rows: tokenized 2225, inferred 1024 (11.3/s), written 0"
     assert progress_line({}, 10, 0) == "[0:00] of 10 rows: tokenized 0, inferred 0 (0.0/s), written 0"
+    gated = {"sample_tokenize": (256, 1.0, 1.0), "sample_infer": (512, 2.0, 5.0)}
+    assert progress_line(gated, 300, 12) == (
+        "[0:12] of 300 rows: tokenized 0, inferred 0 (0.0/s), written 0; sample (fidelity gate, calibration): 512 scored"
+    )
 
 
 def test_the_watchdog_logs_a_progress_line_per_interval(ray_session, caplog):
