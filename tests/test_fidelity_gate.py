@@ -206,3 +206,15 @@ def test_thresholds_do_not_change_what_a_run_resumes_but_the_dtype_does(tiny_mod
     check_dtype(cpu, cpu.metadata(), "2026-01-01", "version=x")
     with pytest.raises(ConfigError, match="was scored in float16, but this run would compute in float32"):
         check_dtype(cpu, gpu.metadata(), "2026-01-01", "version=x")
+
+
+def test_float16_on_a_cluster_without_gpus_is_warned_about(tiny_models, shards, tmp_path):
+    """float16 has no fast CPU kernels: the plan (``--dry-run``) and the run say so; on a GPU, or in bfloat16, nothing."""
+    raw = lambda dtype: config(shards, tmp_path / "out", tiny_models["embedding"], "embedding", dtype=dtype)  # noqa: E731
+    cpu = plan(load_config(raw=raw("float16")), 2, 0)
+    assert cpu.dtype_warning.startswith("float16 has no fast CPU kernels") and "use bfloat16" in cpu.dtype_warning
+    assert f"WARNING {cpu.dtype_warning}" in cpu.describe()
+    assert plan(load_config(raw=raw("float16")), 4, 1).dtype_warning is None
+    assert plan(load_config(raw=raw("auto")), 4, 1).dtype_warning is None  # auto is float16 on a GPU cluster
+    assert plan(load_config(raw=raw("bfloat16")), 2, 0).dtype_warning is None
+    assert "WARNING" not in plan(load_config(raw=raw("bfloat16")), 2, 0).describe()
