@@ -355,8 +355,6 @@ def run_job(cfg: JobConfig, files: list[str] | None = None, job: Plan | None = N
     if not ray.is_initialized():
         ray.init()
     job = plan(cfg) if job is None else replace(job, cfg=cfg, pools=size_pools(cfg, *cluster_resources()))
-    if job.dtype_warning:
-        logger.warning("model.dtype: %s", job.dtype_warning)
     shards = replace(job.shards, files=files) if files is not None else job.shards
     with Writer(cfg.output.path, cfg) as writer:
         if cfg.output.mode == "error" and writer.manifest is not None:  # committed since the plan looked
@@ -377,6 +375,8 @@ def execute(job: Plan, shards: Shards, writer: Writer, resume: Resume) -> tuple[
     from pipeline.sink import WriteStats, evaluation
 
     cfg = job.cfg
+    if job.dtype_warning:
+        logger.warning("model.dtype: %s", job.dtype_warning)
     started = time.time()
     shards, scan = scan_shards(job, shards)
     kept_part = next((r for r in resume.receipts if r.data_rows), None)
