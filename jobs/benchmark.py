@@ -2,6 +2,7 @@
 
     python -m jobs.benchmark                           # embedding, fp32, contenders a-e, sets long/short/mixed
     python -m jobs.benchmark --dtype bfloat16          # + (d) in fp32 as the reference: bf16 speed-up, fidelity
+    python -m jobs.benchmark --dtype bfloat16 --backend openvino   # (a) with model.backend openvino
     python -m jobs.benchmark --task sequence-classification [--model DIR]
     python -m jobs.benchmark --task rerank             # (a) vs (f) CrossEncoder.predict on (query, article) pairs
     python -m jobs.benchmark --scaling                 # (a) with 1 model actor vs 2, one thread each
@@ -13,7 +14,7 @@
 Every contender runs, one after another, on the same texts, checkpoint, dtype, max_length (256),
 torch thread count (``--threads``, default all cores) and malloc settings (``keep_freed_memory``):
 
-  a  encoder-batch: the whole Ray Data job, Parquet shards in -> Parquet out
+  a  encoder-batch: the whole Ray Data job, Parquet shards in -> Parquet out (``--backend``: its model.backend)
   b  transformers ``pipeline("feature-extraction" | "text-classification")``, batch_size=64
   c  naive loop: fixed batches of 64 in input order, ``padding="max_length"``, ``torch.no_grad``
   d  single-process optimum: sort by length, micro-batches padded to their own longest row within
@@ -92,7 +93,8 @@ each in-process contender takes 25-75 s and (a) adds 10-20 s of actor start-up p
 5 minutes in all on an idle machine (--dtype bfloat16 adds (d) in fp32, ~30 s).
 
 Backends (--backends, embedding only, the last of --sets: mixed by default): the same loop as (d) with
-its forward pass run by torch fp32/bf16, OpenVINO fp32/bf16/static int8 (NNCF) and ONNX Runtime
+its forward pass run by torch fp32/bf16, OpenVINO fp32/bf16 (as ``model.backend: openvino`` converts and
+compiles it), OpenVINO static int8 (NNCF, on that conversion) and ONNX Runtime
 fp32/dynamic int8/static int8 (``torch.onnx.export``, QDQ), static int8 calibrated on the first 256 rows of
 the set; then sentence-transformers ``encode`` with ``backend="torch"`` (fp32, bf16), ``"onnx"`` and
 ``"openvino"``. A runtime that is not installed or cannot load is a row saying why. Timed rounds
@@ -292,6 +294,7 @@ class Spec:
     dtype: str  # "float32" | "bfloat16"
     threads: int
     max_length: int = MAX_LENGTH
+    backend: str = "torch"  # (a)'s model.backend; the in-process contenders run torch
 
 
 class Contender(Protocol):
@@ -656,7 +659,8 @@ class RayJob:
         return {
             "input": {"path": str(shards), "format": "parquet", "text_column": "query" if spec.task == "rerank" else "text",
                       "id_columns": ["row"], **({"text_pair_column": "text"} if spec.task == "rerank" else {})},
-            "model": {"path": spec.model, "task": spec.task, "dtype": spec.dtype, "max_length": spec.max_length},
+            "model": {"path": spec.model, "task": spec.task, "dtype": spec.dtype, "max_length": spec.max_length,
+                      "backend": spec.backend},
             "tokenize": per_call,
             "inference": {**per_call, "pool": actors},
             "output": {"path": str(out), "mode": "overwrite",
@@ -912,24 +916,26 @@ def torch_backend(dtype: str) -> Callable[[Spec, Path, list[str]], Forward]:
 
 
 def openvino_backend(precision: str) -> Callable[[Spec, Path, list[str]], Forward]:
-    """OpenVINO: ``convert_model`` from torch; f32 or bf16 inference precision, or NNCF static int8
+    """OpenVINO as ``model.backend: openvino`` runs it (``pipeline.backends.OpenVINOModel``: ``convert_model``
+    traced from torch) in f32 or bf16 inference precision; or that conversion quantised to static int8 by NNCF
     (``nncf.quantize``, transformer preset) calibrated on the job's own rows, computed in f32 otherwise."""
 
     def load(spec: Spec, work: Path, texts: list[str]) -> Forward:
-        import openvino as ov
+        from pipeline.backends import OpenVINOModel
 
-        ov_model = ov.convert_model(export_onnx(spec, work / "minilm.onnx"))
+        model = OpenVINOModel(load_model(replace(spec, dtype="float32")), "bfloat16" if precision == "bf16" else "float32", spec.threads)
         if precision == "int8":
             import nncf
 
-            batches = calibration_batches(spec, texts)
-            ov_model = nncf.quantize(ov_model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches))
-        hint = {"bf16": "bf16"}.get(precision, "f32")
-        config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": spec.threads, "PERFORMANCE_HINT": "LATENCY"}
-        compiled = ov.Core().compile_model(ov_model, "CPU", config)
+            converted, _, _ = model.convert(("input_ids", "attention_mask"), False)
+            batches = [(b["input_ids"], b["attention_mask"]) for b in calibration_batches(spec, texts)]
+            quantized = nncf.quantize(converted, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches))
+            compiled = model.core.compile_model(quantized, "CPU", model.settings)
+            return lambda ids, mask: compiled([ids, mask])[0]
 
         def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-            return compiled({"input_ids": ids, "attention_mask": mask})[0]
+            with torch.inference_mode():
+                return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
 
         return forward
 
@@ -1436,6 +1442,7 @@ def parse_args() -> argparse.Namespace:
         f"e.g. 100000,1000000 (default: {DATAPLANE_ROWS})",
     )  # fmt: skip
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--backend", choices=["torch", "openvino"], default="torch", help="(a)'s model.backend (default: torch)")
     parser.add_argument("--sets", type=comma_list, default=list(SETS), help="subset of long,short,mixed")
     parser.add_argument(
         "--contenders", type=comma_list, help=f"subset of {','.join(CONTENDERS)}; --dataplane: of {','.join(DATAPLANE)}"
@@ -1523,7 +1530,7 @@ def main() -> None:
         print(f"Written: {args.out}/pretruncation.json")
         return
 
-    spec = Spec(args.task, args.model or default_model(args.task, args.out), args.dtype, args.threads)
+    spec = Spec(args.task, args.model or default_model(args.task, args.out), args.dtype, args.threads, backend=args.backend)
     tokenizer = load_tokenizer(spec)
     texts = corpus_sets(args.sets, args.rows)
     if args.backends:
@@ -1558,7 +1565,7 @@ def main() -> None:
         "results": rows,
         **({"bf16_over_fp32_rows_per_s_of_d": bf16_speedup} if bf16_speedup else {}),
     }
-    name = "scaling" if args.scaling else f"{args.task}-{args.dtype}"
+    name = "scaling" if args.scaling else f"{args.task}-{args.dtype}" + ("" if args.backend == "torch" else f"-{args.backend}")
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, args.out / f"{name}.png", f"{spec.task}, {spec.dtype}, {args.threads} threads, {args.rows} rows per set")
     print(format_table(rows, baseline))

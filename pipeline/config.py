@@ -173,10 +173,17 @@ class ModelConfig(_Strict):
         description="Weights/compute dtype. auto = float16 on GPU, float32 on CPU. On a CPU bfloat16 is the fast one; "
         "float16 is slower there than float32 (the plan and the run warn).",
     )
+    backend: Literal["torch", "openvino"] = Field(
+        "torch",
+        description="What computes the forward pass. openvino (CPUs only; pip install 'encoder-batch[openvino]'): "
+        "the torch model converted with openvino.convert_model when each model actor starts, computing in "
+        "model.dtype float32 or bfloat16; on a CPU with bfloat16 support it is the fastest (README: CPU backends). "
+        "The fidelity gate checks every run on it against torch float32, float32 included.",
+    )
     min_fidelity: FidelityThresholds = Field(
         default_factory=FidelityThresholds,
-        description="Fidelity gate: a run that does not compute in float32 first scores model.fidelity_rows rows "
-        "of its input in float32 and in its own dtype, records the agreement in the manifest (`fidelity`) and "
+        description="Fidelity gate: a run that does not compute in torch float32 first scores model.fidelity_rows "
+        "rows of its input in torch float32 and in its own backend and dtype, records the agreement in the manifest (`fidelity`) and "
         "fails, before it writes anything, if a figure is below its threshold (see README: Fidelity gate).",
     )
     fidelity_rows: int = Field(
@@ -222,6 +229,24 @@ class ModelConfig(_Strict):
     )
     allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights. Off: only safetensors load.")
     trust_remote_code: bool = Field(False, description="Allow checkpoints that execute their own modelling code.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_offered(cls, data: Any) -> Any:
+        """``quantize`` (as sentence-transformers and Optimum spell it) is refused with the reason."""
+        if isinstance(data, dict) and "quantize" in data:
+            raise ValueError(
+                "model.quantize is not offered: no int8 variant (ONNX Runtime dynamic or static, OpenVINO with NNCF) "
+                "kept MiniLM within the fidelity gate (README: CPU backends); on a CPU use model.dtype bfloat16 "
+                "with model.backend openvino"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _backend_dtype(self) -> ModelConfig:
+        if self.backend == "openvino" and self.dtype == "float16":
+            raise ValueError("model.backend openvino computes in float32 or bfloat16 (model.dtype), not float16")
+        return self
 
 
 class PoolConfig(_Strict):
@@ -467,6 +492,8 @@ class JobConfig(_Strict):
                 "output": {"path", "mode", "rows_per_file"},
             },
         )
+        if relevant["model"]["backend"] == "torch":  # the default: hashes from before model.backend existed hold
+            del relevant["model"]["backend"]
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

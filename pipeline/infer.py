@@ -24,7 +24,8 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline import schema as S
-from pipeline.checkpoint import ResolvedModel, load_model
+from pipeline.backends import OpenVINOModel
+from pipeline.checkpoint import ResolvedModel, compute_dtype, load_model
 from pipeline.config import FaultConfig, InferenceConfig
 from pipeline.progress import register
 from pipeline.tasks import Columns, ModelBatch, Task, Windows
@@ -202,8 +203,9 @@ class InferWorker:
         progress,
         faults: FaultConfig,
         stage: str = "infer",
+        backend: str = "torch",
     ):
-        """``stage``: the ``Progress`` stage its rows count toward."""
+        """``stage``: the ``Progress`` stage its rows count toward; ``backend``: model.backend (``pipeline.backends``)."""
         import ray
 
         torch.set_num_threads(num_threads)
@@ -215,7 +217,10 @@ class InferWorker:
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         if self.device == "cpu":
             keep_freed_memory()
-        self.model = load_model(model, task, self.device, dtype)
+        if backend == "openvino":  # converted from the float32 torch model, computing in dtype
+            self.model = OpenVINOModel(load_model(model, task, self.device, "float32"), compute_dtype(dtype, "cpu"), num_threads)
+        else:
+            self.model = load_model(model, task, self.device, dtype)
         if faults.constant_outputs:
             self.model = ConstantModel(self.model)
         self.task = task

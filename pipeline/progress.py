@@ -99,7 +99,7 @@ SAMPLE_STAGES = ("sample_tokenize", "sample_infer")
 
 def progress_line(snapshot: dict[str, tuple[int, float, float]], rows: int, elapsed_s: float) -> str:
     """Rows done per stage out of ``rows``, e.g. ``[1:30] of 2225 rows: tokenized 2225, inferred 1024 (11.4/s), written 0``,
-    then the rows the sample scorer has scored, if it has (each sample row once per dtype it scores).
+    then the rows the sample scorer has scored, if it has (each sample row once per backend and dtype it scores).
 
     Parts are written once they hold ``output.rows_per_file`` rows, so "written" moves in steps.
     """

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from pipeline import __version__
 from pipeline import schema as S
+from pipeline.backends import require
 from pipeline.checkpoint import ResolvedModel, actor_tokenizer, compute_dtype, resolve
 from pipeline.commit import OutputError, Receipt, Resume, Writer, check_location, inspect_output
 from pipeline.config import ConfigError, InputConfig, JobConfig
@@ -85,7 +86,10 @@ def size_pools(cfg: JobConfig, cpus: float, gpus: float, node_cpus: float | None
     (the largest node's CPUs, default ``cpus``) caps what one actor may reserve.
     """
     inference, tokenize = cfg.inference, cfg.tokenize
-    num_gpus = inference.num_gpus if inference.num_gpus is not None else (1.0 if gpus else 0.0)
+    on_cpus = cfg.model.backend != "torch"  # pipeline.backends: CPU runtimes
+    if on_cpus and inference.num_gpus:
+        raise ConfigError(f"model.backend {cfg.model.backend} runs on CPUs: set inference.num_gpus to 0, or use model.backend torch")
+    num_gpus = inference.num_gpus if inference.num_gpus is not None else (1.0 if gpus and not on_cpus else 0.0)
     auto_size = not ({"size", "max_size"} & inference.pool.model_fields_set)
     infer = (1, max(1, int(gpus // num_gpus))) if num_gpus and auto_size else inference.pool.bounds
     tok = tokenize.pool.bounds
@@ -156,6 +160,7 @@ class Plan:
             "version": __version__,
             "max_length": self.model.max_length,
             "dtype": self.dtype,
+            "backend": cfg.model.backend,
             "text_column": cfg.input.text_column,
             **({"input_dataset": self.shards.dataset.to_json()} if self.shards.dataset else {}),
             **self.task.metadata(),
@@ -187,7 +192,7 @@ class Plan:
             + f" passthrough={[*([] if self.cfg.input.id_columns else [S.GENERATED_ID + ' (generated)']), *self.shards.passthrough]}"
             + (f" schema={self.passthrough_schema}" if self.passthrough_schema else ""),
             f"model    {self.model.source} @ {self.model.fingerprint} ({self.model.architecture}, "
-            f"max_length {self.model.max_length}, dtype {self.dtype})",
+            f"max_length {self.model.max_length}, dtype {self.dtype}, backend {self.cfg.model.backend})",
             *([f"         WARNING {self.dtype_warning}"] if self.dtype_warning else []),
             f"task     {self.task.name} ({self.task.auto_model})",
             *(f"         {line}" for line in self.task.describe()),
@@ -249,6 +254,7 @@ def plan(
     passthrough = list(dict.fromkeys([*cfg.input.id_columns, *filter(None, [cfg.eval.label_column, cfg.input.group_column])]))
     shards = open_input(cfg.input, cfg.storage, passthrough)
     passthrough_schema, footer_rows, unreadable = check_schema(shards, cfg.input)
+    require(cfg.model.backend)
     model = resolve(cfg.model, cfg.storage, cfg.tokenize.path)
     budget = cfg.inference.max_tokens_per_batch
     if budget != "auto" and budget < model.max_length:
@@ -418,7 +424,8 @@ def execute(job: Plan, shards: Shards, writer: Writer, resume: Resume) -> tuple[
         "rows_by_actor_process": dict(stats.rows_by_actor),
         "stages": stages,
         "model": job.metadata(),
-        "fidelity": job.fidelity or {"dtype": job.dtype, "skipped": "every row was kept from a killed run"},
+        "fidelity": job.fidelity
+        or {"backend": cfg.model.backend, "dtype": job.dtype, "skipped": "every row was kept from a killed run"},
         "pools": job.pools.describe(),
         "config": cfg.public_dict(),
     }
@@ -520,6 +527,7 @@ def model_stages(ds, job: Plan, progress):
             "num_threads": pools.threads,
             "progress": progress,
             "faults": cfg.faults,
+            "backend": cfg.model.backend,
         },
         batch_size=cfg.inference.batch_size,
         batch_format="pyarrow",
@@ -563,11 +571,15 @@ def sample_rows(shards: Shards, cfg: InputConfig, rows: int) -> pa.Table:
     return pa.table({**table, S.ERROR: pa.nulls(len(texts), pa.string())})
 
 
-def score_sample(job: Plan, sample: pa.Table, progress, task: Task, dtypes: tuple[str, ...]) -> list[Columns]:
-    """``task``'s columns for the rows of ``sample``, in its order, once per dtype of ``dtypes``, scored by the
-    stages' own code in one ``SampleScorer`` actor on the model actors' resources (their GPU, if they have
-    one): one process, not a pipeline per dtype. ``task`` must not group rows (``Task.group_by``). The actor
-    is killed after it, so no idle process keeps the model's memory or a CUDA context while the run starts."""
+REFERENCE = ("torch", "float32")  # the fidelity gate's (backend, dtype)
+
+
+def score_sample(job: Plan, sample: pa.Table, progress, task: Task, variants: tuple[tuple[str, str], ...]) -> list[Columns]:
+    """``task``'s columns for the rows of ``sample``, in its order, once per (backend, dtype) of ``variants``,
+    scored by the stages' own code in one ``SampleScorer`` actor on the model actors' resources (their GPU, if
+    they have one): one process, not a pipeline per variant. ``task`` must not group rows (``Task.group_by``).
+    The actor is killed after it, so no idle process keeps the model's memory or a CUDA context while the run
+    starts."""
     import ray
 
     pools = job.pools
@@ -576,7 +588,7 @@ def score_sample(job: Plan, sample: pa.Table, progress, task: Task, dtypes: tupl
     tokenizer = job.tokenizer(task.tokenization.lowercase)
     try:
         return ray.get(
-            actor.score.remote(sample, tokenizer, job.model, task, job.cfg.inference, job.cfg.faults, dtypes, pools.threads, progress)
+            actor.score.remote(sample, tokenizer, job.model, task, job.cfg.inference, job.cfg.faults, variants, pools.threads, progress)
         )
     finally:
         ray.kill(actor)
@@ -586,15 +598,18 @@ class SampleScorer:
     """``score_sample``'s actor. Like the run's stage actors, it registers with ``Progress`` (so the watchdog
     can kill it, and ``execution.max_actor_restarts`` bounds its restarts)."""
 
-    def score(self, sample: pa.Table, tokenizer, model: ResolvedModel, task: Task, inference, faults, dtypes, threads: int, progress) -> list[Columns]:
-        """``TokenizeWorker`` over ``sample``, then an ``InferWorker`` per dtype, each freed before the next loads."""
+    def score(self, sample: pa.Table, tokenizer, model: ResolvedModel, task: Task, inference, faults, variants, threads: int, progress) -> list[Columns]:
+        """``TokenizeWorker`` over ``sample``, then an ``InferWorker`` per (backend, dtype), each freed before the next loads."""
         from pipeline.infer import InferWorker
         from pipeline.progress import SAMPLE_STAGES
         from pipeline.tokenize import TokenizeWorker
 
         tokenize, infer = SAMPLE_STAGES
         tokenized = TokenizeWorker(tokenizer, model, task, progress, tokenize)(sample)
-        scored = (InferWorker(model, task, inference, dtype, threads, progress, faults, infer)(tokenized) for dtype in dtypes)
+        scored = (
+            InferWorker(model, task, inference, dtype, threads, progress, faults, infer, backend)(tokenized)
+            for backend, dtype in variants
+        )
         return [_columns(task, table) for table in scored]
 
 
@@ -620,34 +635,35 @@ def calibrate(job: Plan, shards: Shards, progress) -> Plan:
     sample = sample_rows(shards, job.cfg.input, rows)
     if not sample.num_rows:  # not one valid row: nothing will be scored, so nothing needs calibrating
         return job
-    (scored,) = score_sample(job, sample, progress, probe, (job.cfg.model.dtype,))
+    (scored,) = score_sample(job, sample, progress, probe, ((job.cfg.model.backend, job.cfg.model.dtype),))
     return replace(job, task=job.task.calibrated(scored))
 
 
 def fidelity_gate(job: Plan, shards: Shards, progress) -> Plan:
-    """``job`` with the fidelity gate's record (README: Fidelity gate): unless the run computes in float32,
-    ``model.fidelity_rows`` rows of its input scored in float32 and in its dtype (``score_sample``),
-    compared by the task (``Task.fidelity``). Raises ``FidelityError``, before anything is written, for a
-    figure below its ``model.min_fidelity`` threshold."""
-    model, dtype = job.cfg.model, job.dtype
-    record = {"dtype": dtype, "reference": "float32"}
-    if dtype == "float32":
-        return replace(job, fidelity={**record, "skipped": "float32 is the reference"})
+    """``job`` with the fidelity gate's record (README: Fidelity gate): unless the run computes in torch float32,
+    ``model.fidelity_rows`` rows of its input scored in torch float32 and in its own backend and dtype
+    (``score_sample``), compared by the task (``Task.fidelity``). Raises ``FidelityError``, before anything is
+    written, for a figure below its ``model.min_fidelity`` threshold."""
+    model, variant = job.cfg.model, (job.cfg.model.backend, job.dtype)
+    record = {"backend": variant[0], "dtype": variant[1], "reference": " ".join(REFERENCE)}
+    if variant == REFERENCE:
+        return replace(job, fidelity={**record, "skipped": "torch float32 is the reference"})
     if not model.fidelity_rows:
         return replace(job, fidelity={**record, "skipped": "model.fidelity_rows is 0"})
     sample = sample_rows(shards, job.cfg.input, model.fidelity_rows)
     if not sample.num_rows:  # not one valid row: nothing will be scored
         return replace(job, fidelity={**record, "skipped": "no valid input row"})
     probe = job.task.fidelity_probe()
-    reference, scored = score_sample(job, sample, progress, probe, ("float32", dtype))
+    reference, scored = score_sample(job, sample, progress, probe, (REFERENCE, variant))
     figures = probe.fidelity(scored, reference)
     limits = model.min_fidelity.model_dump()
     gated = {name: limits[name] for name, value in figures.items() if name in limits and value is not None}
     for name, limit in gated.items():
         if figures[name] < limit:
             raise FidelityError(
-                f"fidelity gate: {dtype} reached {name}={figures[name]:.6g} against float32 on {sample.num_rows} rows "
-                f"of the input, below model.min_fidelity.{name}={limit:g}; nothing was written. Run in float32 "
-                f"(model.dtype), or accept the loss: --set model.min_fidelity.{name}=<lower>"
+                f"fidelity gate: {' '.join(variant)} reached {name}={figures[name]:.6g} against {record['reference']} "
+                f"on {sample.num_rows} rows of the input, below model.min_fidelity.{name}={limit:g}; nothing was "
+                f"written. Run in float32 (model.dtype) on torch (model.backend), or accept the loss: "
+                f"--set model.min_fidelity.{name}=<lower>"
             )
     return replace(job, fidelity={**record, "rows": sample.num_rows, **figures, "thresholds": gated, "passed": True})

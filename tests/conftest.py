@@ -88,6 +88,20 @@ def forward(model_dir: Path, auto, text: str, pair: str | None = None):
         return model(**inputs, output_hidden_states=True), inputs
 
 
+def text_shards(root: Path, shards: int, rows: int, empty_row: int, seed: int) -> Path:
+    """``shards`` Parquet shards of ``rows`` mixed-length ``text`` rows (``sentence``) with a ``doc_id``
+    '<shard>-<row>'; row ``empty_row`` of each is empty, so a run rejects it (``empty_text``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    for shard in range(shards):
+        texts = [sentence(rng) for _ in range(rows)]
+        texts[empty_row] = ""
+        pq.write_table(pa.table({"doc_id": [f"{shard}-{i}" for i in range(rows)], "text": texts}), root / f"{shard}.parquet")
+    return root
+
+
 TOPICS = ["business", "entertainment", "politics", "sport", "tech"]
 NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 NLI_LABELS = ["contradiction", "neutral", "entailment"]  # the order of MNLI checkpoints (roberta-large-mnli)

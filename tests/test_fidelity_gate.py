@@ -4,15 +4,13 @@ figure misses ``model.min_fidelity``. Real Ray (the shared session), tiny random
 
 from __future__ import annotations
 
-import random
 import re
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import NER_LABELS, TOPICS, sentence
+from conftest import NER_LABELS, TOPICS, text_shards
 from drivers import write_config
 
 from jobs.run import main
@@ -35,13 +33,7 @@ from pipeline.tasks.zero_shot_classification import ZeroShotClassification
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """Two Parquet shards of 24 rows; row 3 of each is rejected (empty text)."""
-    rng = random.Random(7)
-    root = tmp_path_factory.mktemp("gate-input")
-    for shard in range(2):
-        texts = [sentence(rng) for _ in range(24)]
-        texts[3] = ""
-        pq.write_table(pa.table({"doc_id": [f"{shard}-{i}" for i in range(24)], "text": texts}), root / f"{shard}.parquet")
-    return root
+    return text_shards(tmp_path_factory.mktemp("gate-input"), shards=2, rows=24, empty_row=3, seed=7)
 
 
 def config(shards: Path, out: Path, model: Path, task: str, **model_keys) -> dict:
@@ -147,7 +139,7 @@ def test_a_bfloat16_run_records_the_gate_in_its_manifest(ray_session, tiny_model
     manifest = run_job(load_config(raw=raw))
     assert len(loaded) == 1
     gate = manifest["fidelity"]
-    assert gate["dtype"] == "bfloat16" == manifest["model"]["dtype"] and gate["reference"] == "float32"
+    assert gate["dtype"] == "bfloat16" == manifest["model"]["dtype"] and gate["reference"] == "torch float32"
     assert gate["rows"] == 30 and gate["passed"] is True
     assert 0.995 <= gate["label_agreement"] <= 1.0 and 0 <= gate["entity_f1"] <= 1.0
     assert gate["thresholds"] == {"label_agreement": 0.995}
@@ -167,7 +159,7 @@ def test_a_cross_encoder_whose_order_bfloat16_loses_is_refused_before_it_writes(
     raw["input"]["text_pair_column"] = "text"
     assert main(["--config", write_config(tmp_path / "job.yaml", raw)]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert re.match(r"error: fidelity gate: bfloat16 reached order_agreement=0\.\d+ against float32 on 30 rows", line), line
+    assert re.match(r"error: fidelity gate: torch bfloat16 reached order_agreement=0\.\d+ against torch float32 on 30 rows", line), line
     assert "model.min_fidelity.order_agreement=0.99" in line and "--set model.min_fidelity.order_agreement=<lower>" in line
     written = [p.name for p in out.rglob("*") if p.is_file()]
     assert not [n for n in written if n.endswith(".parquet") or n in (S.MANIFEST, S.SUCCESS)], written
@@ -178,7 +170,8 @@ def test_float32_and_a_disabled_gate_skip_it_and_say_so(tiny_models, shards, tmp
         job = plan(load_config(raw=config(shards, tmp_path / "out", tiny_models["embedding"], "embedding", **model_keys)), 2, 0)
         return fidelity_gate(job, job.shards, progress=None).fidelity  # no sample is scored: no Ray needed
 
-    assert gate() == {"dtype": "float32", "reference": "float32", "skipped": "float32 is the reference"}
+    skipped = {"backend": "torch", "dtype": "float32", "reference": "torch float32", "skipped": "torch float32 is the reference"}
+    assert gate() == skipped
     assert gate(dtype="bfloat16", fidelity_rows=0)["skipped"] == "model.fidelity_rows is 0"
 
 

@@ -50,6 +50,8 @@ def test_dry_run_prints_the_plan(tmp_path, tiny_models, shard, capsys):
     "override, message",
     [
         ("model.colour=blue", "model.colour: Extra inputs are not permitted"),
+        ("model.backend=onnx", "model.backend: Input should be 'torch' or 'openvino'"),
+        ("model.quantize=int8", "model.quantize is not offered"),
         ("model.task=summarise", "model.task: Input should be"),
         ("inference.batch_size=0", "inference.batch_size"),
         ("input.text_column=body", "missing text column 'body'"),

@@ -38,7 +38,7 @@ def fp32(bbc_embeddings) -> dict[str, np.ndarray]:
     manifest, output = bbc_embeddings.run("float32")
     assert (manifest["rows_out"], manifest["rows_rejected"]) == (len(bbc_embeddings.articles), 1)  # the non-UTF-8 one
     assert manifest["rows_truncated"] > 0
-    assert manifest["fidelity"]["skipped"] == "float32 is the reference"
+    assert manifest["fidelity"]["skipped"] == "torch float32 is the reference"
     return vectors(output)
 
 
