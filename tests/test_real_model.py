@@ -67,7 +67,7 @@ def test_bfloat16_agrees_with_float32_as_its_fidelity_gate_recorded(bbc_embeddin
     assert cosine.min() >= 0.999, cosine.min()
 
     gate = manifest["fidelity"]
-    assert gate["dtype"] == "bfloat16" == manifest["model"]["dtype"] and gate["reference"] == "float32"
+    assert gate["dtype"] == "bfloat16" == manifest["model"]["dtype"] and gate["reference"] == "torch float32"
     assert gate["rows"] == 64 and gate["passed"] is True
     # bf16 loses something, but little; a search over the sample finds float32's neighbours.
     assert 0.999 <= gate["cosine_min"] < 1.0 and gate["cosine_min"] <= gate["cosine_mean"] <= 1.0
