@@ -16,9 +16,11 @@ import transformers as T
 from conftest import forward, text_shards
 from drivers import write_config
 
+import pipeline.run
 from jobs.run import main
 from pipeline import schema as S
 from pipeline.backends import BackendError, OpenVINOModel
+from pipeline.checkpoint import actor_tokenizer
 from pipeline.config import ConfigError, load_config
 from pipeline.run import plan, run_job
 
@@ -81,17 +83,27 @@ def config(shards: Path, out: Path, model: Path, **model_keys) -> dict:
     }
 
 
-def test_an_openvino_run_is_gated_against_torch_float32_and_writes_torch_s_vectors(ray_session, tiny_models, shards, tmp_path):
-    """A bfloat16 run on OpenVINO scores the gate's sample twice (torch float32, then itself); its manifest,
-    file metadata and every vector say which backend computed them, and the vectors point where the model's
-    own do: one row at a time through torch float32, no padding."""
+def test_an_openvino_run_is_gated_against_torch_float32_and_writes_torch_s_vectors(
+    ray_session, tiny_models, shards, tmp_path, monkeypatch
+):
+    """A bfloat16 run on OpenVINO scores the gate's sample twice (torch float32, then itself: README: Fidelity
+    gate); its manifest, file metadata and every vector say which backend computed them, and the vectors point
+    where the model's own do: one row at a time through torch float32, no padding."""
+    loaded = []  # the driver loads the tokenizer once for the gate's sample and the run's pipeline
+    monkeypatch.setattr(pipeline.run, "actor_tokenizer", lambda *a: loaded.append(a) or actor_tokenizer(*a))
     out = tmp_path / "out"
     manifest = run_job(load_config(raw=config(shards, out, tiny_models["embedding"], dtype="bfloat16", fidelity_rows=16)))
+    assert len(loaded) == 1
     gate = manifest["fidelity"]
     assert (gate["backend"], gate["dtype"], gate["reference"]) == ("openvino", "bfloat16", "torch float32")
     assert gate["passed"] is True and gate["rows"] == 16 and gate["cosine_min"] > 0.999
+    assert gate["thresholds"] == {"cosine_min": 0.99, "recall_at_10": 0.98}
     assert manifest["model"]["backend"] == "openvino" and manifest["model"]["dtype"] == "bfloat16"
     assert manifest["rows_out"] == 38 and manifest["rows_rejected"] == 2
+    # The sample's rows (once per variant) are the sample stages', not the run's: its infer stage is the run's alone.
+    stages = manifest["stages"]
+    assert stages["tokenize"]["rows"] == stages["infer"]["rows"] == 40
+    assert stages["sample_tokenize"]["rows"] == 16 and stages["sample_infer"]["rows"] == 32
     table = pq.read_table(out)
     assert json.loads(table.schema.metadata[S.METADATA_KEY])["backend"] == "openvino"
     texts = {r["doc_id"]: r["text"] for shard in shards.glob("*.parquet") for r in pq.read_table(shard).to_pylist()}

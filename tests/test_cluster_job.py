@@ -2,15 +2,18 @@
 
 ``ray job submit --working-dir . -- python -m jobs.run --config JOB.yaml``, with the token from the
 environment: the job succeeds, its output is complete and equals a direct forward pass, a model
-actor on each node scored rows, and only the code was uploaded. (``jobs.submit``, which makes the
-same Jobs API calls, is exercised against a cluster in ``test_submit.py``.)
+actor on each node scored rows, and only the code was uploaded. ``jobs.submit``, which makes the same
+Jobs API calls, is exercised against the same cluster at the end (one cluster start for both).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,3 +127,68 @@ def test_job_submitted_with_the_ray_cli_scores_every_row_on_both_nodes(
         logits = forward(model_dir, AutoModelForSequenceClassification, texts[row["doc_id"]])[0].logits[0]
         np.testing.assert_allclose(row[S.LOGITS], logits.numpy(), atol=1e-4)
         assert row[S.LABEL_ID] == int(torch.argmax(logits)) and row[S.LABEL] == id2label[row[S.LABEL_ID]]
+
+
+# ---- jobs.submit against the same cluster ---------------------------------------------------
+
+PROBE = textwrap.dedent(
+    """
+    import os, sys
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ray.init()
+
+    @ray.remote(num_cpus=1)
+    def node_id():
+        return ray.get_runtime_context().get_node_id()
+
+    alive = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    pinned = [node_id.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote()
+              for n in alive]
+    print("nodes that ran a task:", len(set(ray.get(pinned))))
+    print("greeting:", os.environ["GREETING"])
+    print("driver python:", sys.executable)
+    """
+)
+
+
+def submit(cluster: LocalCluster, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.submit", "--address", cluster.dashboard_url, *args],
+        env=cluster.env if env is None else env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_job_succeeds_across_both_nodes_with_its_runtime_env(cluster: LocalCluster, tmp_path: Path) -> None:
+    (tmp_path / "probe.py").write_text(PROBE)
+    result = submit(cluster, "--entrypoint", "python probe.py", "--working-dir", str(tmp_path), "--env", "GREETING=hi")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = re.search(r"^submitted (raysubmit_\w+): python probe.py$", result.stdout, re.M).group(1)
+    assert "nodes that ran a task: 2" in result.stdout  # logs are streamed back
+    assert "greeting: hi" in result.stdout
+    assert f"driver python: {Path(sys.executable).parent}" in result.stdout  # the head's PATH picks the venv
+    assert result.stdout.rstrip().endswith(f"job {job_id} SUCCEEDED")
+
+
+def test_failing_job_exits_nonzero_with_its_logs_and_status(cluster: LocalCluster) -> None:
+    result = submit(cluster, "--entrypoint", "python -c 'import sys; print(\"about to fail\"); sys.exit(5)'")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"^submitted raysubmit_\w+", result.stdout, re.M)
+    assert "about to fail" in result.stdout
+    assert re.search(r"^job raysubmit_\w+ FAILED: the driver exited with code 5$", result.stdout, re.M)
+
+
+def test_submission_without_the_token_is_refused(cluster: LocalCluster) -> None:
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH_")}
+    result = submit(cluster, "--entrypoint", "true", env=env)
+
+    assert result.returncode == 2
+    assert "Authentication required" in result.stderr
+    assert "submitted" not in result.stdout

@@ -82,9 +82,9 @@ def test_a_stalled_stage_fails_with_a_diagnosis(ray_session, tiny_models, shards
         tiny_models["sequence-classification"],
         tmp_path / "out",
         faults={"delay_s": 3600},
-        execution={"stall_timeout_s": 12},
+        execution={"stall_timeout_s": 6},
     )
-    diagnosis = r"no stage made progress for 12s.*tokenize: \d+ rows.*model actors"
+    diagnosis = r"no stage made progress for 6s.*tokenize: \d+ rows.*model actors"
     if interrupt == "delivered":
         assert main(["--config", write_config(tmp_path / "job.yaml", raw)]) == RUN_FAILED
         err = capsys.readouterr().err

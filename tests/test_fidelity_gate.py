@@ -14,13 +14,11 @@ from conftest import NER_LABELS, TOPICS, text_shards
 from drivers import write_config
 
 from jobs.run import main
-import pipeline.run
 from pipeline import fidelity
 from pipeline import schema as S
-from pipeline.checkpoint import actor_tokenizer
 from pipeline.config import ConfigError, load_config
 from pipeline.nightly import check_dtype
-from pipeline.run import fidelity_gate, plan, run_job, sample_rows
+from pipeline.run import fidelity_gate, plan, sample_rows
 from pipeline.sequences import LongText
 from pipeline.tasks.question_answering import QuestionAnswering
 from pipeline.tasks.rerank import Rerank
@@ -127,27 +125,6 @@ def test_zero_shot_and_question_answering_figures():
 
 
 # ---- the gate in runs ------------------------------------------------------------------------------
-
-
-def test_a_bfloat16_run_records_the_gate_in_its_manifest(ray_session, tiny_models, shards, tmp_path, monkeypatch):
-    """Token labels and entities. The gate of an embedding run (cosine, recall@10) is checked on the real
-    model, in test_real_model; every task's figures are checked on outputs above."""
-    loaded = []  # the driver loads the tokenizer once for the gate's sample and the run's pipeline
-    monkeypatch.setattr(pipeline.run, "actor_tokenizer", lambda *a: loaded.append(a) or actor_tokenizer(*a))
-    raw = config(shards, tmp_path / "out", tiny_models["token-classification"], "token-classification", dtype="bfloat16",
-                 fidelity_rows=30)  # fmt: skip
-    manifest = run_job(load_config(raw=raw))
-    assert len(loaded) == 1
-    gate = manifest["fidelity"]
-    assert gate["dtype"] == "bfloat16" == manifest["model"]["dtype"] and gate["reference"] == "torch float32"
-    assert gate["rows"] == 30 and gate["passed"] is True
-    assert 0.995 <= gate["label_agreement"] <= 1.0 and 0 <= gate["entity_f1"] <= 1.0
-    assert gate["thresholds"] == {"label_agreement": 0.995}
-    assert manifest["rows_out"] + manifest["rows_rejected"] == 48
-    # The sample's rows (once per dtype) are the sample stages', not the run's: its infer stage is bfloat16 alone.
-    stages = manifest["stages"]
-    assert stages["tokenize"]["rows"] == stages["infer"]["rows"] == 48
-    assert stages["sample_tokenize"]["rows"] == 30 and stages["sample_infer"]["rows"] == 60
 
 
 def test_a_cross_encoder_whose_order_bfloat16_loses_is_refused_before_it_writes(ray_session, tiny_models, shards, tmp_path, capsys):

@@ -1,22 +1,14 @@
-"""jobs.submit: its builders (fast), and real submissions through the Jobs API of a 2-node cluster."""
+"""jobs.submit: its builders. Real submissions through the Jobs API are in test_cluster_job.py, on its cluster."""
 
 from __future__ import annotations
 
-import re
 import shlex
-import subprocess
-import sys
-import textwrap
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from cluster import LocalCluster
 from ray.job_submission import JobInfo, JobStatus
 
 from jobs.submit import build_entrypoint, build_runtime_env, main, outcome, parse_args, shown_entrypoint
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_entrypoint_runs_the_module_with_config_overrides_and_args_quoted() -> None:
@@ -102,77 +94,3 @@ def test_cli_rejects_inconsistent_arguments(argv: list[str]) -> None:
 )  # fmt: skip
 def test_outcome_names_the_status_and_why(info: JobInfo, line: str) -> None:
     assert outcome("j", info) == line
-
-
-# ---- against a real cluster ---------------------------------------------------------------
-
-PROBE = textwrap.dedent(
-    """
-    import os, sys
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    ray.init()
-
-    @ray.remote(num_cpus=1)
-    def node_id():
-        return ray.get_runtime_context().get_node_id()
-
-    alive = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
-    pinned = [node_id.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote()
-              for n in alive]
-    print("nodes that ran a task:", len(set(ray.get(pinned))))
-    print("greeting:", os.environ["GREETING"])
-    print("driver python:", sys.executable)
-    """
-)
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster(num_workers=1) as c:
-        yield c
-
-
-def submit(cluster: LocalCluster, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.submit", "--address", cluster.dashboard_url, *args],
-        env=cluster.env if env is None else env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-@pytest.mark.cluster
-def test_job_succeeds_across_both_nodes_with_its_runtime_env(cluster: LocalCluster, tmp_path: Path) -> None:
-    (tmp_path / "probe.py").write_text(PROBE)
-    result = submit(cluster, "--entrypoint", "python probe.py", "--working-dir", str(tmp_path), "--env", "GREETING=hi")
-
-    assert result.returncode == 0, result.stdout + result.stderr
-    job_id = re.search(r"^submitted (raysubmit_\w+): python probe.py$", result.stdout, re.M).group(1)
-    assert "nodes that ran a task: 2" in result.stdout  # logs are streamed back
-    assert "greeting: hi" in result.stdout
-    assert f"driver python: {Path(sys.executable).parent}" in result.stdout  # the head's PATH picks the venv
-    assert result.stdout.rstrip().endswith(f"job {job_id} SUCCEEDED")
-
-
-@pytest.mark.cluster
-def test_failing_job_exits_nonzero_with_its_logs_and_status(cluster: LocalCluster) -> None:
-    result = submit(cluster, "--entrypoint", "python -c 'import sys; print(\"about to fail\"); sys.exit(5)'")
-
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert re.search(r"^submitted raysubmit_\w+", result.stdout, re.M)
-    assert "about to fail" in result.stdout
-    assert re.search(r"^job raysubmit_\w+ FAILED: the driver exited with code 5$", result.stdout, re.M)
-
-
-@pytest.mark.cluster
-def test_submission_without_the_token_is_refused(cluster: LocalCluster) -> None:
-    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH_")}
-    result = submit(cluster, "--entrypoint", "true", env=env)
-
-    assert result.returncode == 2
-    assert "Authentication required" in result.stderr
-    assert "submitted" not in result.stdout
