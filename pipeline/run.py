@@ -136,6 +136,11 @@ class Plan:
         """The dtype the model actors compute in: model.dtype, with auto resolved for this cluster."""
         return compute_dtype(self.cfg.model.dtype, "cuda" if self.pools.infer_gpus else "cpu")
 
+    @property
+    def variant(self) -> tuple[str, str]:
+        """(model.backend, dtype) the model actors compute in: what the fidelity gate compares with ``REFERENCE``."""
+        return self.cfg.model.backend, self.dtype
+
     def identity(self) -> dict:
         """What a resumed run must share with the killed one it resumes (``pipeline.commit``); the dtype
         too, as ``auto`` computes in float16 on a GPU cluster and in float32 on a CPU one."""
@@ -635,7 +640,7 @@ def calibrate(job: Plan, shards: Shards, progress) -> Plan:
     sample = sample_rows(shards, job.cfg.input, rows)
     if not sample.num_rows:  # not one valid row: nothing will be scored, so nothing needs calibrating
         return job
-    (scored,) = score_sample(job, sample, progress, probe, ((job.cfg.model.backend, job.cfg.model.dtype),))
+    (scored,) = score_sample(job, sample, progress, probe, (job.variant,))
     return replace(job, task=job.task.calibrated(scored))
 
 
@@ -644,7 +649,7 @@ def fidelity_gate(job: Plan, shards: Shards, progress) -> Plan:
     ``model.fidelity_rows`` rows of its input scored in torch float32 and in its own backend and dtype
     (``score_sample``), compared by the task (``Task.fidelity``). Raises ``FidelityError``, before anything is
     written, for a figure below its ``model.min_fidelity`` threshold."""
-    model, variant = job.cfg.model, (job.cfg.model.backend, job.dtype)
+    model, variant = job.cfg.model, job.variant
     record = {"backend": variant[0], "dtype": variant[1], "reference": " ".join(REFERENCE)}
     if variant == REFERENCE:
         return replace(job, fidelity={**record, "skipped": "torch float32 is the reference"})
